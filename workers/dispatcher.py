@@ -1,0 +1,130 @@
+"""The dispatcher: claims queued tickets from the database and runs them as jobs.
+
+`DispatcherLoop` is plain Python (tested directly); `DispatcherActor` is the thin Ray actor
+that runs it in the cluster. The database, not Ray, is the queue: an actor that dies holds
+only leases, which expire and put its tickets back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import defaultdict
+from typing import Any
+
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Engines this release can train; tickets for others stay queued for a worker that can.
+RUNNABLE_ENGINES = ("ga", "graddiff", "npo")
+
+
+def dispatcher_owner() -> str:
+    """A lease owner name that is unique per process and readable in the DB."""
+    return f"dispatcher:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class DispatcherLoop:
+    """Claim -> group by lineage and engine -> run one job per group, forever."""
+
+    def __init__(self, settings: Settings, *, max_batch: int = 8, poll_seconds: float = 1.0,
+                 owner: str | None = None) -> None:
+        from storage.db import make_engine, make_session_factory
+        from storage.objectstore import object_store_from_settings
+
+        self.settings = settings
+        self.max_batch = max_batch
+        self.poll_seconds = poll_seconds
+        self.owner = owner or dispatcher_owner()
+        self._engine = make_engine(settings.resolved_database_url)
+        self.sessions = make_session_factory(self._engine)
+        self.store = object_store_from_settings(settings)
+        self._stop = threading.Event()
+        self.jobs_run = 0
+
+    def run_once(self) -> int:
+        """Claim what is ready and run it; returns the number of jobs run."""
+        from storage import queue
+        from workers.jobs import JobContext, LeaseLost, run_job
+
+        started = time.perf_counter()
+        first = queue.claim(self.sessions, owner=self.owner, limit=1,
+                            lease_seconds=self.settings.lease_seconds,
+                            max_attempts=self.settings.max_attempts, engines=RUNNABLE_ENGINES)
+        _observe_claim_latency(time.perf_counter() - started)
+        if not first:
+            return 0
+        claimed = list(first)
+        # Wait a moment for companions: one job for several tickets of a lineage costs
+        # about as much as one job for one ticket.
+        if self.max_batch > 1 and self.settings.batch_window_seconds > 0:
+            self._stop.wait(self.settings.batch_window_seconds)
+            claimed += queue.claim(self.sessions, owner=self.owner, limit=self.max_batch - 1,
+                                   lease_seconds=self.settings.lease_seconds,
+                                   max_attempts=self.settings.max_attempts,
+                                   lineage_id=first[0].lineage_id, engines=(first[0].engine,))
+        groups: dict[tuple[Any, str], list[Any]] = defaultdict(list)
+        for ticket in claimed:
+            groups[(ticket.lineage_id, ticket.engine)].append(ticket)
+        ctx = JobContext(settings=self.settings, sessions=self.sessions, store=self.store,
+                         owner=self.owner)
+        ran = 0
+        for tickets in groups.values():
+            try:
+                run_job(ctx, tickets)
+            except LeaseLost:
+                log.warning("lost the lease on %s; another dispatcher has them", tickets)
+            except Exception:
+                log.exception("job for %d ticket(s) failed; they were returned to the queue",
+                              len(tickets))
+            ran += 1
+        self.jobs_run += ran
+        return ran
+
+    def run_forever(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.run_once() == 0:
+                    self._stop.wait(self.poll_seconds)
+            except Exception:  # the DB may be restarting: keep polling, never die
+                log.exception("dispatcher iteration failed")
+                self._stop.wait(self.poll_seconds * 5)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _observe_claim_latency(seconds: float) -> None:
+    try:
+        from service.metrics import CLAIM_LATENCY
+    except ImportError:  # metrics are optional for the loop
+        return
+    CLAIM_LATENCY.observe(seconds)
+
+
+def start_dispatcher_actor(settings: Settings) -> Any:
+    """Start the dispatcher as a detached-from-work Ray actor on the connected cluster."""
+    import ray
+
+    @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
+    class DispatcherActor:
+        # A thin shell: the loop runs in a thread so the actor still answers `status`.
+        def __init__(self, settings: Settings) -> None:
+            logging.basicConfig(level=logging.INFO)
+            self._loop = DispatcherLoop(settings)
+            self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+            self._thread.start()
+
+        def status(self) -> dict[str, Any]:
+            return {"owner": self._loop.owner, "jobs_run": self._loop.jobs_run,
+                    "alive": self._thread.is_alive()}
+
+        def stop(self) -> None:
+            self._loop.stop()
+
+    return DispatcherActor.options(name="oblivio-dispatcher", get_if_exists=True).remote(settings)

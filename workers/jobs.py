@@ -1,0 +1,306 @@
+"""One unlearning job, start to finish: tickets in, a stored, versioned (maybe promoted) adapter out.
+
+The dispatcher (a thin Ray actor) claims tickets and hands them here. Every step writes what
+is true to the database before the next begins, so a crash anywhere leaves either the
+previous state or an expired lease that puts the tickets back in the queue.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.settings import Settings
+from storage import queue, registry
+from storage.db import transaction
+from storage.models import Job, JobStatus, Lineage, Ticket, TicketStatus, utcnow
+from storage.objectstore import ObjectStore
+from storage.queue import ClaimedTicket
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """What a job needs from its surroundings (all of it picklable except `sessions`)."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    store: ObjectStore
+    owner: str
+
+
+@dataclass
+class EvalPolicy:
+    """When a freshly trained version may go live without an operator.
+
+    Args:
+        max_forget_ratio: forget probes answered correctly after / before must be <= this.
+        min_utility_ratio: unrelated probes answered correctly after / before must be >= this;
+            below `reject_utility_ratio` the version is not kept at all.
+        reject_utility_ratio: a version this damaging is marked failed, not left as candidate.
+    """
+
+    max_forget_ratio: float = 0.2
+    min_utility_ratio: float = 0.9
+    reject_utility_ratio: float = 0.5
+
+
+@dataclass
+class JobOutcome:
+    job_id: uuid.UUID
+    version_id: uuid.UUID | None
+    version: int | None
+    promoted: bool
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class LeaseLost(RuntimeError):
+    """Another claimer owns the tickets now; stop without writing anything."""
+
+
+class LeaseKeeper:
+    """Renews the tickets' lease in the background while a long step runs."""
+
+    def __init__(self, ctx: JobContext, ticket_ids: list[uuid.UUID]) -> None:
+        self._ctx, self._ids = ctx, ticket_ids
+        self._stop = threading.Event()
+        self.lost = False
+        self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        period = max(1.0, self._ctx.settings.lease_seconds / 3)
+        while not self._stop.wait(period):
+            try:
+                kept = queue.renew_lease(self._ctx.sessions, ticket_ids=self._ids,
+                                         owner=self._ctx.owner,
+                                         lease_seconds=self._ctx.settings.lease_seconds)
+            except Exception:  # a DB blip: try again next period, the lease has slack
+                log.exception("lease renewal failed")
+                continue
+            if len(kept) < len(self._ids):
+                self.lost = True
+                return
+
+
+def run_job(ctx: JobContext, tickets: list[ClaimedTicket]) -> JobOutcome:
+    """Train, store, register, evaluate and (maybe) promote one adapter for `tickets`."""
+    if not tickets:
+        raise ValueError("a job needs at least one ticket")
+    lineage_id = tickets[0].lineage_id
+    ids = [t.id for t in tickets]
+    job_id = _create_job(ctx, tickets)
+    workdir = Path(tempfile.mkdtemp(prefix="oblivio-job-", dir=_jobs_dir(ctx.settings)))
+    try:
+        with LeaseKeeper(ctx, ids) as keeper:
+            outcome = _run_steps(ctx, job_id, lineage_id, tickets, workdir, keeper)
+        return outcome
+    except LeaseLost:
+        _finish_job(ctx, job_id, JobStatus.failed, error="lease lost to another claimer")
+        raise
+    except Exception as exc:  # keep the error on the job and the tickets; retry if allowed
+        log.exception("job %s failed", job_id)
+        message = f"{type(exc).__name__}: {exc}"
+        _finish_job(ctx, job_id, JobStatus.failed, error=message)
+        for ticket in tickets:
+            queue.fail(ctx.sessions, ticket_id=ticket.id, owner=ctx.owner, error=message,
+                       retry=True)
+        raise
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
+               tickets: list[ClaimedTicket], workdir: Path, keeper: LeaseKeeper) -> JobOutcome:
+    from workers import job_training
+
+    settings = ctx.settings
+    ids = [t.id for t in tickets]
+
+    def progress(update: dict[str, Any]) -> None:
+        if keeper.lost:
+            raise LeaseLost(str(job_id))
+        _set_progress(ctx, job_id, ids, update)
+
+    progress({"phase": "preparing"})
+    base = job_training.resolve_base(settings)
+    with transaction(ctx.sessions) as s:
+        lineage = s.get_one(Lineage, lineage_id)
+        _check_base_model(s, lineage, base.sha256)
+        parent = registry.resolve(s, lineage_name=lineage.name, ref="live")
+        parent_id = parent.id if parent else None
+        parent_key = parent.object_key if parent else None
+        version = registry.create_version(
+            s, lineage=lineage, parent_id=parent_id, ticket_ids=[str(i) for i in ids],
+            job_id=job_id, peft_config=None, base_model_sha256=base.sha256, actor=ctx.owner)
+        version_id, version_no, lineage_name = version.id, version.version, lineage.name
+
+    parent_dir = None
+    if parent_key:
+        parent_dir = workdir / "parent"
+        ctx.store.fetch_directory(parent_key, parent_dir)
+
+    try:
+        result = job_training.train(settings, base=base, tickets=tickets, parent_dir=parent_dir,
+                                    output_dir=workdir / "adapter", progress=progress)
+        progress({"phase": "evaluating"})
+        queue.set_progress(ctx.sessions, ticket_ids=ids, owner=ctx.owner,
+                           status=TicketStatus.evaluating, progress={"phase": "evaluating"})
+        metrics = job_training.evaluate(settings, base=base, tickets=tickets,
+                                        adapter_dir=result.adapter_dir, parent_dir=parent_dir)
+        metrics["training"] = result.metrics
+        _write_manifest(result.adapter_dir, base=base, tickets=tickets, metrics=metrics,
+                        method=result.method_config, parent_id=parent_id)
+        progress({"phase": "uploading"})
+        stored = ctx.store.put_directory_content_addressed(result.adapter_dir)
+    except LeaseLost:
+        raise
+    except Exception as exc:
+        with transaction(ctx.sessions) as s:
+            registry.mark_failed(s, version_id=version_id, actor=ctx.owner,
+                                 reason=f"{type(exc).__name__}: {exc}")
+        raise
+
+    policy = EvalPolicy()
+    verdict = _judge(metrics, policy)
+    metrics["verdict"] = verdict
+    with transaction(ctx.sessions) as s:
+        if verdict == "reject":
+            registry.mark_failed(s, version_id=version_id, actor=ctx.owner,
+                                 reason="utility fell below the rejection threshold")
+        else:
+            registry.mark_ready(s, version_id=version_id, object_key=stored.key,
+                                sha256=stored.sha256, size=stored.size, metrics=metrics,
+                                peft_config=result.peft_config, actor=ctx.owner)
+    promoted = False
+    if verdict == "pass" and settings.auto_promote:
+        with transaction(ctx.sessions) as s:
+            registry.promote(s, lineage_name=lineage_name, version=version_no, actor=ctx.owner)
+        promoted = True
+    elif verdict != "reject":
+        with transaction(ctx.sessions) as s:
+            registry.promote(s, lineage_name=lineage_name, version=version_no, actor=ctx.owner,
+                             alias="candidate")
+
+    if verdict == "reject":
+        error = (f"version {lineage_name}@v{version_no} kept too little utility "
+                 f"({metrics.get('utility_ratio'):.2f} of the base model's answers)")
+        for ticket in tickets:
+            queue.reject(ctx.sessions, ticket_id=ticket.id, owner=ctx.owner, error=error)
+        _finish_job(ctx, job_id, JobStatus.failed, error=error)
+        return JobOutcome(job_id, None, None, False, metrics)
+
+    receipt = {
+        "version": f"{lineage_name}@v{version_no}",
+        "version_id": str(version_id),
+        "parent_id": str(parent_id) if parent_id else None,
+        "adapter_sha256": stored.sha256,
+        "object_key": stored.key,
+        "base_model": base.name,
+        "base_model_sha256": base.sha256,
+        "promoted": promoted,
+        "metrics": metrics,
+        "job_id": str(job_id),
+    }
+    for ticket in tickets:
+        queue.complete(ctx.sessions, ticket_id=ticket.id, owner=ctx.owner, version_id=version_id,
+                       receipt={**receipt, "payload_sha256": ticket.payload_sha256})
+    _finish_job(ctx, job_id, JobStatus.succeeded)
+    return JobOutcome(job_id, version_id, version_no, promoted, metrics)
+
+
+def _judge(metrics: dict[str, Any], policy: EvalPolicy) -> str:
+    """'pass' (may go live), 'hold' (candidate for an operator) or 'reject'."""
+    utility = metrics.get("utility_ratio")
+    forget = metrics.get("forget_ratio")
+    if utility is not None and utility < policy.reject_utility_ratio:
+        return "reject"
+    if forget is None or utility is None:
+        return "hold"
+    if forget <= policy.max_forget_ratio and utility >= policy.min_utility_ratio:
+        return "pass"
+    return "hold"
+
+
+def _check_base_model(session: Session, lineage: Lineage, sha256: str) -> None:
+    # The first job pins the lineage to the base model's content; any later mismatch means
+    # the adapters would be applied to weights they were not trained on.
+    if lineage.base_model_sha256 is None:
+        lineage.base_model_sha256 = sha256
+    elif lineage.base_model_sha256 != sha256:
+        raise RuntimeError(
+            f"lineage {lineage.name!r} was trained on base model {lineage.base_model_sha256[:12]}"
+            f", but the configured base model is {sha256[:12]}; refusing to mix them")
+
+
+def _write_manifest(adapter_dir: Path, *, base: Any, tickets: list[ClaimedTicket],
+                    metrics: dict[str, Any], method: dict[str, Any],
+                    parent_id: uuid.UUID | None) -> None:
+    manifest = {
+        "base_model": base.name,
+        "base_model_sha256": base.sha256,
+        "parent_id": str(parent_id) if parent_id else None,
+        "tickets": [{"id": str(t.id), "payload_sha256": t.payload_sha256} for t in tickets],
+        "method": method,
+        "metrics": metrics,
+    }
+    (adapter_dir / "oblivio_manifest.json").write_text(json.dumps(manifest, indent=2,
+                                                                  sort_keys=True))
+
+
+def _jobs_dir(settings: Settings) -> Path:
+    path = settings.data_dir / "jobs"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _create_job(ctx: JobContext, tickets: list[ClaimedTicket]) -> uuid.UUID:
+    with transaction(ctx.sessions) as s:
+        job = Job(lineage_id=tickets[0].lineage_id, engine=tickets[0].engine,
+                  ticket_ids=[str(t.id) for t in tickets], status=JobStatus.running,
+                  started_at=utcnow(), progress={"phase": "queued"})
+        s.add(job)
+        s.flush()
+        s.execute(update(Ticket).where(Ticket.id.in_([t.id for t in tickets]))
+                  .values(job_id=job.id))
+        return job.id
+
+
+def _set_progress(ctx: JobContext, job_id: uuid.UUID, ticket_ids: list[uuid.UUID],
+                  update: dict[str, Any]) -> None:
+    with transaction(ctx.sessions) as s:
+        job = s.get_one(Job, job_id)
+        job.progress = {**(job.progress or {}), **update}
+        if update.get("phase") == "evaluating":
+            job.status = JobStatus.evaluating
+    queue.set_progress(ctx.sessions, ticket_ids=ticket_ids, owner=ctx.owner, progress=update)
+
+
+def _finish_job(ctx: JobContext, job_id: uuid.UUID, status: JobStatus,
+                error: str | None = None) -> None:
+    with transaction(ctx.sessions) as s:
+        job = s.get_one(Job, job_id)
+        job.status, job.error, job.finished_at = status, error, utcnow()
+        job.progress = {**(job.progress or {}), "phase": status.value}
+
+
+ProgressFn = Callable[[dict[str, Any]], None]

@@ -1,0 +1,152 @@
+"""Ray Serve deployment that generates with the base model plus one adapter version.
+
+Adapters are multiplexed by their object key: the key is content-addressed and a version is
+immutable, so a key names exactly one set of weights forever. The API resolves `lineage` +
+`version` (or the `live` alias) to a key on every request, which is why moving `live`
+"reloads" serving with no message to the replicas: the next request simply names another key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "oblivio-generate"
+BASE_ONLY = "base"  # multiplexed id for requests with no adapter (lineage has no live version)
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """What a replica needs to load the base model and fetch adapters.
+
+    Args:
+        base_model: the `OBLIVIO_BASE_MODEL` spec (resolved and cached by workers.model).
+        data_dir: where converted models and downloaded adapters are cached.
+        object_store: object store URL (`file://...` or `s3://...`) plus S3 options.
+        device: `cpu` or `cuda`.
+        max_adapters: adapters kept loaded per replica (LRU beyond that).
+    """
+
+    base_model: str
+    data_dir: str
+    object_store: str
+    s3_endpoint_url: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+    s3_region: str = "us-east-1"
+    device: str = "cpu"
+    max_adapters: int = 4
+
+
+@serve.deployment(name="Generator", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=8)
+class Generator:
+    def __init__(self, config: ServingConfig) -> None:
+        from storage.objectstore import open_object_store
+        from workers.model import load_model_and_tokenizer, resolve_base_model
+
+        self._config = config
+        ref = resolve_base_model(config.base_model, Path(config.data_dir))
+        self._model, self._tokenizer = load_model_and_tokenizer(ref, device=config.device)
+        self._model.eval()
+        self._peft: Any = None  # PeftModel wrapping the base once the first adapter arrives
+        self._store = open_object_store(
+            config.object_store, endpoint_url=config.s3_endpoint_url,
+            access_key_id=config.s3_access_key_id,
+            secret_access_key=config.s3_secret_access_key, region=config.s3_region)
+        self._cache = Path(tempfile.mkdtemp(prefix="oblivio-serve-"))
+        # PEFT's active adapter is model state: one generation at a time per replica.
+        self._lock = threading.Lock()
+
+    @serve.multiplexed(max_num_models_per_replica=4)
+    async def _adapter(self, key: str) -> _LoadedAdapter:
+        return await asyncio.to_thread(self._load_adapter, key)
+
+    def _load_adapter(self, key: str) -> _LoadedAdapter:
+        from peft import PeftModel
+
+        if key == BASE_ONLY:
+            return _LoadedAdapter(self, None)
+        name = "a" + key.split("/")[1][:16]  # adapters/<sha256>/...
+        local = self._cache / name
+        if not local.exists():
+            self._store.fetch_directory(key, local)  # verifies the checksum
+        with self._lock:
+            if self._peft is None:
+                self._peft = PeftModel.from_pretrained(self._model, str(local), adapter_name=name)
+            elif name not in self._peft.peft_config:
+                self._peft.load_adapter(str(local), adapter_name=name)
+        return _LoadedAdapter(self, name)
+
+    def _unload(self, name: str) -> None:
+        with self._lock:
+            if self._peft is not None and name in self._peft.peft_config:
+                if len(self._peft.peft_config) > 1:
+                    self._peft.delete_adapter(name)
+
+    async def generate(self, prompt: str, max_new_tokens: int = 64) -> dict[str, Any]:
+        adapter = await self._adapter(serve.get_multiplexed_model_id() or BASE_ONLY)
+        text = await asyncio.to_thread(self._generate, adapter.name, prompt, max_new_tokens)
+        return {"text": text, "adapter": adapter.name}
+
+    def _generate(self, adapter: str | None, prompt: str, max_new_tokens: int) -> str:
+        import torch
+
+        from workers.model import format_chat
+
+        text = format_chat(self._tokenizer, prompt)
+        enc = self._tokenizer(text, return_tensors="pt").to(self._config.device)
+        with self._lock, torch.no_grad():
+            if adapter is None or self._peft is None:
+                model = self._model
+                ctx: Any = self._peft.disable_adapter() if self._peft is not None else _null()
+            else:
+                self._peft.set_adapter(adapter)
+                model, ctx = self._peft, _null()
+            with ctx:
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=self._tokenizer.pad_token_id
+                                     or self._tokenizer.eos_token_id)
+        return self._tokenizer.decode(out[0, enc["input_ids"].shape[1]:],
+                                      skip_special_tokens=True).strip()
+
+
+class _LoadedAdapter:
+    """What the multiplexer caches; unloads the PEFT adapter when evicted."""
+
+    def __init__(self, owner: Generator, name: str | None) -> None:
+        self._owner, self.name = owner, name
+
+    async def __del__(self) -> None:  # Serve awaits __del__ of evicted multiplexed models
+        if self.name is not None:
+            self._owner._unload(self.name)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def deploy(config: ServingConfig) -> Any:
+    """Start (or update) the generation app on the connected Ray cluster; returns its handle."""
+    # Handles only: the API is the one HTTP front door, so no Serve HTTP proxy is started.
+    serve.start(proxy_location="Disabled")
+    return serve.run(Generator.bind(config), name=APP_NAME, route_prefix=None)
+
+
+def generate(handle: Any, *, prompt: str, adapter_key: str | None,
+             max_new_tokens: int) -> dict[str, Any]:
+    """Blocking call through the Serve handle (the API runs it in a thread)."""
+    routed = handle.options(multiplexed_model_id=adapter_key or BASE_ONLY)
+    return routed.generate.remote(prompt, max_new_tokens).result()
