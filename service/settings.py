@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     # --- API -----------------------------------------------------------------------
     api_host: str = Field("127.0.0.1", description="Loopback by default; set 0.0.0.0 to expose.")
     api_port: int = 8000
+    max_body_bytes: int = Field(1 << 20, description="Larger request bodies get 413.")
+    readyz_timeout_seconds: float = Field(5.0, description="/readyz waits this long per check.")
 
     # --- ticket limits (validation) ------------------------------------------------
     max_forget_items: int = Field(200, description="Max texts + qa pairs in one ticket.")

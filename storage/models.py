@@ -122,8 +122,7 @@ class Ticket(Base):
 
     __tablename__ = "tickets"
     __table_args__ = (
-        # The claim query: queued tickets by priority, oldest first.
-        Index("ix_tickets_claim", "status", "priority", "created_at"),
+        # ix_tickets_claim is declared below the class: it needs the column objects.
         Index("ix_tickets_lineage_created", "lineage_id", "created_at"),
     )
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
@@ -150,6 +149,12 @@ class Ticket(Base):
     receipt: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+# The claim query: queued tickets, highest priority first, oldest first within a priority.
+# The index must carry the same mixed order (priority DESC, created_at ASC), otherwise both
+# backends sort every queued ticket on each claim instead of reading the first index entry.
+Index("ix_tickets_claim", Ticket.status, Ticket.priority.desc(), Ticket.created_at)
 
 
 class Job(Base):

@@ -126,7 +126,7 @@ def upgrade() -> None:
     sa.UniqueConstraint('idempotency_key')
     )
     with op.batch_alter_table('tickets', schema=None) as batch_op:
-        batch_op.create_index('ix_tickets_claim', ['status', 'priority', 'created_at'], unique=False)
+        batch_op.create_index('ix_tickets_claim', ['status', sa.text('priority DESC'), 'created_at'], unique=False)
         batch_op.create_index('ix_tickets_lineage_created', ['lineage_id', 'created_at'], unique=False)
 
     # ### end Alembic commands ###

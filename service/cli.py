@@ -1,0 +1,522 @@
+"""`oblivio`: run the service and talk to it.
+
+Ticket, lineage and version commands call the HTTP API (`--api-url`, default
+`http://<api_host>:<api_port>`, or `OBLIVIO_API_URL`), authenticated with `--token`,
+`OBLIVIO_API_TOKEN`, or the admin token file `<data_dir>/admin-token`. `serve`, `db upgrade`
+and `token ...` work on the database directly: they are how a fresh install gets going.
+
+Exit codes: 0 success; 2 the request was refused (bad input, unknown id, conflict, missing
+permission); 1 the service failed or could not be reached. Errors are one readable line on
+stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+from service import cli_render as render
+from service.client import ApiError, ApiUnreachable, OblivioClient
+
+app = typer.Typer(name="oblivio", help="Continual machine unlearning for language models.",
+                  no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
+ticket_app = typer.Typer(help="File, follow and cancel deletion tickets.", no_args_is_help=True)
+versions_app = typer.Typer(help="Adapter versions of a lineage.", no_args_is_help=True)
+lineage_app = typer.Typer(help="Lineages: a base model and its chain of adapters.",
+                          no_args_is_help=True)
+token_app = typer.Typer(help="API tokens (works on the database directly).",
+                        no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+app.add_typer(ticket_app, name="ticket")
+app.add_typer(versions_app, name="versions")
+app.add_typer(lineage_app, name="lineage")
+app.add_typer(token_app, name="token")
+app.add_typer(db_app, name="db")
+
+EXIT_REFUSED = 2
+EXIT_FAILED = 1
+
+ApiUrl = Annotated[str | None, typer.Option(
+    "--api-url", envvar="OBLIVIO_API_URL", show_default=False,
+    help="oblivio API base URL [default: http://<api_host>:<api_port>]")]
+Token = Annotated[str | None, typer.Option(
+    "--token", envvar="OBLIVIO_API_TOKEN", show_default=False,
+    help="API token [default: <data_dir>/admin-token]")]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts).")]
+
+
+# --- plumbing -----------------------------------------------------------------------------
+
+def _fail(message: str, code: int) -> NoReturn:
+    render.err().print(f"error: {message}", markup=False)
+    raise typer.Exit(code)
+
+
+def _settings() -> Any:
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(f"OBLIVIO_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}"
+                             for e in exc.errors())
+        _fail(f"invalid settings: {problems}", EXIT_REFUSED)
+
+
+def default_api_url(settings: Any) -> str:
+    # A server bound to all interfaces is reached on loopback from this machine.
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(settings.api_host,
+                                                                       settings.api_host)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.api_port}"
+
+
+def _client(api_url: str | None, token: str | None) -> OblivioClient:
+    settings = None
+    if not api_url or not token:
+        settings = _settings()
+    if not token:
+        from service.startup import admin_token_path
+
+        path = admin_token_path(settings)
+        try:
+            token = path.read_text().strip() or None
+        except OSError:
+            token = None
+    return OblivioClient(api_url or default_api_url(settings), token)
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Turn every expected failure into a one-line message and an exit code."""
+    from storage.errors import OblivioError
+
+    try:
+        yield
+    except ApiUnreachable as exc:
+        _fail(exc.message, EXIT_FAILED)
+    except ApiError as exc:
+        hint = ""
+        if exc.status == 401:
+            hint = " (pass --token, set OBLIVIO_API_TOKEN, or run where <data_dir>/admin-token is)"
+        code = EXIT_REFUSED if 400 <= exc.status < 500 else EXIT_FAILED
+        _fail(f"{exc.message} [HTTP {exc.status}]{hint}", code)
+    except OblivioError as exc:
+        _fail(str(exc), EXIT_REFUSED)
+
+
+@contextmanager
+def api(api_url: str | None, token: str | None) -> Iterator[OblivioClient]:
+    """A client for the API, with its failures turned into messages and exit codes."""
+    with _errors(), _client(api_url, token) as client:
+        yield client
+
+
+# --- serve --------------------------------------------------------------------------------
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address [default: api_host]")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [default: api_port]")] = None,
+    workers: Annotated[bool, typer.Option(
+        "--workers/--no-workers", help="Start the background workers (Ray dispatcher).")] = True,
+) -> None:
+    """Run the API (and the background workers) on the configured settings."""
+    import uvicorn
+
+    from service.app import create_app
+    from service.background import start_background_workers
+    from service.startup import admin_token_path, is_embedded, prepare
+
+    settings = _settings()
+    updates = {k: v for k, v in {"api_host": host, "api_port": port}.items() if v is not None}
+    settings = settings.model_copy(update=updates)
+    api_app = create_app(settings)
+    try:
+        report = prepare(settings, api_app.state.sessions)
+    except Exception as exc:  # the DB is down or the URL is wrong: say so, no traceback
+        _fail(f"cannot prepare the database at {_safe_url(settings.resolved_database_url)}: "
+              f"{type(exc).__name__}: {exc}", EXIT_FAILED)
+    api_app.state.startup = report
+    url = default_api_url(settings)
+    print(f"oblivio API:     {url}", flush=True)
+    print(f"OpenAPI docs:    {url}/docs", flush=True)
+    print(f"metrics:         {url}/metrics", flush=True)
+    token_file = admin_token_path(settings).resolve()
+    if report.admin_token_file is not None:
+        print(f"admin token written to {report.admin_token_file}", flush=True)
+    elif is_embedded(settings) and token_file.exists():
+        print(f"admin token: {token_file}", flush=True)
+    else:
+        print("create an API token with `oblivio token create --role admin`", flush=True)
+    background = start_background_workers(settings) if workers else None
+    try:
+        uvicorn.run(api_app, host=settings.api_host, port=settings.api_port, log_level="info")
+    finally:
+        if background is not None:
+            background.stop()
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # an unparsable URL has no password we could find either
+        return "<unparsable database URL>"
+
+
+# --- db and tokens (direct database access) -------------------------------------------------
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the schema migrations to the configured database."""
+    from storage import migrate
+
+    settings = _settings()
+    url = settings.resolved_database_url
+    try:
+        migrate.upgrade(url)
+        revision = migrate.current_revision(url)
+    except Exception as exc:
+        _fail(f"cannot migrate the database at {_safe_url(url)}: {type(exc).__name__}: {exc}",
+              EXIT_FAILED)
+    print(f"database {_safe_url(url)} is at revision {revision}")
+
+
+@contextmanager
+def _db_session() -> Iterator[Any]:
+    from storage import migrate
+    from storage.db import make_engine, make_session_factory, transaction
+    from storage.errors import OblivioError
+
+    settings = _settings()
+    url = settings.resolved_database_url
+    try:
+        revision = migrate.current_revision(url)
+    except Exception as exc:
+        _fail(f"cannot open the database at {_safe_url(url)}: {type(exc).__name__}: {exc}",
+              EXIT_FAILED)
+    if revision is None:
+        _fail(f"the database at {_safe_url(url)} has no schema yet; run `oblivio db upgrade` "
+              "first", EXIT_FAILED)
+    engine = make_engine(url)
+    try:
+        with transaction(make_session_factory(engine)) as session:
+            yield session
+    except OblivioError as exc:
+        _fail(str(exc), EXIT_REFUSED)
+    finally:
+        engine.dispose()
+
+
+@token_app.command("create")
+def token_create(
+    role: Annotated[str, typer.Option(help="submitter, operator or admin")],
+    name: Annotated[str | None, typer.Option(help="A label [default: <role>-<time>]")] = None,
+    as_json: Json = False,
+) -> None:
+    """Create a token and print its secret (once: it is stored only as a hash)."""
+    from service.schemas.tokens import TokenOut
+    from storage import tokens
+
+    name = name or f"{role}-{datetime.now(timezone.utc):%Y%m%d%H%M%S}"
+    with _db_session() as session:
+        token, secret = tokens.create_token(session, role=role, name=name, actor="cli")
+        info = TokenOut.build(token).model_dump(mode="json")
+    if as_json:
+        render.print_json({**info, "token": secret})
+        return
+    render.err().print(f"created {info['role']} token {info['name']!r} ({info['id']}); "
+                     "store it now, it is not shown again:", markup=False)
+    print(secret)
+
+
+@token_app.command("list")
+def token_list(as_json: Json = False) -> None:
+    """List tokens (never their secrets)."""
+    from service.schemas.tokens import TokenOut
+    from storage import tokens
+
+    with _db_session() as session:
+        items = [TokenOut.build(t).model_dump(mode="json") for t in tokens.list_tokens(session)]
+    if as_json:
+        render.print_json(items)
+    else:
+        render.out().print(render.token_table(items))
+
+
+@token_app.command("revoke")
+def token_revoke(token_id: Annotated[str, typer.Argument(help="Token id")]) -> None:
+    """Revoke a token; it stops working at once."""
+    import uuid
+
+    from storage import tokens
+
+    try:
+        parsed = uuid.UUID(token_id)
+    except ValueError:
+        _fail(f"{token_id!r} is not a token id (a UUID)", EXIT_REFUSED)
+    with _db_session() as session:
+        tokens.revoke_token(session, token_id=parsed, actor="cli")
+    print(f"revoked token {parsed}")
+
+
+# --- tickets -------------------------------------------------------------------------------
+
+def _parse_qa(pairs: list[str]) -> list[dict[str, str]]:
+    out = []
+    for pair in pairs:
+        question, sep, answer = pair.partition("=>")
+        if not sep:
+            _fail(f"--qa expects 'question=>answer', got {pair!r}", EXIT_REFUSED)
+        out.append({"question": question.strip(), "answer": answer.strip()})
+    return out
+
+
+def _read_body(file: str) -> dict[str, Any]:
+    try:
+        raw = sys.stdin.read() if file == "-" else Path(file).read_text()
+    except OSError as exc:
+        _fail(f"cannot read {file}: {exc.strerror or exc}", EXIT_REFUSED)
+    try:
+        body = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        _fail(f"{file} is not valid JSON: {exc}", EXIT_REFUSED)
+    if not isinstance(body, dict):
+        _fail(f"{file} must hold a JSON object (a ticket body like the API's)", EXIT_REFUSED)
+    return body
+
+
+@ticket_app.command("submit")
+def ticket_submit(
+    file: Annotated[str | None, typer.Argument(
+        help="JSON ticket body like the API's ('-' reads stdin)", show_default=False)] = None,
+    text: Annotated[list[str] | None, typer.Option(
+        "--text", help="A text to forget (repeatable)")] = None,
+    qa: Annotated[list[str] | None, typer.Option(
+        "--qa", help="A 'question=>answer' pair to forget (repeatable)")] = None,
+    target: Annotated[str | None, typer.Option(help="Who/what is forgotten")] = None,
+    dataset: Annotated[str | None, typer.Option(help="delete_records: the dataset")] = None,
+    record_id: Annotated[list[str] | None, typer.Option(
+        "--record-id", help="delete_records: a record id (repeatable)")] = None,
+    subject_id: Annotated[str | None, typer.Option(
+        help="delete_records: every record of this data subject")] = None,
+    lineage: Annotated[str | None, typer.Option(help="Lineage [default: default]")] = None,
+    engine: Annotated[str | None, typer.Option(help="o3, ga, graddiff, npo or s3t")] = None,
+    priority: Annotated[int | None, typer.Option(help="-100..100, higher runs first")] = None,
+    not_before: Annotated[str | None, typer.Option(
+        help="ISO 8601 time with zone; do not start earlier")] = None,
+    idempotency_key: Annotated[str | None, typer.Option(
+        help="Retrying with the same key never files a second ticket")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the id")] = False,
+    api_url: ApiUrl = None, token: Token = None, as_json: Json = False,
+) -> None:
+    """File a deletion ticket from FILE or from --text/--qa (forget) or --dataset (records)."""
+    from_options = bool(text or qa or dataset or record_id or subject_id)
+    if file and from_options:
+        _fail("give either FILE or --text/--qa/--dataset options, not both", EXIT_REFUSED)
+    if file:
+        body = _read_body(file)
+    elif dataset or record_id or subject_id:
+        body = {"kind": "delete_records", "dataset": dataset}
+        if record_id:
+            body["record_ids"] = record_id
+        if subject_id:
+            body["subject_id"] = subject_id
+    elif text or qa:
+        forget: dict[str, Any] = {}
+        if text:
+            forget["texts"] = text
+        if qa:
+            forget["qa"] = _parse_qa(qa)
+        body = {"kind": "forget", "forget": forget}
+    else:
+        _fail("nothing to submit: give FILE, --text/--qa, or --dataset with --record-id or "
+              "--subject-id", EXIT_REFUSED)
+    overrides = {"target": target, "lineage": lineage, "engine": engine, "priority": priority,
+                 "not_before": not_before}
+    body.update({k: v for k, v in overrides.items() if v is not None})
+    with api(api_url, token) as client:
+        ticket = client.submit_ticket(body, idempotency_key=idempotency_key)
+    if as_json:
+        render.print_json(ticket)
+    elif quiet:
+        print(ticket["id"])
+    else:
+        render.out().print(f"ticket {ticket['id']} {ticket['status']} (lineage "
+                         f"{ticket['lineage']}, engine {ticket['engine']})", markup=False)
+
+
+@ticket_app.command("show")
+def ticket_show(ticket_id: Annotated[str, typer.Argument(help="Ticket id")],
+                api_url: ApiUrl = None, token: Token = None, as_json: Json = False) -> None:
+    """Show one ticket: status, progress, result version."""
+    with api(api_url, token) as client:
+        ticket = client.get_ticket(ticket_id)
+    if as_json:
+        render.print_json(ticket)
+    else:
+        render.out().print(render.ticket_detail(ticket))
+
+
+@ticket_app.command("list")
+def ticket_list(
+    status: Annotated[str | None, typer.Option(help="queued, running, done, ...")] = None,
+    lineage: Annotated[str | None, typer.Option()] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Page size")] = 50,
+    cursor: Annotated[str | None, typer.Option(help="next_cursor of a previous page")] = None,
+    api_url: ApiUrl = None, token: Token = None, as_json: Json = False,
+) -> None:
+    """List tickets, newest first (a page at a time)."""
+    with api(api_url, token) as client:
+        page = client.list_tickets(status=status, lineage=lineage, limit=limit, cursor=cursor)
+    if as_json:
+        render.print_json(page)
+        return
+    if not page["items"]:
+        render.out().print("no tickets")
+    else:
+        render.out().print(render.ticket_table(page["items"]))
+    if page.get("next_cursor"):
+        render.err().print(f"more: --cursor {page['next_cursor']}", markup=False)
+
+
+@ticket_app.command("cancel")
+def ticket_cancel(ticket_id: Annotated[str, typer.Argument(help="Ticket id")],
+                  api_url: ApiUrl = None, token: Token = None, as_json: Json = False) -> None:
+    """Cancel a ticket that has not started yet."""
+    with api(api_url, token) as client:
+        ticket = client.cancel_ticket(ticket_id)
+    if as_json:
+        render.print_json(ticket)
+    else:
+        render.out().print(f"ticket {ticket['id']} {ticket['status']}", markup=False)
+
+
+@ticket_app.command("receipt")
+def ticket_receipt(ticket_id: Annotated[str, typer.Argument(help="Ticket id")],
+                   api_url: ApiUrl = None, token: Token = None, as_json: Json = False) -> None:
+    """The receipt of a done ticket: versions, hashes, metrics, timestamps."""
+    with api(api_url, token) as client:
+        receipt = client.receipt(ticket_id)
+    if as_json:
+        render.print_json(receipt)
+    else:
+        render.out().print(render.mapping_detail(receipt))
+
+
+# --- lineages and versions ------------------------------------------------------------------
+
+LineageOpt = Annotated[str, typer.Option("--lineage", "-l", help="Lineage name")]
+
+
+@lineage_app.command("create")
+def lineage_create(
+    name: Annotated[str, typer.Argument(help="Lineage name")],
+    base_model: Annotated[str | None, typer.Option(
+        help="Base model path/id [default: the service's]")] = None,
+    engine: Annotated[str | None, typer.Option(help="o3, s3t, ga, graddiff or npo")] = None,
+    api_url: ApiUrl = None, token: Token = None, as_json: Json = False,
+) -> None:
+    """Create a lineage (operator)."""
+    with api(api_url, token) as client:
+        lineage = client.create_lineage(name, base_model=base_model, engine=engine)
+    if as_json:
+        render.print_json(lineage)
+    else:
+        render.out().print(f"lineage {lineage['name']} on {lineage['base_model']} "
+                         f"(engine {lineage['engine']})", markup=False)
+
+
+@lineage_app.command("list")
+def lineage_list(api_url: ApiUrl = None, token: Token = None, as_json: Json = False) -> None:
+    """List lineages and their aliases (operator)."""
+    with api(api_url, token) as client:
+        items = client.list_lineages()
+    if as_json:
+        render.print_json(items)
+    else:
+        render.out().print(render.lineage_table(items))
+
+
+@versions_app.command("list")
+def versions_list(lineage: LineageOpt = "default", api_url: ApiUrl = None, token: Token = None,
+                  as_json: Json = False) -> None:
+    """List the adapter versions of a lineage (operator)."""
+    with api(api_url, token) as client:
+        items = client.list_versions(lineage)
+    if as_json:
+        render.print_json(items)
+    elif not items:
+        render.out().print(f"lineage {lineage} has no versions yet", markup=False)
+    else:
+        render.out().print(render.version_table(items))
+
+
+@app.command()
+def promote(version: Annotated[int, typer.Argument(help="Version number (N of lineage@vN)")],
+            lineage: LineageOpt = "default",
+            alias: Annotated[str, typer.Option(help="live or candidate")] = "live",
+            api_url: ApiUrl = None, token: Token = None, as_json: Json = False) -> None:
+    """Point `live` at a version (operator)."""
+    with api(api_url, token) as client:
+        result = client.promote(lineage, version, alias=alias)
+    if as_json:
+        render.print_json(result)
+    else:
+        render.out().print(f"{alias} -> {result['label']}", markup=False)
+
+
+@app.command()
+def rollback(lineage: LineageOpt = "default", api_url: ApiUrl = None, token: Token = None,
+             as_json: Json = False) -> None:
+    """Move `live` back to the previous version (operator)."""
+    with api(api_url, token) as client:
+        result = client.rollback(lineage)
+    if as_json:
+        render.print_json(result)
+    else:
+        render.out().print(f"live -> {result['label']}", markup=False)
+
+
+@app.command()
+def revoke(version_id: Annotated[str, typer.Argument(help="Version id (UUID)")],
+           reason: Annotated[str, typer.Option(help="Why (kept in the audit trail)")],
+           api_url: ApiUrl = None, token: Token = None, as_json: Json = False) -> None:
+    """Withdraw a version for good (operator)."""
+    with api(api_url, token) as client:
+        result = client.revoke(version_id, reason=reason)
+    if as_json:
+        render.print_json(result)
+    else:
+        render.out().print(f"{result['label']} revoked", markup=False)
+
+
+def main() -> None:
+    """Console entry point: never shows a traceback, whatever happens."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # the last line of defence; commands handle what they expect
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if os.environ.get("OBLIVIO_DEBUG"):
+            raise
+        sys.exit(EXIT_FAILED)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Request dependencies: settings, a DB session per request, and the authenticated caller."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from service.settings import Settings
+from storage import tokens
+from storage.models import Role
+
+
+def get_settings_from_app(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_from_app)]
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """One transaction per request: committed when the route returns, rolled back on error."""
+    with request.app.state.sessions() as session:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+
+# scope="function": commit *before* the response is sent, so a client that gets a 202 can
+# immediately read what it created, and a failed commit becomes an error response.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+_bearer = HTTPBearer(auto_error=False, description="An oblivio API token: `obl_...`")
+
+_RANK = {Role.submitter: 0, Role.operator: 1, Role.admin: 2}
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: a token and its role."""
+
+    token_id: uuid.UUID
+    name: str
+    role: Role
+
+    @property
+    def principal(self) -> str:
+        """The requester/actor string stored on tickets and audit events."""
+        return tokens.principal(self.token_id)
+
+    @property
+    def sees_all_tickets(self) -> bool:
+        return _RANK[self.role] >= _RANK[Role.operator]
+
+    @property
+    def ticket_owner_filter(self) -> str | None:
+        """Submitters only ever see their own tickets; None means no restriction."""
+        return None if self.sees_all_tickets else self.principal
+
+
+def _unauthorized(message: str) -> HTTPException:
+    return HTTPException(status_code=401, detail=message,
+                         headers={"WWW-Authenticate": "Bearer"})
+
+
+def get_caller(session: SessionDep,
+               credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+               ) -> Caller:
+    if credentials is None:
+        raise _unauthorized("missing bearer token: send `Authorization: Bearer <token>`")
+    token = tokens.authenticate(session, credentials.credentials)
+    if token is None:
+        raise _unauthorized("invalid or revoked token")
+    return Caller(token_id=token.id, name=token.name, role=token.role)
+
+
+def require(role: Role) -> Callable[[Caller], Caller]:
+    """A dependency that admits callers with `role` or a higher one."""
+
+    def check(caller: Annotated[Caller, Depends(get_caller)]) -> Caller:
+        if _RANK[caller.role] < _RANK[role]:
+            raise HTTPException(status_code=403,
+                                detail=f"this needs the {role.value} role; your token is "
+                                       f"{caller.role.value}")
+        return caller
+
+    return check
+
+
+SubmitterDep = Annotated[Caller, Depends(require(Role.submitter))]
+OperatorDep = Annotated[Caller, Depends(require(Role.operator))]
+AdminDep = Annotated[Caller, Depends(require(Role.admin))]

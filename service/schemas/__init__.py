@@ -1,0 +1,1 @@
+"""Pydantic request/response bodies of the HTTP API, one module per resource."""

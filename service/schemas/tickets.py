@@ -1,0 +1,225 @@
+"""Request and response bodies of /v1/tickets."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi.exceptions import RequestValidationError
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
+
+from service.schemas.common import LineageName, NonBlank
+from service.settings import Settings
+from storage.models import TicketKind, TicketStatus
+from storage.tickets import TicketRequest, TicketView
+
+# Hard caps independent of settings; the configurable limits are checked in `check_limits`.
+Text = Annotated[NonBlank, StringConstraints(max_length=100_000)]
+RecordId = Annotated[NonBlank, StringConstraints(max_length=256)]
+Engine = Annotated[str, StringConstraints(min_length=1, max_length=32)]
+Priority = Annotated[int, Field(ge=-100, le=100, description="Higher is claimed first.")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class QAPair(_Strict):
+    question: Text
+    answer: Text
+
+
+class RetainSet(_Strict):
+    """Examples whose behaviour must not change (optional; O3 needs none)."""
+
+    texts: list[Text] = Field(default_factory=list)
+    qa: list[QAPair] = Field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return len(self.texts) + len(self.qa)
+
+
+class ForgetSet(RetainSet):
+    """What the model must forget: passages of text and/or question/answer pairs."""
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> ForgetSet:
+        if self.size == 0:
+            raise ValueError("the forget set is empty: give at least one text or "
+                             "question/answer pair")
+        return self
+
+
+class _TicketBase(_Strict):
+    lineage: LineageName = "default"
+    engine: Engine | None = Field(None, description="o3, ga, graddiff, npo (forget); s3t "
+                                                    "(delete_records). Default by kind.")
+    priority: Priority = 0
+    not_before: AwareDatetime | None = Field(
+        None, description="Do not start before this instant (ISO 8601 with a time zone).")
+
+
+class ForgetTicketIn(_TicketBase):
+    """Forget knowledge or text, e.g. everything the model says about a person."""
+
+    kind: Literal["forget"]
+    target: Annotated[NonBlank, StringConstraints(max_length=512)] | None = Field(
+        None, description="Who or what is forgotten, e.g. a person's name.")
+    forget: ForgetSet
+    retain: RetainSet | None = None
+
+    def payload(self) -> dict[str, Any]:
+        return {"target": self.target, "forget": self.forget.model_dump(),
+                "retain": self.retain.model_dump() if self.retain else None}
+
+
+class DeleteRecordsTicketIn(_TicketBase):
+    """Delete fine-tuning records, by id or by data subject, exactly (S3T)."""
+
+    kind: Literal["delete_records"]
+    dataset: Annotated[NonBlank, StringConstraints(max_length=256)]
+    record_ids: Annotated[list[RecordId], Field(min_length=1)] | None = None
+    subject_id: Annotated[NonBlank, StringConstraints(max_length=256)] | None = None
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> DeleteRecordsTicketIn:
+        if (self.record_ids is None) == (self.subject_id is None):
+            raise ValueError("give exactly one of record_ids or subject_id")
+        return self
+
+    def payload(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "record_ids": self.record_ids,
+                "subject_id": self.subject_id}
+
+
+TicketIn = Annotated[ForgetTicketIn | DeleteRecordsTicketIn, Field(discriminator="kind")]
+
+
+def check_limits(body: ForgetTicketIn | DeleteRecordsTicketIn, settings: Settings) -> None:
+    """Apply the configurable limits; violations are 422s shaped like pydantic's own."""
+    errors: list[dict[str, Any]] = []
+
+    def too_long(loc: tuple[Any, ...], value: str) -> None:
+        if len(value) > settings.max_text_chars:
+            errors.append({"type": "string_too_long", "loc": ("body", *loc),
+                           "msg": f"text has {len(value)} characters; the limit is "
+                                  f"{settings.max_text_chars} (OBLIVIO_MAX_TEXT_CHARS)"})
+
+    if isinstance(body, ForgetTicketIn):
+        for name, items in (("forget", body.forget), ("retain", body.retain)):
+            if items is None:
+                continue
+            if items.size > settings.max_forget_items:
+                errors.append({"type": "too_long", "loc": ("body", name),
+                               "msg": f"{name} set has {items.size} items; the limit is "
+                                      f"{settings.max_forget_items} (OBLIVIO_MAX_FORGET_ITEMS)"})
+            for i, text in enumerate(items.texts):
+                too_long((name, "texts", i), text)
+            for i, pair in enumerate(items.qa):
+                too_long((name, "qa", i, "question"), pair.question)
+                too_long((name, "qa", i, "answer"), pair.answer)
+    elif body.record_ids is not None and len(body.record_ids) > settings.max_record_ids:
+        errors.append({"type": "too_long", "loc": ("body", "record_ids"),
+                       "msg": f"{len(body.record_ids)} record ids; the limit is "
+                              f"{settings.max_record_ids} (OBLIVIO_MAX_RECORD_IDS)"})
+    if errors:
+        raise RequestValidationError(errors)
+
+
+def to_request(body: ForgetTicketIn | DeleteRecordsTicketIn) -> TicketRequest:
+    return TicketRequest(kind=TicketKind(body.kind), payload=body.payload(), lineage=body.lineage,
+                         engine=body.engine, target=getattr(body, "target", None),
+                         priority=body.priority, not_before=body.not_before)
+
+
+class VersionRefOut(BaseModel):
+    id: uuid.UUID
+    label: str = Field(description="`lineage@vN`")
+
+
+class TicketOut(BaseModel):
+    """A ticket as callers see it. The raw forget text is never echoed back, only its size
+    and hash: the point of the ticket is to make that text go away."""
+
+    id: uuid.UUID
+    kind: TicketKind
+    lineage: str
+    engine: str
+    target: str | None
+    status: TicketStatus
+    priority: int
+    attempts: int
+    not_before: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    error: str | None
+    progress: dict[str, Any] | None
+    result_version: VersionRefOut | None
+    requester: str
+    idempotency_key: str | None
+    payload_sha256: str
+    summary: dict[str, Any] | None = Field(
+        description="Sizes of the request (item counts, dataset); null once purged.")
+
+    @classmethod
+    def from_view(cls, view: TicketView) -> TicketOut:
+        t = view.ticket
+        ref = view.result_version
+        return cls(
+            id=t.id, kind=t.kind, lineage=view.lineage, engine=t.engine, target=t.target,
+            status=t.status, priority=t.priority, attempts=t.attempts, not_before=t.not_before,
+            created_at=t.created_at, updated_at=t.updated_at, error=t.error,
+            progress=t.progress, requester=t.requester, idempotency_key=t.idempotency_key,
+            result_version=VersionRefOut(id=ref.id, label=ref.label) if ref else None,
+            payload_sha256=t.payload_sha256, summary=_summary(t.payload))
+
+
+def _summary(payload: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not payload:
+        return None
+    if "forget" in payload:
+        out = {"forget_texts": len(payload["forget"].get("texts", [])),
+               "forget_qa": len(payload["forget"].get("qa", []))}
+        if payload.get("retain"):
+            out["retain_texts"] = len(payload["retain"].get("texts", []))
+            out["retain_qa"] = len(payload["retain"].get("qa", []))
+        return out
+    return {"dataset": payload.get("dataset"),
+            "record_ids": len(payload["record_ids"]) if payload.get("record_ids") else 0,
+            "by_subject": payload.get("subject_id") is not None}
+
+
+class TicketPageOut(BaseModel):
+    items: list[TicketOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null at "
+                                                "the end.")
+
+
+class ReceiptOut(BaseModel):
+    """Proof of completion. Extra fields written by the worker are passed through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    ticket_id: uuid.UUID
+    kind: TicketKind
+    lineage: str
+    engine: str
+    status: TicketStatus
+    payload_sha256: str
+    requested_at: datetime
+    completed_at: datetime
+    version: str | None = None
+    version_id: uuid.UUID | None = None
+    adapter_sha256: str | None = None
+    base_model: str | None = None
+    base_model_sha256: str | None = None
+    metrics: dict[str, Any] | None = None

@@ -1,0 +1,348 @@
+"""Deletion tickets: submit (idempotently), read, page through, cancel, and fetch receipts.
+
+The payload stored on a ticket is what the workers read, in one of two shapes:
+
+    forget:          {"target": str | None,
+                      "forget": {"texts": [str], "qa": [{"question": str, "answer": str}]},
+                      "retain": {"texts": [...], "qa": [...]} | None}
+    delete_records:  {"dataset": str, "record_ids": [str] | None, "subject_id": str | None}
+
+`payload_sha256` is the sha256 of its canonical JSON (sorted keys, no whitespace, UTF-8),
+so a receipt can prove what was asked even after the raw text has been purged.
+
+Functions here never commit: the caller owns the transaction.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from storage import audit
+from storage.errors import Conflict, InvalidRequest, NotFound
+from storage.models import AdapterVersion, Lineage, Ticket, TicketKind, TicketStatus, utcnow
+
+# Engines a ticket may ask for, and which kinds of ticket each can serve.
+ENGINE_KINDS: dict[str, TicketKind] = {
+    "o3": TicketKind.forget,
+    "ga": TicketKind.forget,
+    "graddiff": TicketKind.forget,
+    "npo": TicketKind.forget,
+    "s3t": TicketKind.delete_records,
+}
+DEFAULT_ENGINE: dict[TicketKind, str] = {TicketKind.forget: "o3",
+                                         TicketKind.delete_records: "s3t"}
+# Tickets in these states have not been claimed yet, so cancelling cannot race a job.
+CANCELLABLE = (TicketStatus.received, TicketStatus.queued)
+
+
+@dataclass(frozen=True)
+class TicketRequest:
+    """A validated ticket request, independent of how it arrived (HTTP, CLI, Python).
+
+    Args:
+        kind: what to do: forget knowledge/text, or delete fine-tuning records.
+        payload: the forget set or record selection, in the shape described above.
+        lineage: name of the lineage (model + adapter chain) the request is for.
+        engine: unlearning engine; None picks the default for `kind`.
+        target: who or what is forgotten (e.g. a person's name), for people and probes.
+        priority: higher is claimed first (bounded by the API, -100..100).
+        not_before: do not start before this (timezone-aware) instant.
+    """
+
+    kind: TicketKind
+    payload: dict[str, Any]
+    lineage: str = "default"
+    engine: str | None = None
+    target: str | None = None
+    priority: int = 0
+    not_before: datetime | None = None
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    ticket: Ticket
+    created: bool  # False when an earlier submission with the same idempotency key is returned
+
+
+@dataclass(frozen=True)
+class VersionRef:
+    id: uuid.UUID
+    label: str  # "lineage@vN"
+
+
+@dataclass(frozen=True)
+class TicketView:
+    """A ticket plus the names that make it readable (lineage name, result version label)."""
+
+    ticket: Ticket
+    lineage: str
+    result_version: VersionRef | None = None
+
+
+@dataclass(frozen=True)
+class TicketPage:
+    items: list[TicketView] = field(default_factory=list)
+    next_cursor: str | None = None
+
+
+def canonical_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def payload_sha256(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(payload)).hexdigest()
+
+
+def resolve_engine(kind: TicketKind, engine: str | None) -> str:
+    """The engine a ticket runs on; raises InvalidRequest for unknown or mismatched engines."""
+    if engine is None:
+        return DEFAULT_ENGINE[kind]
+    if engine not in ENGINE_KINDS:
+        raise InvalidRequest(
+            f"unknown engine {engine!r}; choose one of {', '.join(sorted(ENGINE_KINDS))}")
+    if ENGINE_KINDS[engine] is not kind:
+        fits = sorted(e for e, k in ENGINE_KINDS.items() if k is kind)
+        raise InvalidRequest(
+            f"engine {engine!r} cannot serve a {kind.value!r} ticket; use one of {', '.join(fits)}")
+    return engine
+
+
+def _lineage_by_name(session: Session, name: str) -> Lineage:
+    lineage = session.scalar(select(Lineage).where(Lineage.name == name))
+    if lineage is None:
+        raise NotFound(f"unknown lineage {name!r}")
+    return lineage
+
+
+def submit(session: Session, *, request: TicketRequest, requester: str,
+           idempotency_key: str | None = None) -> Ticket:
+    """Queue a ticket; see `submit_or_replay` for the idempotency rules."""
+    return submit_or_replay(session, request=request, requester=requester,
+                            idempotency_key=idempotency_key).ticket
+
+
+def submit_or_replay(session: Session, *, request: TicketRequest, requester: str,
+                     idempotency_key: str | None = None) -> SubmitResult:
+    """Queue a ticket, or return the one an earlier call with the same idempotency key made.
+
+    The same key with a different request (kind, lineage, engine or payload) raises
+    Conflict; so does a key already used by another requester (without saying whose ticket
+    it is).
+    """
+    kind = TicketKind(request.kind)
+    lineage = _lineage_by_name(session, request.lineage)
+    engine = resolve_engine(kind, request.engine)
+    digest = payload_sha256(request.payload)
+
+    def replay(existing: Ticket) -> SubmitResult:
+        # What was asked, not how it is scheduled: priority and not_before may have been
+        # changed since (a retry with back-off moves not_before), and must not turn an
+        # honest retry into a conflict.
+        same = (existing.requester == requester and existing.kind == kind
+                and existing.lineage_id == lineage.id and existing.engine == engine
+                and existing.payload_sha256 == digest)
+        if not same:
+            raise Conflict(f"idempotency key {idempotency_key!r} was already used for a "
+                           "different request")
+        return SubmitResult(existing, created=False)
+
+    if idempotency_key is not None:
+        existing = _by_idempotency_key(session, idempotency_key)
+        if existing is not None:
+            return replay(existing)
+
+    not_before = request.not_before
+    if not_before is not None:
+        if not_before.tzinfo is None:
+            raise InvalidRequest("not_before needs a time zone (e.g. 2030-01-01T00:00:00Z)")
+        not_before = not_before.astimezone(timezone.utc)
+    ticket = Ticket(kind=kind, lineage_id=lineage.id, engine=engine, target=request.target,
+                    payload=request.payload, payload_sha256=digest, status=TicketStatus.queued,
+                    priority=request.priority, not_before=not_before,
+                    idempotency_key=idempotency_key, requester=requester)
+    # A savepoint, so that losing the race for the idempotency key (another transaction
+    # inserted it after our check) rolls back only this insert; the UNIQUE constraint, not
+    # the check above, is what guarantees a single ticket per key.
+    try:
+        with session.begin_nested():
+            session.add(ticket)
+            session.flush()
+    except IntegrityError:
+        if idempotency_key is None:
+            raise
+        existing = _by_idempotency_key(session, idempotency_key)
+        if existing is None:  # the violation was about something else
+            raise
+        return replay(existing)
+    audit.record(session, actor=requester, action="ticket.submitted", subject_type="ticket",
+                 subject_id=ticket.id,
+                 detail={"kind": kind.value, "lineage": lineage.name, "engine": engine,
+                         "payload_sha256": digest, "idempotency_key": idempotency_key})
+    return SubmitResult(ticket, created=True)
+
+
+def _by_idempotency_key(session: Session, key: str) -> Ticket | None:
+    # populate_existing: after a lost race the row may be stale or absent in the identity map.
+    return session.scalar(select(Ticket).where(Ticket.idempotency_key == key)
+                          .execution_options(populate_existing=True))
+
+
+def get_ticket(session: Session, ticket_id: uuid.UUID, *, requester: str | None = None) -> Ticket:
+    """The ticket; with `requester`, only if it is theirs (others' tickets look absent)."""
+    ticket = session.get(Ticket, ticket_id)
+    if ticket is None or (requester is not None and ticket.requester != requester):
+        raise NotFound(f"ticket {ticket_id} not found")
+    return ticket
+
+
+def encode_cursor(ticket: Ticket) -> str:
+    raw = json.dumps([ticket.created_at.isoformat(), ticket.id.hex]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, ticket_id = json.loads(raw)
+        at = datetime.fromisoformat(created)
+        if at.tzinfo is None:
+            raise ValueError("naive timestamp")
+        return at, uuid.UUID(hex=ticket_id)
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError) as exc:
+        raise InvalidRequest("invalid cursor: pass back the next_cursor of a previous page") \
+            from exc
+
+
+def list_tickets(session: Session, *, status: TicketStatus | None = None,
+                 lineage: str | None = None, requester: str | None = None, limit: int = 50,
+                 cursor: str | None = None) -> TicketPage:
+    """Newest first; `next_cursor` continues after the last item (None on the last page).
+
+    Ordering on (created_at, id) is total, so pages neither skip nor repeat tickets even
+    when new ones arrive between requests.
+    """
+    if limit < 1:
+        raise InvalidRequest("limit must be at least 1")
+    query = select(Ticket)
+    if status is not None:
+        query = query.where(Ticket.status == TicketStatus(status))
+    if lineage is not None:
+        query = query.join(Lineage, Lineage.id == Ticket.lineage_id).where(Lineage.name == lineage)
+    if requester is not None:
+        query = query.where(Ticket.requester == requester)
+    if cursor:
+        at, after_id = decode_cursor(cursor)
+        query = query.where(or_(Ticket.created_at < at,
+                                and_(Ticket.created_at == at, Ticket.id < after_id)))
+    query = query.order_by(Ticket.created_at.desc(), Ticket.id.desc()).limit(limit + 1)
+    rows = list(session.scalars(query))
+    next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    return TicketPage(items=describe(session, rows[:limit]), next_cursor=next_cursor)
+
+
+def describe(session: Session, tickets: list[Ticket]) -> list[TicketView]:
+    """Attach lineage names and result version labels with two queries, not one per ticket."""
+    if not tickets:
+        return []
+    lineage_ids = {t.lineage_id for t in tickets}
+    # (dict() of a Result would treat it as a mapping: it has .keys())
+    names = {i: n for i, n in session.execute(select(Lineage.id, Lineage.name)
+                                              .where(Lineage.id.in_(lineage_ids)))}
+    version_ids = {t.result_version_id for t in tickets if t.result_version_id is not None}
+    versions: dict[uuid.UUID, int] = {}
+    if version_ids:
+        versions = {i: v for i, v in session.execute(
+            select(AdapterVersion.id, AdapterVersion.version)
+            .where(AdapterVersion.id.in_(version_ids)))}
+    views = []
+    for t in tickets:
+        lineage = names.get(t.lineage_id, "?")
+        ref = None
+        if t.result_version_id is not None and t.result_version_id in versions:
+            ref = VersionRef(t.result_version_id, f"{lineage}@v{versions[t.result_version_id]}")
+        views.append(TicketView(ticket=t, lineage=lineage, result_version=ref))
+    return views
+
+
+def cancel(session: Session, *, ticket_id: uuid.UUID, actor: str,
+           requester: str | None = None) -> Ticket:
+    """Cancel a ticket no worker has claimed yet. Cancelling is final and purges the payload.
+
+    Cancelling an already cancelled ticket returns it unchanged; a running or finished one
+    raises Conflict.
+    """
+    ticket = get_ticket(session, ticket_id, requester=requester)
+    if ticket.status is TicketStatus.cancelled:
+        return ticket
+    # A conditional UPDATE, so a dispatcher claiming the ticket at this very moment either
+    # wins (we report it running) or loses (it never sees a queued row), never both.
+    changed = session.execute(
+        update(Ticket)
+        .where(Ticket.id == ticket_id, Ticket.status.in_(CANCELLABLE))
+        .values(status=TicketStatus.cancelled, payload=None, lease_owner=None,
+                lease_expires_at=None, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    session.refresh(ticket)
+    if not changed:
+        if ticket.status is TicketStatus.cancelled:
+            return ticket
+        if ticket.status.is_final:
+            raise Conflict(f"ticket {ticket_id} is already {ticket.status.value}; "
+                           "it cannot be cancelled")
+        raise Conflict(f"ticket {ticket_id} is {ticket.status.value}: a worker is processing "
+                       "it and it can no longer be cancelled")
+    audit.record(session, actor=actor, action="ticket.cancelled", subject_type="ticket",
+                 subject_id=ticket_id)
+    return ticket
+
+
+def receipt(session: Session, *, ticket_id: uuid.UUID, requester: str | None = None
+            ) -> dict[str, Any]:
+    """Proof of what was done for a finished ticket: versions, hashes, metrics, timestamps."""
+    ticket = get_ticket(session, ticket_id, requester=requester)
+    if ticket.status is not TicketStatus.done:
+        raise Conflict(f"ticket {ticket_id} is {ticket.status.value}; a receipt exists only "
+                       "once it is done")
+    view = describe(session, [ticket])[0]
+    out: dict[str, Any] = {
+        "ticket_id": str(ticket.id),
+        "kind": ticket.kind.value,
+        "lineage": view.lineage,
+        "engine": ticket.engine,
+        "target": ticket.target,
+        "status": ticket.status.value,
+        "payload_sha256": ticket.payload_sha256,
+        "requested_at": ticket.created_at.isoformat(),
+        "completed_at": ticket.updated_at.isoformat(),
+    }
+    version = (session.get(AdapterVersion, ticket.result_version_id)
+               if ticket.result_version_id else None)
+    if version is not None:
+        lineage = session.get(Lineage, version.lineage_id)
+        out.update({
+            "version": view.result_version.label if view.result_version else None,
+            "version_id": str(version.id),
+            "parent_id": str(version.parent_id) if version.parent_id else None,
+            "version_status": version.status.value,
+            "adapter_sha256": version.sha256,
+            "object_key": version.object_key,
+            "base_model": lineage.base_model if lineage else None,
+            "base_model_sha256": version.base_model_sha256,
+            "metrics": version.metrics,
+        })
+    # What the worker recorded when it finished wins: it is the state at completion time.
+    out.update(ticket.receipt or {})
+    out["payload_sha256"] = ticket.payload_sha256
+    return out

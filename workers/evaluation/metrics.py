@@ -1,0 +1,113 @@
+"""Metrics on probe answers: did the model still answer correctly, relative to the base.
+
+An answer counts as correct when the generated text contains any accepted keyword or alias
+(case-insensitive, word-bounded), the QA check used by RWKU-style knowledge probes. Scores
+are always read relative to the base model's own score on the same probes, because a small
+model does not answer everything right to begin with.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from workers.evaluation.probes import Probe
+
+GenerateFn = Callable[[list[str]], list[str]]
+"""Greedy answers for a batch of user prompts (chat formatting is the backend's job)."""
+
+
+def _normalise(text: str) -> str:
+    # Fold case and typographic variants so "Curie's" / "Curie’s" and "1,879" / "1879" match.
+    text = text.lower().replace("\u2019", "'").replace("\u2018", "'")
+    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)
+    return re.sub(r"\s+", " ", text)
+
+
+def is_correct(answer: str, *, accepted: Sequence[str]) -> bool:
+    """True when `answer` contains one of the `accepted` keywords as whole words."""
+    text = _normalise(answer)
+    for keyword in accepted:
+        key = _normalise(keyword).strip()
+        if not key:
+            continue
+        # Word boundaries only where the keyword itself starts/ends with a word character,
+        # so "7" does not match "17" but "H2O" or "Rome." still match as written.
+        left = r"(?<!\w)" if key[0].isalnum() else ""
+        right = r"(?!\w)" if key[-1].isalnum() else ""
+        if re.search(left + re.escape(key) + right, text):
+            return True
+    return False
+
+
+def correct_flags(answers: Sequence[str], probes: Sequence[Probe]) -> list[bool]:
+    """One flag per probe: is the matching answer correct."""
+    if len(answers) != len(probes):
+        raise ValueError(f"got {len(answers)} answers for {len(probes)} probes")
+    return [is_correct(a, accepted=p.accept) for a, p in zip(answers, probes)]
+
+
+def answer_rate(generate_fn: GenerateFn, probes: Sequence[Probe]) -> float:
+    """Fraction of `probes` that `generate_fn` answers correctly (0.0 for no probes)."""
+    if not probes:
+        return 0.0
+    answers = generate_fn([p.question for p in probes])
+    flags = correct_flags(answers, probes)
+    return sum(flags) / len(flags)
+
+
+def _ratio(after: float, before: float) -> float:
+    if before <= 0.0:
+        raise ValueError("the base model answers none of these probes: the ratio is undefined;"
+                         " use probes the base model answers correctly")
+    return after / before
+
+
+def forget_ratio(*, after: float, before: float) -> float:
+    """Correct-answer rate on forget probes after unlearning relative to before (lower is better)."""
+    return _ratio(after, before)
+
+
+def utility_ratio(*, after: float, before: float) -> float:
+    """Correct-answer rate on unrelated probes after unlearning relative to before (higher is better)."""
+    return _ratio(after, before)
+
+
+@dataclass(frozen=True)
+class ForgetVerdict:
+    """Outcome of one evaluation against the acceptance thresholds.
+
+    Args:
+        forget_ratio: held-out forget probes, correct after / before.
+        utility_ratio: unrelated probes, correct after / before.
+        max_forget_ratio: the threshold `forget_ratio` must not exceed.
+        min_utility_ratio: the threshold `utility_ratio` must reach.
+    """
+
+    forget_ratio: float
+    utility_ratio: float
+    max_forget_ratio: float
+    min_utility_ratio: float
+
+    @property
+    def forgot(self) -> bool:
+        return self.forget_ratio <= self.max_forget_ratio
+
+    @property
+    def kept_utility(self) -> bool:
+        return self.utility_ratio >= self.min_utility_ratio
+
+    @property
+    def passed(self) -> bool:
+        return self.forgot and self.kept_utility
+
+
+def judge(*, forget_after: float, forget_before: float, utility_after: float,
+          utility_before: float, max_forget_ratio: float = 0.2,
+          min_utility_ratio: float = 0.9) -> ForgetVerdict:
+    """Compare after/before rates with the acceptance thresholds (defaults: the product's)."""
+    return ForgetVerdict(
+        forget_ratio=forget_ratio(after=forget_after, before=forget_before),
+        utility_ratio=utility_ratio(after=utility_after, before=utility_before),
+        max_forget_ratio=max_forget_ratio, min_utility_ratio=min_utility_ratio)

@@ -1,0 +1,100 @@
+"""The forgetting recipe found by experiment on the bundled model (benchmarks/forget_recipe.py).
+
+These are the defaults a trainer should start from when a knowledge-forgetting ticket is
+trained as a plain LoRA adapter (no O3 gating): which losses, how strong, for how long,
+and when to stop. The numbers behind them are in the benchmark's table and in DESIGN.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+ForgetMethod = Literal["npo", "graddiff", "ga"]
+RetainLoss = Literal["nll", "kl", "none"]
+
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ForgetRecipe:
+    """How to train one forgetting adapter, and when to stop.
+
+    Args:
+        method: forget-side loss. "npo": Negative Preference Optimization on the summed
+            log-probability of each forget answer relative to the frozen base; "graddiff" /
+            "ga": gradient ascent on the forget answers' NLL (graddiff = ga + retain term).
+        beta: NPO inverse temperature (ignored by ga/graddiff).
+        retain_loss: retain-side term. "nll": NLL of the base model's own answers to generic
+            prompts (self-generated retain data); "kl": token-level KL(base || adapted) on
+            those answers; "none": no retain term.
+        retain_weight: weight of the retain term relative to the forget term.
+        lr: AdamW learning rate of the LoRA weights.
+        weight_decay: AdamW weight decay.
+        max_steps: hard cap on optimisation steps (one step = one forget + one retain batch).
+        forget_batch_size: forget QA pairs per step (cycled through the ticket).
+        retain_batch_size: retain examples per step (cycled through the retain set).
+        lora_r, lora_alpha, lora_dropout, target_modules: the PEFT LoRA adapter.
+        eval_every: steps between early-stopping checks (0 disables early stopping).
+        stop_forget_ratio: stop at the first check where the ticket's own forget questions
+            are answered correctly at most this fraction as often as by the base model.
+            Only ticket questions may be used here: held-out rephrasings are the test.
+        min_steps: never stop before this many steps (one check cannot prove forgetting).
+        eval_max_new_tokens: tokens generated per probe answer during checks.
+        retain_prompts: how many generic retain prompts to self-generate answers for.
+        retain_max_new_tokens: length of the self-generated retain answers.
+    """
+
+    method: ForgetMethod = "npo"
+    beta: float = 0.1
+    retain_loss: RetainLoss = "kl"
+    retain_weight: float = 1.0
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    max_steps: int = 40
+    forget_batch_size: int = 8
+    retain_batch_size: int = 8
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = field(default=ALL_PROJECTIONS)
+    eval_every: int = 5
+    stop_forget_ratio: float = 0.1
+    min_steps: int = 5
+    eval_max_new_tokens: int = 24
+    retain_prompts: int = 40
+    retain_max_new_tokens: int = 40
+
+    def __post_init__(self) -> None:
+        if self.method not in ("npo", "graddiff", "ga"):
+            raise ValueError(f"unknown forget method {self.method!r}")
+        if self.retain_loss not in ("nll", "kl", "none"):
+            raise ValueError(f"unknown retain loss {self.retain_loss!r}")
+        if self.method == "graddiff" and self.retain_loss == "none":
+            raise ValueError("graddiff needs a retain term (use method='ga' for none)")
+        for name in ("lr", "beta", "lora_alpha"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        for name in ("max_steps", "forget_batch_size", "lora_r"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.retain_weight < 0 or self.eval_every < 0 or self.min_steps < 0:
+            raise ValueError("retain_weight, eval_every and min_steps must be >= 0")
+        if not 0.0 <= self.stop_forget_ratio <= 1.0:
+            raise ValueError("stop_forget_ratio must be in [0, 1]")
+        if not self.target_modules:
+            raise ValueError("target_modules must name at least one module")
+
+    def with_(self, **changes: Any) -> ForgetRecipe:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    def should_stop(self, *, step: int, ticket_rate: float, base_ticket_rate: float) -> bool:
+        """Early-stopping rule: the ticket's own questions are forgotten enough."""
+        if step < self.min_steps or base_ticket_rate <= 0.0:
+            return False
+        return ticket_rate <= self.stop_forget_ratio * base_ticket_rate
+
+
+DEFAULT_FORGET_RECIPE = ForgetRecipe()
+"""Placeholder until the experiments fill it in (see benchmarks/forget_recipe.py)."""
