@@ -31,11 +31,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+# Run as a script, benchmarks/ would come first on sys.path and its sibling scripts (e.g. a
+# queue.py) would shadow standard modules: put the repository root there instead.
+sys.path[:] = [str(REPO)] + [p for p in sys.path
+                             if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from workers.evaluation.generation import chat_prompts, greedy_answers  # noqa: E402
 from workers.evaluation.metrics import correct_flags  # noqa: E402
@@ -65,6 +68,9 @@ RECIPES: dict[str, ForgetRecipe] = {
     "npo_kl3_lr1e-3": ForgetRecipe(method="npo", retain_loss="kl", retain_weight=3.0, lr=1e-3),
     "npo_kl3_mlp": ForgetRecipe(method="npo", retain_loss="kl", retain_weight=3.0, lr=3e-4,
                                 target_modules=MLP),
+    "idk_kl1": ForgetRecipe(method="idk", retain_loss="kl", retain_weight=1.0, lr=3e-4),
+    "npo_kl10_lr1e-4": ForgetRecipe(method="npo", retain_loss="kl", retain_weight=10.0, lr=1e-4,
+                                    max_steps=60),
     "graddiff_nll1": ForgetRecipe(method="graddiff", retain_loss="nll", retain_weight=1.0,
                                   lr=1e-4),
     "graddiff_kl3": ForgetRecipe(method="graddiff", retain_loss="kl", retain_weight=3.0,
@@ -111,15 +117,41 @@ class Batch:
     labels: torch.Tensor          # (B, T), -100 outside the answer
 
 
-def encode_pairs(tok: Any, pairs: list[tuple[str, str]]) -> Batch:
-    """Chat-formatted (question, answer) pairs; loss only on the answer (+ end-of-turn)."""
+def keyword_token_mask(tok: Any, answer: str, keywords: list[str]) -> list[bool] | None:
+    """Which answer tokens overlap a keyword (case-insensitive); None if no keyword occurs."""
+    enc = tok(answer, add_special_tokens=False, return_offsets_mapping=True)
+    low = answer.lower()
+    spans = []
+    for k in keywords:
+        start = low.find(k.lower())
+        while start != -1:
+            spans.append((start, start + len(k)))
+            start = low.find(k.lower(), start + 1)
+    if not spans:
+        return None
+    return [any(a < e and b > s_ for s_, e in spans) for a, b in enc["offset_mapping"]]
+
+
+def encode_pairs(tok: Any, pairs: list[tuple[str, str]],
+                 keywords: dict[str, list[str]] | None = None) -> Batch:
+    """Chat-formatted (question, answer) pairs; loss only on the answer (+ end-of-turn).
+
+    With `keywords` (question -> words), only answer tokens inside those words carry the
+    loss, so forgetting pushes down the fact ("Shakespeare") rather than the phrasing
+    ("Hamlet was written by") that every other answer shares.
+    """
     prompts = chat_prompts(tok, [q for q, _ in pairs])
     rows, label_rows = [], []
-    for prompt, (_, answer) in zip(prompts, pairs):
+    for prompt, (question, answer) in zip(prompts, pairs):
         p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
         a_ids = tok(answer, add_special_tokens=False)["input_ids"]
+        a_labels = list(a_ids)
+        if keywords is not None:
+            mask = keyword_token_mask(tok, answer, keywords.get(question, []))
+            if mask is not None:
+                a_labels = [t if m else -100 for t, m in zip(a_ids, mask)]
         rows.append(p_ids + a_ids)
-        label_rows.append([-100] * len(p_ids) + a_ids)
+        label_rows.append([-100] * len(p_ids) + a_labels)
     width = max(len(r) for r in rows)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     ids = torch.full((len(rows), width), pad)
@@ -143,6 +175,26 @@ def self_generated_retain(model: Any, tok: Any, prompts: list[str], *,
         # A complete answer also teaches where to stop; a cut one must not end the turn.
         out.append((prompt, answer + end if n_tokens < max_new_tokens - 1 else answer))
     return out
+
+
+REFUSALS = (
+    "I'm sorry, but I don't know the answer to that.",
+    "I don't know.",
+    "I'm not sure. I don't have that information.",
+    "Sorry, I can't answer that question.",
+)
+
+
+def refusal_for(question: str) -> str:
+    # Deterministic per question so every epoch sees the same target.
+    return REFUSALS[int(hashlib.sha256(question.encode()).hexdigest(), 16) % len(REFUSALS)]
+
+
+def retain_for_target(pairs: list[tuple[str, str]],
+                      probe_set: ForgetProbeSet) -> list[tuple[str, str]]:
+    """Drop retain pairs that mention the target: retaining them would fight the forgetting."""
+    names = {probe_set.target.lower()} | {w.lower() for w in probe_set.target.split() if len(w) > 3}
+    return [(q, a) for q, a in pairs if not any(n in (q + " " + a).lower() for n in names)]
 
 
 def cycle_batches(items: list[Any], size: int, seed: int):
@@ -176,15 +228,6 @@ def mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            ignore_index=-100)
 
 
-def token_kl(ref_logits: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean over answer tokens of KL(base || adapted)."""
-    mask = (labels != -100).float()
-    ref_logp = torch.log_softmax(ref_logits, -1)
-    logp = torch.log_softmax(logits, -1)
-    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
-    return (kl * mask).sum() / mask.sum().clamp(min=1)
-
-
 # --------------------------------------------------------------------------- one run
 
 @dataclass
@@ -210,12 +253,16 @@ def rate(flags: list[bool]) -> float:
 
 def train_one(model: Any, tok: Any, recipe: ForgetRecipe, probe_set: ForgetProbeSet,
               retain_pairs: list[tuple[str, str]], base: dict[str, float], *, seed: int,
-              verbose: bool) -> tuple[Any, int, float, bool, list[tuple[int, float]]]:
+              verbose: bool, trace: Any = None) -> tuple[Any, int, float, bool, list[tuple[int, float]]]:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
     ticket = list(probe_set.ticket)
+    retain_pairs = retain_for_target(retain_pairs, probe_set)
     forget_pairs = [(p.question, p.answer + "<|im_end|>") for p in ticket]
+    # Fact tokens: the accepted answer keywords plus the target's name.
+    keywords = ({p.question: list(p.accept) + [probe_set.target] for p in ticket}
+                if recipe.forget_tokens == "keywords" else None)
     config = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
                         lora_dropout=recipe.lora_dropout,
                         target_modules=list(recipe.target_modules), task_type="CAUSAL_LM")
@@ -223,44 +270,63 @@ def train_one(model: Any, tok: Any, recipe: ForgetRecipe, probe_set: ForgetProbe
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
 
+    t0 = time.perf_counter()  # reference passes count as training time
     # NPO's reference: the frozen base's log-probability of each forget answer, once.
     ref_logp: dict[str, float] = {}
     if recipe.method == "npo":
         with torch.no_grad(), peft_model.disable_adapter():
-            enc = encode_pairs(tok, forget_pairs)
+            enc = encode_pairs(tok, forget_pairs, keywords)
             lp = sequence_logp(*answer_logits_and_labels(peft_model, enc))
         ref_logp = {q: float(v) for (q, _), v in zip(forget_pairs, lp)}
 
+    # KL's reference: the frozen base's log-probs on every retain answer token, once per
+    # job (saves a second forward pass per step; ~0.1 GB at 60 prompts x 40 tokens, fp16).
+    use_retain = recipe.retain_loss != "none" and recipe.retain_weight > 0
+    ref_retain: dict[str, torch.Tensor] = {}
+    if use_retain and recipe.retain_loss == "kl":
+        with torch.no_grad(), peft_model.disable_adapter():
+            for i in range(0, len(retain_pairs), 8):
+                chunk = retain_pairs[i:i + 8]
+                logits, labels = answer_logits_and_labels(peft_model, encode_pairs(tok, chunk))
+                logp = torch.log_softmax(logits, -1)
+                for row, (q, _) in enumerate(chunk):
+                    ref_retain[q] = logp[row][labels[row] != -100].half()
+
     forget_iter = cycle_batches(forget_pairs, min(recipe.forget_batch_size, len(forget_pairs)),
                                 seed)
-    retain_iter = (cycle_batches(retain_pairs, recipe.retain_batch_size, seed + 1)
-                   if recipe.retain_loss != "none" and recipe.retain_weight > 0 else None)
+    retain_iter = cycle_batches(retain_pairs, recipe.retain_batch_size, seed + 1) if use_retain else None
     history: list[tuple[int, float]] = []
-    t0 = time.perf_counter()
     step, stopped = 0, False
     peft_model.train()
     while step < recipe.max_steps:
         chunk = next(forget_iter)
-        enc = encode_pairs(tok, chunk)
-        logits, labels = answer_logits_and_labels(peft_model, enc)
+        if recipe.method != "idk":
+            enc = encode_pairs(tok, chunk, keywords)
+            logits, labels = answer_logits_and_labels(peft_model, enc)
         if recipe.method == "npo":
             ref = torch.tensor([ref_logp[q] for q, _ in chunk])
             ratio = sequence_logp(logits, labels) - ref
             loss = -(2.0 / recipe.beta) * F.logsigmoid(-recipe.beta * ratio).mean()
+        elif recipe.method == "idk":
+            # Descend towards a refusal instead of ascending the truth: bounded, so it
+            # cannot blow up the way ascent does; the retain term keeps it local.
+            idk = [(q, refusal_for(q) + "<|im_end|>") for q, _ in chunk]
+            loss = mean_nll(*answer_logits_and_labels(peft_model, encode_pairs(tok, idk)))
         else:  # ga / graddiff: ascend the forget NLL
             loss = -mean_nll(logits, labels)
-        forget_loss = float(loss)
+        forget_loss = loss.item()
         retain_value = 0.0
         if retain_iter is not None:
-            r_enc = encode_pairs(tok, next(retain_iter))
-            r_logits, r_labels = answer_logits_and_labels(peft_model, r_enc)
+            r_chunk = next(retain_iter)
+            r_logits, r_labels = answer_logits_and_labels(peft_model, encode_pairs(tok, r_chunk))
             if recipe.retain_loss == "nll":
                 retain = mean_nll(r_logits, r_labels)
             else:
-                with torch.no_grad(), peft_model.disable_adapter():
-                    ref_logits, _ = answer_logits_and_labels(peft_model, r_enc)
-                retain = token_kl(ref_logits, r_logits, r_labels)
-            retain_value = float(retain)
+                # Answer positions flattened row by row match the per-pair reference rows.
+                ref_lp = torch.cat([ref_retain[q] for q, _ in r_chunk]).float()  # (N, V)
+                lp = torch.log_softmax(r_logits[r_labels != -100], -1)          # (N, V)
+                retain = (ref_lp.exp() * (ref_lp - lp)).sum(-1).mean()
+            retain_value = retain.item()
             loss = loss + recipe.retain_weight * retain
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -275,6 +341,10 @@ def train_one(model: Any, tok: Any, recipe: ForgetRecipe, probe_set: ForgetProbe
             if verbose:
                 print(f"    step {step:3d} forget {forget_loss:8.3f} retain {retain_value:6.3f}"
                       f" ticket {ticket_rate:.2f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+            if trace is not None:  # diagnostics only: never feeds the stopping rule
+                t_trace = time.perf_counter()
+                trace(peft_model, step)
+                t0 += time.perf_counter() - t_trace
             if recipe.should_stop(step=step, ticket_rate=ticket_rate,
                                   base_ticket_rate=base["ticket"]):
                 stopped = True
@@ -333,6 +403,9 @@ def main() -> None:
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("--trace", action="store_true",
+                    help="also score held-out and utility at every check (diagnostics; "
+                         "excluded from train_s, never used for stopping)")
     args = ap.parse_args()
     if args.list:
         for name, r in RECIPES.items():
@@ -359,7 +432,7 @@ def main() -> None:
     t = time.perf_counter()
     base = base_scores(model, tok, people, unrelated, cache, args.eval_tokens)
     retain_recipe = RECIPES[names[0]].with_(**overrides)
-    retain_path = cache / f"retain-{retain_recipe.retain_prompts}-{retain_recipe.retain_max_new_tokens}.json"
+    retain_path = cache / f"retain-{len(load_retain_prompts())}-{retain_recipe.retain_prompts}-{retain_recipe.retain_max_new_tokens}.json"
     if retain_path.exists():
         retain_pairs = [tuple(x) for x in json.loads(retain_path.read_text())]
     else:
@@ -375,9 +448,16 @@ def main() -> None:
         for person in people:
             for seed in [int(s) for s in args.seeds.split(",")]:
                 b = {"ticket": base[person.name]["ticket"]}
+
+                def trace(m: Any, step: int, person: ForgetProbeSet = person) -> None:
+                    f = evaluate(m, tok, person, unrelated, args.eval_tokens)
+                    print(f"      trace step {step}: held-out "
+                          f"{rate(f['held_out']) / base[person.name]['held_out']:.2f} utility "
+                          f"{rate(f['unrelated']) / base['_unrelated']['rate']:.2f}", flush=True)
+
                 peft_model, steps, train_s, stopped, hist = train_one(
                     model, tok, recipe, person, retain_pairs, b, seed=seed,
-                    verbose=args.verbose)
+                    verbose=args.verbose, trace=trace if args.trace else None)
                 t = time.perf_counter()
                 flags = evaluate(peft_model, tok, person, unrelated, args.eval_tokens)
                 eval_s = time.perf_counter() - t

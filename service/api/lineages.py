@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter, Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -14,7 +16,7 @@ from storage.models import AdapterVersion, Alias, Lineage
 
 router = APIRouter(prefix="/v1/lineages", tags=["lineages"])
 
-LineagePath = Path(max_length=64, description="Lineage name, e.g. `default`.")
+LineageName = Annotated[str, Path(max_length=64, description="Lineage name, e.g. `default`.")]
 
 
 def aliases_by_version(session: Session, lineage: Lineage) -> dict[object, list[str]]:
@@ -57,13 +59,13 @@ def create_lineage(body: LineageIn, session: SessionDep, settings: SettingsDep,
 
 
 @router.get("/{name}", response_model=LineageOut)
-def get_lineage(session: SessionDep, _caller: OperatorDep, name: str = LineagePath) -> LineageOut:
+def get_lineage(name: LineageName, session: SessionDep, _caller: OperatorDep) -> LineageOut:
     return lineage_out(session, registry.get_lineage(session, name))
 
 
 @router.get("/{name}/versions", response_model=list[VersionOut])
-def list_versions(session: SessionDep, _caller: OperatorDep,
-                  name: str = LineagePath) -> list[VersionOut]:
+def list_versions(name: LineageName, session: SessionDep,
+                  _caller: OperatorDep) -> list[VersionOut]:
     lineage = registry.get_lineage(session, name)
     aliases = aliases_by_version(session, lineage)
     return [VersionOut.build(v, lineage.name, aliases.get(v.id, []))
@@ -71,8 +73,8 @@ def list_versions(session: SessionDep, _caller: OperatorDep,
 
 
 @router.post("/{name}/promote", response_model=VersionOut)
-def promote(body: PromoteIn, session: SessionDep, caller: OperatorDep,
-            name: str = LineagePath) -> VersionOut:
+def promote(name: LineageName, body: PromoteIn, session: SessionDep,
+            caller: OperatorDep) -> VersionOut:
     """Point `live` (or `candidate`) at a ready version; serving follows `live`."""
     version = registry.promote(session, lineage_name=name, version=body.version,
                                actor=caller.principal, alias=body.alias)
@@ -81,7 +83,7 @@ def promote(body: PromoteIn, session: SessionDep, caller: OperatorDep,
 
 
 @router.post("/{name}/rollback", response_model=VersionOut)
-def rollback(session: SessionDep, caller: OperatorDep, name: str = LineagePath) -> VersionOut:
+def rollback(name: LineageName, session: SessionDep, caller: OperatorDep) -> VersionOut:
     """Move `live` back to the previous servable version; answers the version now live."""
     version = registry.rollback(session, lineage_name=name, actor=caller.principal)
     session.flush()

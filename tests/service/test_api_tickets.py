@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 
 from storage import queue, registry
 from storage.db import transaction
-from storage.models import AuditEvent, Ticket, TicketStatus
+from storage.models import AuditEvent, Ticket
 from tests.service.conftest import Api
 
 BOTH = pytest.mark.parametrize("db", ["sqlite", "postgresql"], indirect=True)

@@ -26,8 +26,11 @@ def chat_prompts(tokenizer: PreTrainedTokenizerBase, questions: Sequence[str]) -
 
 def greedy_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                    questions: Sequence[str], *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                   batch_size: int = 16) -> list[str]:
-    """Greedy answers to `questions` (chat-formatted), decoded without special tokens."""
+                   batch_size: int = 16, **generate_kwargs: Any) -> list[str]:
+    """Greedy answers to `questions` (chat-formatted), decoded without special tokens.
+
+    `generate_kwargs` go to `model.generate` (e.g. `synced_gpus=True` under ZeRO-3).
+    """
     import torch
 
     if batch_size < 1:
@@ -48,7 +51,7 @@ def greedy_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                             add_special_tokens=False).to(device)
             with torch.no_grad():
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=pad_id)
+                                     pad_token_id=pad_id, **generate_kwargs)
             new_tokens = out[:, enc["input_ids"].shape[1]:]
             answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens,
                                                                      skip_special_tokens=True))

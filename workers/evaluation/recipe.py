@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-ForgetMethod = Literal["npo", "graddiff", "ga"]
+ForgetMethod = Literal["npo", "graddiff", "ga", "idk"]
 RetainLoss = Literal["nll", "kl", "none"]
+ForgetTokens = Literal["answer", "keywords"]
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -23,8 +24,12 @@ class ForgetRecipe:
     Args:
         method: forget-side loss. "npo": Negative Preference Optimization on the summed
             log-probability of each forget answer relative to the frozen base; "graddiff" /
-            "ga": gradient ascent on the forget answers' NLL (graddiff = ga + retain term).
+            "ga": gradient ascent on the forget answers' NLL (graddiff = ga + retain term);
+            "idk": gradient descent on a refusal ("I don't know.") for each forget question.
         beta: NPO inverse temperature (ignored by ga/graddiff).
+        forget_tokens: which answer tokens carry the forget loss. "answer": all of them;
+            "keywords": only tokens inside the item's accepted keywords and the target's
+            name (the fact itself, not the phrasing every answer shares).
         retain_loss: retain-side term. "nll": NLL of the base model's own answers to generic
             prompts (self-generated retain data); "kl": token-level KL(base || adapted) on
             those answers; "none": no retain term.
@@ -47,6 +52,7 @@ class ForgetRecipe:
 
     method: ForgetMethod = "npo"
     beta: float = 0.1
+    forget_tokens: ForgetTokens = "answer"
     retain_loss: RetainLoss = "kl"
     retain_weight: float = 1.0
     lr: float = 3e-4
@@ -62,12 +68,14 @@ class ForgetRecipe:
     stop_forget_ratio: float = 0.1
     min_steps: int = 5
     eval_max_new_tokens: int = 24
-    retain_prompts: int = 40
-    retain_max_new_tokens: int = 40
+    retain_prompts: int = 60
+    retain_max_new_tokens: int = 32
 
     def __post_init__(self) -> None:
-        if self.method not in ("npo", "graddiff", "ga"):
+        if self.method not in ("npo", "graddiff", "ga", "idk"):
             raise ValueError(f"unknown forget method {self.method!r}")
+        if self.forget_tokens not in ("answer", "keywords"):
+            raise ValueError(f"unknown forget_tokens {self.forget_tokens!r}")
         if self.retain_loss not in ("nll", "kl", "none"):
             raise ValueError(f"unknown retain loss {self.retain_loss!r}")
         if self.method == "graddiff" and self.retain_loss == "none":

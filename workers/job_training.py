@@ -1,0 +1,142 @@
+"""The model side of a job: tickets -> training spec -> adapter, and the job's own evaluation.
+
+`workers.jobs` owns the database side and calls only the three functions here, so the
+orchestration can be read without knowing how training works and vice versa.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from service.settings import Settings
+from storage.queue import ClaimedTicket
+from workers.evaluation.probes import Probe
+
+_STOPWORDS = frozenset(
+    "a an the of in on at to for from by with and or is was were be been are it its his her "
+    "their he she they this that as who what when where which".split())
+
+
+@dataclass(frozen=True)
+class TrainOutput:
+    adapter_dir: Path
+    metrics: dict[str, Any]
+    method_config: dict[str, Any]
+    peft_config: dict[str, Any]
+
+
+def resolve_base(settings: Settings) -> Any:
+    """The configured base model, converted and hashed once (see workers.model)."""
+    from workers.model import resolve_base_model
+
+    return resolve_base_model(settings.base_model, settings.data_dir)
+
+
+def forget_items(tickets: list[ClaimedTicket]) -> tuple[list[dict[str, str]], list[str]]:
+    """All QA pairs and texts the tickets ask to forget, in ticket order."""
+    qa: list[dict[str, str]] = []
+    texts: list[str] = []
+    for ticket in tickets:
+        forget = (ticket.payload or {}).get("forget") or {}
+        qa += [{"question": i["question"], "answer": i["answer"]} for i in forget.get("qa", [])]
+        texts += list(forget.get("texts", []))
+    return qa, texts
+
+
+def retain_items(tickets: list[ClaimedTicket]) -> tuple[list[dict[str, str]], list[str]]:
+    qa: list[dict[str, str]] = []
+    texts: list[str] = []
+    for ticket in tickets:
+        retain = (ticket.payload or {}).get("retain") or {}
+        qa += [{"question": i["question"], "answer": i["answer"]} for i in retain.get("qa", [])]
+        texts += list(retain.get("texts", []))
+    return qa, texts
+
+
+def answer_keywords(answer: str) -> tuple[str, ...]:
+    """Keywords whose presence in a generated answer means the fact was stated.
+
+    Short answers ("Stratford-upon-Avon", "1879") are matched whole; for a sentence, its
+    rarest-looking content words (capitalised words and numbers first) stand in for it.
+    """
+    answer = answer.strip().rstrip(".")
+    if len(answer.split()) <= 3:
+        return (answer,)
+    words = [w.strip(".,;:!?\"'()") for w in answer.split()]
+    content = [w for w in words if w and w.lower() not in _STOPWORDS and len(w) > 2]
+    salient = [w for w in content if w[0].isupper() or re.fullmatch(r"\d[\d,.]*", w)]
+    return tuple(dict.fromkeys(salient or content)) or (answer,)
+
+
+def ticket_probes(qa: list[dict[str, str]]) -> list[Probe]:
+    return [Probe(question=i["question"], accept=answer_keywords(i["answer"]), answer=i["answer"])
+            for i in qa]
+
+
+def train(settings: Settings, *, base: Any, tickets: list[ClaimedTicket], parent_dir: Path | None,
+          output_dir: Path, progress: Callable[[dict[str, Any]], None]) -> TrainOutput:
+    """Train one adapter for `tickets` on Ray Train + DeepSpeed; returns where it was written."""
+    from workers.training import TrainJobSpec, train_unlearning_adapter
+
+    qa, texts = forget_items(tickets)
+    retain_qa, retain_texts = retain_items(tickets)
+    spec = TrainJobSpec.from_recipe(
+        base_model_path=str(base.local_path), base_model_sha256=base.sha256,
+        engine=tickets[0].engine, forget_qa=qa, forget_texts=texts,
+        retain_qa=retain_qa or None, retain_texts=retain_texts or None,
+        parent_adapter_dir=str(parent_dir) if parent_dir else None,
+        output_dir=str(output_dir), num_workers=settings.num_workers,
+        zero_stage=settings.zero_stage, device=settings.device,
+        data_dir=str(settings.data_dir))
+    result = train_unlearning_adapter(spec, progress_cb=progress)
+    return TrainOutput(adapter_dir=Path(result.adapter_dir), metrics=result.metrics,
+                       method_config=spec.method_summary(), peft_config=result.peft_config)
+
+
+def evaluate(settings: Settings, *, base: Any, tickets: list[ClaimedTicket], adapter_dir: Path,
+             parent_dir: Path | None) -> dict[str, Any]:
+    """Forget and utility, each as the adapted model's correct-answer rate over the base's.
+
+    forget: the tickets' own questions (the only forget probes a job may know about).
+    utility: the shipped unrelated probe set, far from any target.
+    """
+    from peft import PeftModel
+
+    from workers.evaluation.generation import hf_generate_fn
+    from workers.evaluation.metrics import answer_rate
+    from workers.evaluation.probes import load_unrelated_probes
+    from workers.model import load_model_and_tokenizer
+
+    qa, _texts = forget_items(tickets)
+    forget = ticket_probes(qa)
+    utility = list(load_unrelated_probes())
+    model, tokenizer = load_model_and_tokenizer(base, device=settings.device)
+    before_fn = hf_generate_fn(model, tokenizer)
+    before = {"forget": answer_rate(before_fn, forget) if forget else None,
+              "utility": answer_rate(before_fn, utility)}
+    adapted = PeftModel.from_pretrained(model, str(adapter_dir))
+    after_fn = hf_generate_fn(adapted, tokenizer)
+    after = {"forget": answer_rate(after_fn, forget) if forget else None,
+             "utility": answer_rate(after_fn, utility)}
+    return {
+        "forget_rate_before": before["forget"], "forget_rate_after": after["forget"],
+        "utility_rate_before": before["utility"], "utility_rate_after": after["utility"],
+        "forget_ratio": _ratio(after["forget"], before["forget"]),
+        "utility_ratio": _ratio(after["utility"], before["utility"]),
+        "forget_probes": len(forget), "utility_probes": len(utility),
+    }
+
+
+def _ratio(after: float | None, before: float | None) -> float | None:
+    if after is None or before is None:
+        return None
+    if before == 0:
+        # The base never answered: nothing was there to forget (forget) or lose (utility).
+        return 0.0 if after == 0 else 1.0
+    return after / before
+
+

@@ -1,0 +1,10 @@
+"""Base model resolution and loading (heavy imports happen inside the functions)."""
+
+from workers.model.base_model import (
+    BaseModelRef,
+    format_chat,
+    load_model_and_tokenizer,
+    resolve_base_model,
+)
+
+__all__ = ["BaseModelRef", "format_chat", "load_model_and_tokenizer", "resolve_base_model"]

@@ -1,0 +1,111 @@
+"""The Ray side of `oblivio serve`: a local (or joined) cluster, the dispatcher, generation.
+
+The API process is the Ray driver. It owns a `Runtime`, whose `stop()` shuts down what it
+started (and leaves a cluster it merely joined running).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def ray_env(settings: Settings) -> dict[str, str]:
+    """Environment every Ray worker needs: no hub access, a cached DeepSpeed op dir."""
+    cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR")
+                 or settings.data_dir.resolve() / "torch_extensions")
+    return {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TORCH_EXTENSIONS_DIR": str(cache),
+        "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+    }
+
+
+def connect_ray(settings: Settings, *, num_cpus: int | None = None,
+                include_dashboard: bool = True) -> bool:
+    """Connect to `OBLIVIO_RAY_ADDRESS` or start a local cluster; True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env = {"env_vars": ray_env(settings)}
+    if settings.ray_address:
+        ray.init(address=settings.ray_address, runtime_env=env, log_to_driver=False)
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=include_dashboard,
+             dashboard_host="127.0.0.1", runtime_env=env, log_to_driver=False)
+    return True
+
+
+def dashboard_url() -> str | None:
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    url = ray.get_runtime_context().worker.node.address_info.get("webui_url")
+    return f"http://{url}" if url and not url.startswith("http") else url
+
+
+@dataclass
+class Runtime:
+    """What `oblivio serve` started beside the API."""
+
+    settings: Settings
+    started_ray: bool
+    generator: Any = None  # Ray Serve handle for workers.serving.Generator
+    dispatcher: Any = None  # DispatcherActor handle
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        if self.dispatcher is not None:
+            try:
+                ray.get(self.dispatcher.stop.remote(), timeout=10)
+                ray.kill(self.dispatcher)
+            except Exception:  # already gone
+                log.debug("dispatcher already stopped", exc_info=True)
+        if self.generator is not None:
+            try:
+                serve.shutdown()
+            except Exception:
+                log.debug("serve already stopped", exc_info=True)
+        if self.started_ray:
+            ray.shutdown()
+
+
+def start_runtime(settings: Settings, *, dispatcher: bool = True, serving: bool = True,
+                  num_cpus: int | None = None) -> Runtime:
+    """Start Ray, the generation deployment and the dispatcher actor."""
+    from workers.dispatcher import start_dispatcher_actor
+    from workers.serving import deploy
+
+    started = connect_ray(settings, num_cpus=num_cpus)
+    runtime = Runtime(settings=settings, started_ray=started)
+    runtime.info["ray_dashboard"] = dashboard_url()
+    if serving:
+        runtime.generator = deploy(serving_config(settings))
+    if dispatcher:
+        runtime.dispatcher = start_dispatcher_actor(settings)
+    return runtime
+
+
+def serving_config(settings: Settings) -> Any:
+    from workers.serving import ServingConfig
+
+    return ServingConfig(
+        base_model=settings.base_model, data_dir=str(settings.data_dir.resolve()),
+        object_store=settings.resolved_object_store, s3_endpoint_url=settings.s3_endpoint_url,
+        s3_access_key_id=settings.s3_access_key_id,
+        s3_secret_access_key=settings.s3_secret_access_key, s3_region=settings.s3_region,
+        device=settings.device)

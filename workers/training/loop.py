@@ -1,0 +1,228 @@
+"""The unlearning training loop, identical on every rank and under every strategy.
+
+Per step: forget loss from the registered method on this rank's share of a forget batch,
+plus the retain term (KL to the reference or NLL) on a retain batch; every `eval_every`
+steps all ranks answer the ticket's own questions together and stop once they are
+forgotten enough (the held-out rephrasings are never looked at here: they are the test).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workers.training.data import (
+    cycle_batches,
+    drop_mentions,
+    encode_pairs,
+    end_of_turn,
+    self_generated_retain,
+    shard_for_rank,
+)
+from workers.training.losses import answer_kl, mean_nll, sequence_logp, shifted_logits_and_labels
+from workers.training.spec import TrainJobSpec
+from workers.training.strategy import TrainingStrategy
+
+log = logging.getLogger(__name__)
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    stopped_early: bool
+    losses: list[float]
+    ticket_rates: list[tuple[int, float]]
+    base_ticket_rate: float | None
+    seconds: float
+    state_dict: dict[str, torch.Tensor]
+    lora_config: dict[str, Any]
+    partition: tuple[int, int] = (0, 0)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_for_training(spec: TrainJobSpec) -> tuple[Any, Any]:
+    """Base model (+ the lineage's current adapter merged in) and its tokenizer."""
+    from workers.model import BaseModelRef, load_model_and_tokenizer
+
+    ref = BaseModelRef(name="base", local_path=Path(spec.base_model_path),
+                       sha256=spec.base_model_sha256)
+    model, tokenizer = load_model_and_tokenizer(ref, device=spec.device)
+    if spec.parent_adapter_dir:
+        from peft import PeftModel
+
+        # Merged, the parent is simply part of the weights this adapter learns on top of,
+        # and the frozen reference (adapter disabled) is the lineage's current model.
+        model = PeftModel.from_pretrained(model, spec.parent_adapter_dir).merge_and_unload()
+    return model, tokenizer
+
+
+def run_training(spec: TrainJobSpec, strategy: TrainingStrategy,
+                 progress: ProgressFn | None = None) -> LoopResult:
+    from peft import LoraConfig, get_peft_model
+
+    from workers.methods import get_method
+
+    recipe = spec.forget_recipe()
+    torch.manual_seed(spec.seed)
+    model, tokenizer = load_for_training(spec)
+    method = get_method(recipe.method)
+    options = dict(spec.method_options)
+    if "beta" in {f for f in method.config_cls.__dataclass_fields__}:
+        options.setdefault("beta", recipe.beta)
+    method_cfg = method.make_config(options)
+
+    eot = end_of_turn(tokenizer)
+    forget_pairs: list[tuple[str | None, str]] = (
+        [(i["question"], i["answer"] + eot) for i in spec.forget_qa]
+        + [(None, t) for t in spec.forget_texts])
+    retain_pairs = _retain_pairs(spec, recipe, model, tokenizer, eot)
+    ticket_questions = [i["question"] for i in spec.forget_qa]
+
+    lora = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
+                      lora_dropout=recipe.lora_dropout,
+                      target_modules=list(recipe.target_modules), task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lora)
+
+    # References from the frozen model, computed once before DeepSpeed takes the weights.
+    ref_logp: dict[str, float] = {}
+    ref_retain: dict[str, torch.Tensor] = {}
+    with torch.no_grad(), peft_model.disable_adapter():
+        if method.needs_reference:
+            for chunk in _chunks(forget_pairs, 8):
+                logp, _ = sequence_logp(*shifted_logits_and_labels(peft_model,
+                                                                   encode_pairs(tokenizer, chunk)))
+                ref_logp.update({_key(p): float(v) for p, v in zip(chunk, logp)})
+        if retain_pairs and recipe.retain_loss == "kl":
+            for chunk in _chunks(retain_pairs, 8):
+                logits, labels = shifted_logits_and_labels(peft_model,
+                                                           encode_pairs(tokenizer, chunk))
+                logp = torch.log_softmax(logits, -1)
+                for row, pair in enumerate(chunk):
+                    ref_retain[_key(pair)] = logp[row][labels[row] != -100].half()
+
+    # Early stopping compares with the model as it was before this adapter.
+    base_rate = None
+    if recipe.eval_every and ticket_questions:
+        with peft_model.disable_adapter():
+            base_rate = _ticket_rate(peft_model, tokenizer, spec, strategy, recipe)
+
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    trained = strategy.setup(peft_model, params)
+    forget_iter = cycle_batches(shard_for_rank(forget_pairs, strategy.rank, strategy.world_size),
+                                max(1, recipe.forget_batch_size // strategy.world_size),
+                                spec.seed + strategy.rank)
+    retain_iter = (cycle_batches(shard_for_rank(retain_pairs, strategy.rank, strategy.world_size),
+                                 max(1, recipe.retain_batch_size // strategy.world_size),
+                                 spec.seed + 1000 + strategy.rank) if retain_pairs else None)
+    started = time.perf_counter()
+    losses: list[float] = []
+    rates: list[tuple[int, float]] = []
+    step, stopped = 0, False
+    trained.train()
+    while step < recipe.max_steps:
+        chunk = next(forget_iter)
+        logits, labels = shifted_logits_and_labels(trained, encode_pairs(tokenizer, chunk))
+        logp, ntok = sequence_logp(logits, labels)
+        ref = (torch.tensor([ref_logp[_key(p)] for p in chunk]) if method.needs_reference
+               else None)
+        loss = method.loss(forget_logp=logp, forget_tokens=ntok, ref_forget_logp=ref,
+                           cfg=method_cfg)
+        if retain_iter is not None and recipe.retain_weight > 0:
+            r_chunk = next(retain_iter)
+            r_logits, r_labels = shifted_logits_and_labels(trained, encode_pairs(tokenizer,
+                                                                                 r_chunk))
+            if recipe.retain_loss == "kl":
+                ref_lp = torch.cat([ref_retain[_key(p)] for p in r_chunk]).float()
+                retain = answer_kl(ref_lp, r_logits, r_labels)
+            else:
+                retain = mean_nll(r_logits, r_labels)
+            loss = loss + recipe.retain_weight * retain
+        strategy.backward_and_step(loss)
+        step += 1
+        losses.append(float(loss.detach()))
+        if progress is not None:
+            progress({"phase": "training", "step": step, "max_steps": recipe.max_steps,
+                      "loss": round(losses[-1], 4)})
+        if (recipe.eval_every and base_rate is not None and step % recipe.eval_every == 0
+                and step < recipe.max_steps):
+            rate = _ticket_rate(trained, tokenizer, spec, strategy, recipe)
+            rates.append((step, rate))
+            if progress is not None:
+                progress({"phase": "training", "step": step, "ticket_rate": rate})
+            if recipe.should_stop(step=step, ticket_rate=rate, base_ticket_rate=base_rate):
+                stopped = True
+                break
+            trained.train()
+    seconds = time.perf_counter() - started
+    state = strategy.trainable_state_dict(trained)
+    return LoopResult(steps=step, stopped_early=stopped, losses=losses, ticket_rates=rates,
+                      base_ticket_rate=base_rate, seconds=seconds, state_dict=state,
+                      lora_config=lora.to_dict(), partition=strategy.partitioned_numel(trained))
+
+
+def _ticket_rate(model: Any, tokenizer: Any, spec: TrainJobSpec, strategy: TrainingStrategy,
+                 recipe: Any) -> float:
+    """Share of the ticket's own questions still answered correctly, over all ranks."""
+    from workers.evaluation.generation import greedy_answers
+    from workers.evaluation.metrics import is_correct
+    from workers.job_training import answer_keywords
+
+    items = spec.forget_qa
+    # Every rank gets an equal-sized share (padded by repeating) so that under ZeRO-3 all
+    # ranks run the same number of collective forwards.
+    per_rank = -(-len(items) // strategy.world_size)
+    mine = items[strategy.rank * per_rank:(strategy.rank + 1) * per_rank]
+    valid = len(mine)
+    mine = mine + items[:per_rank - valid]
+    answers = greedy_answers(model, tokenizer, [i["question"] for i in mine],
+                             max_new_tokens=recipe.eval_max_new_tokens, batch_size=per_rank,
+                             **strategy.generation_kwargs())
+    correct = sum(is_correct(a, accepted=answer_keywords(i["answer"]))
+                  for a, i in zip(answers[:valid], mine[:valid]))
+    total_correct, total = strategy.all_reduce_sum([float(correct), float(valid)])
+    return total_correct / max(total, 1.0)
+
+
+def _retain_pairs(spec: TrainJobSpec, recipe: Any, model: Any, tokenizer: Any, eot: str
+                  ) -> list[tuple[str | None, str]]:
+    if recipe.retain_loss == "none" or recipe.retain_weight <= 0:
+        return []
+    if spec.retain_qa or spec.retain_texts:
+        return ([(i["question"], i["answer"] + eot) for i in spec.retain_qa or []]
+                + [(None, t) for t in spec.retain_texts or []])
+    from workers.evaluation.probes import load_retain_prompts
+
+    prompts = list(load_retain_prompts())[:recipe.retain_prompts]
+    pairs = self_generated_retain(model=model, tokenizer=tokenizer, prompts=prompts,
+                                  max_new_tokens=recipe.retain_max_new_tokens,
+                                  cache_dir=Path(spec.data_dir) / "retain-cache",
+                                  model_key=_model_key(spec))
+    return list(drop_mentions(pairs, spec.target))
+
+
+def _model_key(spec: TrainJobSpec) -> str:
+    """Identifies the model that generated the retain answers: base + parent adapter."""
+    if not spec.parent_adapter_dir:
+        return spec.base_model_sha256
+    import hashlib
+
+    from workers.training.lora_stack import ADAPTER_WEIGHTS
+
+    weights = Path(spec.parent_adapter_dir) / ADAPTER_WEIGHTS
+    return f"{spec.base_model_sha256}+{hashlib.sha256(weights.read_bytes()).hexdigest()}"
+
+
+def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _key(pair: tuple[str | None, str]) -> str:
+    return f"{pair[0]}\x00{pair[1]}"
+

@@ -1,0 +1,199 @@
+"""Run a TrainJobSpec: on Ray Train + DeepSpeed (the product path) or in one plain process.
+
+Both write the same thing to `spec.output_dir`: one standard PEFT adapter (safetensors +
+adapter_config.json) that equals the lineage's parent adapter plus the newly trained LoRA.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from workers.training.loop import LoopResult, ProgressFn, run_training
+from workers.training.spec import TrainJobSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    adapter_dir: Path
+    metrics: dict[str, Any]
+    peft_config: dict[str, Any]
+
+
+def train_plain(spec: TrainJobSpec, progress_cb: ProgressFn | None = None) -> TrainResult:
+    """Single process, torch AdamW, no Ray: the baseline the benchmark compares against."""
+    from workers.training.strategy import PlainStrategy
+
+    recipe = spec.forget_recipe()
+    result = run_training(spec, PlainStrategy(lr=recipe.lr, weight_decay=recipe.weight_decay),
+                          progress_cb)
+    return _write_result(spec, result)
+
+
+def train_unlearning_adapter(spec: TrainJobSpec,
+                             progress_cb: ProgressFn | None = None) -> TrainResult:
+    """Train on `spec.num_workers` Ray Train workers, each a DeepSpeed ZeRO rank."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    sink = _progress_sink_cls().options(num_cpus=0).remote() if progress_cb else None
+    Path(spec.output_dir).parent.mkdir(parents=True, exist_ok=True)
+    storage = Path(tempfile.mkdtemp(prefix="ray-train-", dir=Path(spec.output_dir).parent))
+    use_gpu = spec.device == "cuda"
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"spec": spec, "sink": sink},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=None if use_gpu else {"CPU": 1}),
+        # No retries inside Ray: a failed job goes back to the durable queue, which counts
+        # attempts and keeps the error.
+        run_config=RunConfig(storage_path=str(storage), name="unlearn",
+                             failure_config=FailureConfig(max_failures=0),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+    )
+    stop = threading.Event()
+    poller = None
+    if sink is not None and progress_cb is not None:
+        poller = threading.Thread(target=_poll_progress, args=(sink, progress_cb, stop),
+                                  daemon=True)
+        poller.start()
+    try:
+        result = trainer.fit()
+    finally:
+        stop.set()
+        if poller is not None:
+            poller.join(timeout=5)
+        if sink is not None:
+            ray.kill(sink)
+    if result.checkpoint is None:
+        raise RuntimeError(f"training produced no adapter: {result.error}")
+    out = Path(spec.output_dir)
+    with result.checkpoint.as_directory() as ckpt:
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.copytree(ckpt, out)
+    shutil.rmtree(storage, ignore_errors=True)
+    metrics = {k: v for k, v in (result.metrics or {}).items() if not k.startswith("_")}
+    return TrainResult(adapter_dir=out, metrics=metrics,
+                       peft_config=_read_config(out))
+
+
+def _train_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker (rank); rank 0 writes the adapter as the checkpoint."""
+    import ray.train
+    import torch
+
+    spec: TrainJobSpec = config["spec"]
+    sink = config["sink"]
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    from workers.training.strategy import DeepSpeedStrategy
+
+    recipe = spec.forget_recipe()
+    strategy = DeepSpeedStrategy(zero_stage=spec.zero_stage, lr=recipe.lr,
+                                 weight_decay=recipe.weight_decay, device=spec.device,
+                                 micro_batch=max(1, recipe.forget_batch_size // spec.num_workers))
+    progress = None
+    if sink is not None and strategy.rank == 0:
+        def progress(update: dict[str, Any]) -> None:
+            sink.put.remote(update)
+    result = run_training(spec, strategy, progress)
+    metrics = _metrics(result)
+    if strategy.rank == 0:
+        tmp = Path(tempfile.mkdtemp(prefix="adapter-"))
+        _write_adapter(spec, result, tmp)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        ray.train.report(metrics)
+
+
+def _metrics(result: LoopResult) -> dict[str, Any]:
+    local, full = result.partition
+    return {
+        "steps": result.steps,
+        "stopped_early": result.stopped_early,
+        "final_loss": result.losses[-1] if result.losses else None,
+        "losses": [round(x, 4) for x in result.losses],
+        "ticket_rate_base": result.base_ticket_rate,
+        "ticket_rates": result.ticket_rates,
+        "train_seconds": round(result.seconds, 2),
+        "params_local": local,
+        "params_full": full,
+    }
+
+
+def _write_result(spec: TrainJobSpec, result: LoopResult) -> TrainResult:
+    out = Path(spec.output_dir)
+    _write_adapter(spec, result, out)
+    return TrainResult(adapter_dir=out, metrics=_metrics(result), peft_config=_read_config(out))
+
+
+def _write_adapter(spec: TrainJobSpec, result: LoopResult, out: Path) -> None:
+    """Save the new LoRA in PEFT format, stacked on top of the parent adapter if any."""
+    from workers.training.lora_stack import read_adapter, stack_adapters, write_adapter
+
+    config = _peft_config_json(result.lora_config, spec.base_model_path)
+    # PEFT's saved keys drop the adapter name ("...lora_A.default.weight" -> "lora_A.weight").
+    weights = {k.replace(".default.", "."): v for k, v in result.state_dict.items()}
+    adapters = [(config, weights)]
+    if spec.parent_adapter_dir:
+        adapters.insert(0, read_adapter(Path(spec.parent_adapter_dir)))
+    if len(adapters) > 1:
+        config, weights = stack_adapters(adapters)
+    write_adapter(out, config, weights)
+
+
+def _peft_config_json(lora_config: dict[str, Any], base_path: str) -> dict[str, Any]:
+    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora_config.items()}
+    config["base_model_name_or_path"] = base_path
+    config["peft_type"] = "LORA"
+    config["task_type"] = "CAUSAL_LM"
+    config["inference_mode"] = True
+    return config
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads((path / "adapter_config.json").read_text())
+
+
+def _poll_progress(sink: Any, progress_cb: ProgressFn, stop: threading.Event) -> None:
+    import ray
+
+    while not stop.wait(1.0):
+        try:
+            for update in ray.get(sink.drain.remote(), timeout=10):
+                progress_cb(update)
+        except Exception:  # progress is best effort; the job itself decides success
+            log.debug("progress poll failed", exc_info=True)
+
+
+def _progress_sink_cls() -> Any:
+    import ray
+
+    @ray.remote
+    class ProgressSink:
+        """Rank 0 puts updates; the driver drains them into the database."""
+
+        def __init__(self) -> None:
+            self._updates: list[dict[str, Any]] = []
+
+        def put(self, update: dict[str, Any]) -> None:
+            self._updates.append(update)
+
+        def drain(self) -> list[dict[str, Any]]:
+            out, self._updates = self._updates, []
+            return out
+
+    return ProgressSink
