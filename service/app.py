@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from service.api import health, lineages, tickets, tokens, versions
+from service.api import generate, health, lineages, system, tickets, tokens, versions
 from service.api.errors import install_error_handlers
 from service.body_limit import BodySizeLimitMiddleware
 from service.metrics import AppMetrics, RequestCounterMiddleware
@@ -57,9 +57,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.object_store = None  # built on first /readyz, see service.api.health
     app.state.object_store_lock = threading.Lock()
     app.state.metrics = AppMetrics(sessions)
+    app.state.runtime = None  # workers.runtime.Runtime when `oblivio serve` started Ray
+    app.state.generator = None  # its Ray Serve handle for /v1/generate
 
     install_error_handlers(app)
-    for module in (health, tickets, lineages, versions, tokens):
+    for module in (health, tickets, lineages, versions, tokens, generate, system):
         app.include_router(module.router)
     # Added last = outermost: the counter also sees the 413s of the size limit.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)

@@ -1,14 +1,12 @@
-"""Hook for the work `oblivio serve` runs beside the API (the Ray dispatcher, schedules).
+"""What `oblivio serve` runs beside the API: Ray, the dispatcher and the generation deployment.
 
->>> HOOK: the Ray dispatcher is started from here by the workers' side. Keep the heavy
-imports (ray, torch) inside the function, and return something with `stop()`, so that
-`oblivio serve` can shut it down cleanly. Until then this is a no-op.
+Heavy imports (ray, torch) stay inside the function so the API import path remains light.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from typing import Any, Protocol
 
 from service.settings import Settings
 
@@ -19,11 +17,22 @@ class BackgroundWorkers(Protocol):
     def stop(self) -> None: ...
 
 
-def start_background_workers(settings: Settings) -> BackgroundWorkers | None:
-    """Start the background workers for `settings`; None when there is nothing to start."""
+def start_background_workers(settings: Settings, app: Any = None) -> BackgroundWorkers | None:
+    """Start Ray (local or `OBLIVIO_RAY_ADDRESS`), the dispatcher actor and Ray Serve.
+
+    With `app`, the runtime and the generation handle are attached to `app.state` so that
+    /v1/generate and /v1/system can use them.
+    """
     try:
-        import workers  # noqa: F401  (the Ray side may be absent in an API-only install)
+        from workers.runtime import start_runtime
     except ImportError:
         log.info("workers package not installed; the API runs without a dispatcher")
         return None
-    return None
+    runtime = start_runtime(settings)
+    if app is not None:
+        app.state.runtime = runtime
+        app.state.generator = runtime.generator
+    dashboard = runtime.info.get("ray_dashboard")
+    if dashboard:
+        print(f"Ray dashboard:   {dashboard}", flush=True)
+    return runtime

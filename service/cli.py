@@ -161,7 +161,9 @@ def serve(
         print(f"admin token: {token_file}", flush=True)
     else:
         print("create an API token with `oblivio token create --role admin`", flush=True)
-    background = start_background_workers(settings) if workers else None
+    if workers:
+        print("starting Ray, the dispatcher and the generation deployment...", flush=True)
+    background = start_background_workers(settings, api_app) if workers else None
     try:
         uvicorn.run(api_app, host=settings.api_host, port=settings.api_port, log_level="info")
     finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     zero_stage: Literal[2, 3] = 2
     batch_window_seconds: float = Field(2.0, description="Wait this long to group tickets in one job.")
     auto_promote: bool = Field(True, description="Promote a version to live when its eval passes.")
+    recipe: dict[str, Any] = Field(
+        default_factory=dict,
+        description='Overrides of the forget recipe (workers/evaluation/recipe.py), as JSON: '
+                    'e.g. OBLIVIO_RECIPE=\'{"max_steps": 60, "lr": 2e-4}\'.')
 
     @property
     def resolved_database_url(self) -> str:

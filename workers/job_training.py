@@ -80,18 +80,19 @@ def ticket_probes(qa: list[dict[str, str]]) -> list[Probe]:
 def train(settings: Settings, *, base: Any, tickets: list[ClaimedTicket], parent_dir: Path | None,
           output_dir: Path, progress: Callable[[dict[str, Any]], None]) -> TrainOutput:
     """Train one adapter for `tickets` on Ray Train + DeepSpeed; returns where it was written."""
-    from workers.training import TrainJobSpec, train_unlearning_adapter
+    from workers.training.runner import train_unlearning_adapter
+    from workers.training.spec import TrainJobSpec
 
     qa, texts = forget_items(tickets)
     retain_qa, retain_texts = retain_items(tickets)
-    spec = TrainJobSpec.from_recipe(
-        base_model_path=str(base.local_path), base_model_sha256=base.sha256,
-        engine=tickets[0].engine, forget_qa=qa, forget_texts=texts,
+    spec = TrainJobSpec.for_engine(
+        tickets[0].engine, overrides=settings.recipe, base_model_path=str(base.local_path), base_model_sha256=base.sha256,
+        output_dir=str(output_dir), data_dir=str(settings.data_dir.resolve()),
+        forget_qa=qa, forget_texts=texts, target=tickets[0].target,
         retain_qa=retain_qa or None, retain_texts=retain_texts or None,
         parent_adapter_dir=str(parent_dir) if parent_dir else None,
-        output_dir=str(output_dir), num_workers=settings.num_workers,
-        zero_stage=settings.zero_stage, device=settings.device,
-        data_dir=str(settings.data_dir))
+        num_workers=settings.num_workers, zero_stage=settings.zero_stage,
+        device=settings.device)
     result = train_unlearning_adapter(spec, progress_cb=progress)
     return TrainOutput(adapter_dir=Path(result.adapter_dir), metrics=result.metrics,
                        method_config=spec.method_summary(), peft_config=result.peft_config)

@@ -65,6 +65,16 @@ class Runtime:
     dispatcher: Any = None  # DispatcherActor handle
     info: dict[str, Any] = field(default_factory=dict)
 
+    def dispatcher_status(self) -> dict[str, Any] | None:
+        import ray
+
+        if self.dispatcher is None:
+            return None
+        try:
+            return ray.get(self.dispatcher.status.remote(), timeout=5)
+        except Exception as exc:  # the actor restarts on failure; say so rather than hang
+            return {"alive": False, "error": f"{type(exc).__name__}: {exc}"}
+
     def stop(self) -> None:
         import ray
         from ray import serve

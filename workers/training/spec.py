@@ -55,9 +55,10 @@ class TrainJobSpec:
         self.forget_recipe()  # validates
 
     @classmethod
-    def for_engine(cls, engine: str, **kwargs: Any) -> TrainJobSpec:
-        """The default recipe with the ticket's engine as the forget method."""
-        recipe = DEFAULT_FORGET_RECIPE
+    def for_engine(cls, engine: str, *, overrides: dict[str, Any] | None = None,
+                   **kwargs: Any) -> TrainJobSpec:
+        """The default recipe (plus operator `overrides`) with the ticket's engine as method."""
+        recipe = DEFAULT_FORGET_RECIPE.with_(**(overrides or {}))
         if engine != recipe.method:
             recipe = recipe.with_(method=engine)
             if engine == "ga":
