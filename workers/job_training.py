@@ -126,18 +126,16 @@ def evaluate(settings: Settings, *, base: Any, tickets: list[ClaimedTicket], ada
     return {
         "forget_rate_before": before["forget"], "forget_rate_after": after["forget"],
         "utility_rate_before": before["utility"], "utility_rate_after": after["utility"],
-        "forget_ratio": _ratio(after["forget"], before["forget"]),
-        "utility_ratio": _ratio(after["utility"], before["utility"]),
+        # A base that never answered had nothing to forget (ratio 0) and nothing to lose (1).
+        "forget_ratio": _ratio(after["forget"], before["forget"], if_base_zero=0.0),
+        "utility_ratio": _ratio(after["utility"], before["utility"], if_base_zero=1.0),
         "forget_probes": len(forget), "utility_probes": len(utility),
     }
 
 
-def _ratio(after: float | None, before: float | None) -> float | None:
+def _ratio(after: float | None, before: float | None, *, if_base_zero: float) -> float | None:
     if after is None or before is None:
         return None
-    if before == 0:
-        # The base never answered: nothing was there to forget (forget) or lose (utility).
-        return 0.0 if after == 0 else 1.0
-    return after / before
+    return after / before if before > 0 else if_base_zero
 
 

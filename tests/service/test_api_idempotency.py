@@ -52,7 +52,7 @@ def test_same_key_with_a_different_request_is_a_conflict(api: Api) -> None:
     r = post(api, other, "dpo-0043")
     assert r.status_code == 409
     assert "different request" in r.json()["message"]
-    r = post(api, {**BODY, "engine": "npo"}, "dpo-0043")
+    r = post(api, {**BODY, "engine": "ga"}, "dpo-0043")
     assert r.status_code == 409
     # Another requester cannot use (or discover) someone else's key.
     r = post(api, BODY, "dpo-0043", role="operator")

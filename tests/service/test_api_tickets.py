@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from storage import queue, registry
+from storage import queue, registry, tickets
 from storage.db import transaction
-from storage.models import AuditEvent, Ticket
+from storage.models import AuditEvent, Ticket, TicketKind
 from tests.service.conftest import Api
 
 BOTH = pytest.mark.parametrize("db", ["sqlite", "postgresql"], indirect=True)
@@ -41,7 +41,8 @@ def test_submit_queues_a_ticket_that_can_be_read_back(api: Api) -> None:
     assert r.status_code == 202, r.text
     ticket = r.json()
     assert ticket["status"] == "queued"
-    assert ticket["kind"] == "forget" and ticket["engine"] == "o3"
+    assert ticket["kind"] == "forget"
+    assert ticket["engine"] == tickets.DEFAULT_ENGINE[TicketKind.forget]
     assert ticket["lineage"] == "default" and ticket["target"] == "Marie Curie"
     assert ticket["summary"] == {"forget_texts": 1, "forget_qa": 1}
     assert "forget" not in ticket  # the text to forget is never echoed back

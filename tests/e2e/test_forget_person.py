@@ -1,0 +1,112 @@
+"""End to end on the real bundled model: a ticket makes the served model forget a person.
+
+HTTP API -> durable queue -> dispatcher -> Ray Train (2 workers) + DeepSpeed ZeRO-2 ->
+object store + registry -> promotion -> Ray Serve -> /v1/generate. Rates are measured
+through /v1/generate itself, before (base model: the lineage has no live version yet)
+and after, on questions that were NOT in the ticket.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+from storage import tokens
+from storage.db import transaction
+from storage.models import Role
+from workers.evaluation.metrics import is_correct
+from workers.evaluation.probes import Probe, load_forget_set, load_unrelated_probes
+
+pytestmark = pytest.mark.e2e
+
+FIRST_PERSON = "william_shakespeare"
+SECOND_PERSON = "albert_einstein"
+
+
+def _rate(client: TestClient, headers: dict[str, str], probes: list[Probe]) -> float:
+    correct = 0
+    for probe in probes:
+        res = client.post("/v1/generate", headers=headers,
+                          json={"prompt": probe.question, "max_new_tokens": 32})
+        assert res.status_code == 200, res.text
+        correct += is_correct(res.json()["text"], accepted=probe.accept)
+    return correct / len(probes)
+
+
+def _ticket_body(name: str) -> dict:
+    person = load_forget_set(name)
+    return {"kind": "forget", "engine": "npo", "target": person.target,
+            "forget": {"qa": [{"question": p.question, "answer": p.answer}
+                              for p in person.ticket]}}
+
+
+@pytest.fixture
+def service(tmp_path: Path, bundled_model, ray_cluster):
+    from workers.runtime import serving_config
+    from workers.serving import deploy
+
+    settings = Settings(data_dir=tmp_path / "data", base_model=str(bundled_model.local_path),
+                        num_workers=2, zero_stage=2, batch_window_seconds=0.0)
+    app = create_app(settings)
+    with TestClient(app) as client:
+        with transaction(app.state.sessions) as s:
+            _, secret = tokens.create_token(s, role=Role.operator, name="e2e")
+        app.state.generator = deploy(serving_config(settings))
+        yield settings, client, {"Authorization": f"Bearer {secret}"}
+    from ray import serve
+
+    serve.shutdown()
+
+
+def test_a_ticket_makes_the_served_model_forget_a_person_and_keep_the_rest(service):
+    from workers.dispatcher import DispatcherLoop
+
+    settings, client, headers = service
+    person = load_forget_set(FIRST_PERSON)
+    held_out = list(person.held_out)
+    unrelated = list(load_unrelated_probes())
+    assert len(unrelated) >= 20
+
+    base_forget = _rate(client, headers, held_out)
+    base_utility = _rate(client, headers, unrelated)
+    assert base_forget >= 0.5, "the base model must know the person for the test to mean much"
+
+    res = client.post("/v1/tickets", headers=headers, json=_ticket_body(FIRST_PERSON))
+    assert res.status_code == 202, res.text
+    ticket_id = res.json()["id"]
+
+    loop = DispatcherLoop(settings)
+    assert loop.run_once() == 1
+    ticket = client.get(f"/v1/tickets/{ticket_id}", headers=headers).json()
+    assert ticket["status"] == "done", ticket
+    versions = client.get("/v1/lineages/default/versions", headers=headers).json()
+    v1 = next(v for v in _items(versions) if v["version"] == 1)
+    assert v1["status"] == "ready"
+
+    after_forget = _rate(client, headers, held_out)
+    after_utility = _rate(client, headers, unrelated)
+    print(f"held-out about {person.target}: {base_forget:.2f} -> {after_forget:.2f}; "
+          f"unrelated: {base_utility:.2f} -> {after_utility:.2f}")
+    assert after_forget <= 0.2 * base_forget
+    assert after_utility >= 0.9 * base_utility
+
+    receipt = client.get(f"/v1/tickets/{ticket_id}/receipt", headers=headers)
+    assert receipt.status_code == 200, receipt.text
+
+    # A second request on the same lineage builds version 2 on top of version 1.
+    res = client.post("/v1/tickets", headers=headers, json=_ticket_body(SECOND_PERSON))
+    assert res.status_code == 202, res.text
+    assert loop.run_once() == 1
+    versions = _items(client.get("/v1/lineages/default/versions", headers=headers).json())
+    v2 = next(v for v in versions if v["version"] == 2)
+    assert v2["parent_id"] == v1["id"]
+    # The first person stays forgotten under version 2 (continual unlearning).
+    assert _rate(client, headers, held_out) <= 0.2 * base_forget
+
+
+def _items(payload):
+    return payload["items"] if isinstance(payload, dict) else payload
