@@ -20,6 +20,16 @@ from torch import Tensor
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+# Which rows of the stacked A matrices came from which request (ranks in stacking order).
+STACK_FILE = "oblivio_stack.json"
+
+
+def stack_ranks(path: Path) -> list[int]:
+    """Ranks of the requests stacked in the adapter at `path` (one entry if never stacked)."""
+    stack = path / STACK_FILE
+    if stack.is_file():
+        return list(json.loads(stack.read_text())["ranks"])
+    return [json.loads((path / ADAPTER_CONFIG).read_text())["r"]]
 
 
 def read_adapter(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -29,12 +39,14 @@ def read_adapter(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
             load_file(str(path / ADAPTER_WEIGHTS)))
 
 
-def write_adapter(path: Path, config: dict[str, Any], weights: dict[str, Tensor]) -> None:
+def write_adapter(path: Path, config: dict[str, Any], weights: dict[str, Tensor],
+                  ranks: list[int] | None = None) -> None:
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in weights.items()}, str(path / ADAPTER_WEIGHTS))
     (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+    (path / STACK_FILE).write_text(json.dumps({"ranks": ranks or [config["r"]]}))
 
 
 def _scale(config: dict[str, Any]) -> float:
@@ -76,7 +88,6 @@ def stack_adapters(adapters: list[tuple[dict[str, Any], dict[str, Tensor]]]
     targets = sorted({t for cfg, _ in adapters for t in _targets(cfg)})
     base_config.update(r=total_r, lora_alpha=total_r, use_rslora=False, target_modules=targets,
                        rank_pattern={}, alpha_pattern={})
-    base_config["oblivio_stack_ranks"] = ranks
     return base_config, out
 
 

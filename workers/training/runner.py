@@ -74,7 +74,10 @@ def train_unlearning_adapter(spec: TrainJobSpec,
         if poller is not None:
             poller.join(timeout=5)
         if sink is not None:
-            ray.kill(sink)
+            try:
+                ray.kill(sink)
+            except Exception:  # already gone with a failed run: nothing to clean up
+                log.debug("progress sink already gone", exc_info=True)
     if result.checkpoint is None:
         raise RuntimeError(f"training produced no adapter: {result.error}")
     out = Path(spec.output_dir)
@@ -140,17 +143,22 @@ def _write_result(spec: TrainJobSpec, result: LoopResult) -> TrainResult:
 
 def _write_adapter(spec: TrainJobSpec, result: LoopResult, out: Path) -> None:
     """Save the new LoRA in PEFT format, stacked on top of the parent adapter if any."""
-    from workers.training.lora_stack import read_adapter, stack_adapters, write_adapter
+    from workers.training.lora_stack import (
+        read_adapter,
+        stack_adapters,
+        stack_ranks,
+        write_adapter,
+    )
 
     config = _peft_config_json(result.lora_config, spec.base_model_path)
     # PEFT's saved keys drop the adapter name ("...lora_A.default.weight" -> "lora_A.weight").
     weights = {k.replace(".default.", "."): v for k, v in result.state_dict.items()}
-    adapters = [(config, weights)]
+    ranks = [config["r"]]
     if spec.parent_adapter_dir:
-        adapters.insert(0, read_adapter(Path(spec.parent_adapter_dir)))
-    if len(adapters) > 1:
-        config, weights = stack_adapters(adapters)
-    write_adapter(out, config, weights)
+        parent = Path(spec.parent_adapter_dir)
+        config, weights = stack_adapters([read_adapter(parent), (config, weights)])
+        ranks = stack_ranks(parent) + ranks
+    write_adapter(out, config, weights, ranks)
 
 
 def _peft_config_json(lora_config: dict[str, Any], base_path: str) -> dict[str, Any]:

@@ -1,0 +1,65 @@
+"""Killing a training worker mid-job loses nothing: the ticket is retried and finishes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+from sqlalchemy import select
+
+from storage.models import AdapterVersion, Job, JobStatus, Ticket, TicketStatus, VersionStatus
+
+
+def _train_worker_pids() -> list[int]:
+    """Ray titles its worker processes `ray::<Actor>...`: find the training ranks."""
+    import psutil
+
+    pids = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info.get("cmdline") or [])
+        if cmdline.startswith("ray::RayTrainWorker"):
+            pids.append(proc.pid)
+    return pids
+
+
+def test_killing_a_train_worker_mid_training_retries_the_ticket_to_done(flow):
+    from workers.dispatcher import DispatcherLoop
+
+    settings, sessions = flow.settings, flow.sessions
+    # Long enough (tiny model: a few ms a step) to be caught mid-training.
+    settings = settings.model_copy(update={"recipe": {**settings.recipe, "max_steps": 400}})
+    ticket_id = flow.submit(key="crash-1")
+    loop = DispatcherLoop(settings)
+
+    first = threading.Thread(target=loop.run_once)
+    first.start()
+    killed = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and killed is None:
+        with sessions() as s:
+            progress = s.get_one(Ticket, ticket_id).progress or {}
+        pids = _train_worker_pids()
+        if progress.get("step", 0) >= 2 and pids:
+            killed = pids[-1]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.2)
+    first.join(timeout=180)
+    assert killed is not None, "training never reached step 2"
+    assert not first.is_alive()
+
+    with sessions() as s:
+        ticket = s.get_one(Ticket, ticket_id)
+        assert ticket.status == TicketStatus.queued, "the failed attempt must requeue the ticket"
+        assert ticket.attempts == 1 and ticket.error
+        assert s.scalars(select(Job.status)).all() == [JobStatus.failed]
+        failed = s.scalars(select(AdapterVersion)).all()
+        assert [v.status for v in failed] == [VersionStatus.failed]  # never visible as ready
+
+    fast = settings.model_copy(update={"recipe": {**settings.recipe, "max_steps": 3}})
+    assert DispatcherLoop(fast).run_once() == 1
+    with sessions() as s:
+        ticket = s.get_one(Ticket, ticket_id)
+        assert ticket.status == TicketStatus.done, ticket.error
+        assert ticket.attempts == 2

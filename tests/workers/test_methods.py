@@ -1,0 +1,239 @@
+"""Unlearning methods: the registry, the losses on hand-made tensors, the data encoding they
+train on, and a real (plain, single-process) training run of every registered method."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from storage.errors import InvalidRequest
+from tests.fixtures.training import FORGET_QA, forget_nll, load_tiny
+from workers.methods import get_method, list_methods, register_method
+from workers.training.data import IGNORE, encode_pairs, keyword_token_mask
+from workers.training.losses import answer_kl, sequence_logp
+
+LOGP = torch.tensor([-12.0, -3.5, -20.0])
+REF = torch.tensor([-10.0, -4.0, -20.0])
+NTOK = torch.tensor([4, 2, 5])
+
+
+# --- losses on hand-made numbers -----------------------------------------------------------
+
+def test_npo_loss_matches_its_formula() -> None:
+    method = get_method("npo")
+    cfg = method.make_config({"beta": 0.5})
+    loss = method.loss(forget_logp=LOGP, forget_tokens=NTOK, ref_forget_logp=REF, cfg=cfg)
+    expected = -(2 / 0.5) * F.logsigmoid(-0.5 * (LOGP - REF)).mean()
+    assert torch.allclose(loss, expected)
+    # Written out by hand for the first element: -(2/b) * log(1 / (1 + exp(b * (logp - ref)))).
+    by_hand = sum((2 / 0.5) * math.log(1 + math.exp(0.5 * (lp - r)))
+                  for lp, r in zip(LOGP.tolist(), REF.tolist())) / 3
+    assert loss.item() == pytest.approx(by_hand, rel=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0, 3.0])
+def test_npo_at_the_reference_is_2_ln2_over_beta(beta: float) -> None:
+    method = get_method("npo")
+    loss = method.loss(forget_logp=REF.clone(), forget_tokens=NTOK, ref_forget_logp=REF,
+                       cfg=method.make_config({"beta": beta}))
+    assert loss.item() == pytest.approx(2 * math.log(2) / beta, rel=1e-6)
+
+
+def test_npo_gradient_pushes_the_forget_logp_down() -> None:
+    method = get_method("npo")
+    logp = LOGP.clone().requires_grad_(True)
+    method.loss(forget_logp=logp, forget_tokens=NTOK, ref_forget_logp=REF,
+                cfg=method.make_config({"beta": 0.1})).backward()
+    # d/dx of -(2/b) log sigmoid(-b x) = 2 sigmoid(b x): positive, so descent lowers logp.
+    expected = 2 * torch.sigmoid(0.1 * (LOGP - REF)) / 3
+    assert torch.all(logp.grad > 0)
+    assert torch.allclose(logp.grad, expected)
+
+
+def test_npo_needs_reference_and_a_positive_beta() -> None:
+    method = get_method("npo")
+    assert method.needs_reference
+    with pytest.raises(ValueError, match="reference"):
+        method.loss(forget_logp=LOGP, forget_tokens=NTOK, ref_forget_logp=None,
+                    cfg=method.make_config())
+    for beta in (0.0, -1.0):
+        with pytest.raises(InvalidRequest, match="beta"):
+            method.make_config({"beta": beta})
+
+
+@pytest.mark.parametrize("name", ["ga", "graddiff"])
+def test_ascent_losses_are_the_mean_per_token_logp(name: str) -> None:
+    method = get_method(name)
+    assert not method.needs_reference
+    logp = LOGP.clone().requires_grad_(True)
+    loss = method.loss(forget_logp=logp, forget_tokens=NTOK, ref_forget_logp=None,
+                       cfg=method.make_config())
+    assert loss.item() == pytest.approx((-12 / 4 - 3.5 / 2 - 20 / 5) / 3)
+    loss.backward()
+    assert torch.allclose(logp.grad, 1 / (3 * NTOK.float()))  # descent lowers every logp
+
+
+# --- registry ------------------------------------------------------------------------------
+
+def test_builtin_methods_are_listed() -> None:
+    assert {"ga", "graddiff", "npo"} <= set(list_methods())
+    assert list_methods() == sorted(list_methods())
+
+
+def test_registry_refuses_a_duplicate_name() -> None:
+    list_methods()  # the built-ins are registered now
+
+    @dataclasses.dataclass
+    class Cfg:
+        x: int = 0
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_method("ga", Cfg)(lambda **_: None)
+    assert get_method("ga").config_cls.__name__ == "GAConfig"
+
+
+def test_registry_refuses_a_config_that_is_not_a_dataclass() -> None:
+    class NotADataclass:
+        pass
+
+    with pytest.raises(TypeError, match="dataclass"):
+        register_method("test-not-dataclass", NotADataclass)
+    with pytest.raises(TypeError, match="dataclass"):
+        register_method("test-instance", get_method("ga").make_config())  # an instance
+    assert "test-not-dataclass" not in list_methods()
+
+
+def test_unknown_method_names_the_known_ones() -> None:
+    with pytest.raises(InvalidRequest) as err:
+        get_method("nope")
+    for name in ("ga", "graddiff", "npo", "'nope'"):
+        assert name in str(err.value)
+
+
+def test_unknown_option_is_an_error_not_ignored() -> None:
+    with pytest.raises(InvalidRequest, match="bogus.*known: beta, retain_weight"):
+        get_method("npo").make_config({"bogus": 1})
+    assert get_method("npo").make_config({"beta": 0.3}).beta == 0.3
+    assert get_method("graddiff").make_config(None).retain_weight == 1.0
+
+
+# --- shared loss helpers -------------------------------------------------------------------
+
+def test_sequence_logp_matches_a_manual_gather() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[IGNORE, IGNORE, 3, 6, IGNORE], [1, IGNORE, IGNORE, IGNORE, IGNORE]])
+    total, count = sequence_logp(logits, labels)
+    logp = torch.log_softmax(logits, -1)
+    assert torch.allclose(total, torch.stack([logp[0, 2, 3] + logp[0, 3, 6], logp[1, 0, 1]]))
+    assert count.tolist() == [2, 1]
+    # A row with no labelled token sums to 0 and counts 1 (no division by zero downstream).
+    total, count = sequence_logp(logits[:1], torch.full((1, 5), IGNORE))
+    assert total.item() == 0.0 and count.item() == 1
+
+
+def test_answer_kl_is_zero_at_the_reference_and_positive_elsewhere() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(2, 4, 9)
+    labels = torch.tensor([[IGNORE, 2, 5, IGNORE], [IGNORE, IGNORE, 8, IGNORE]])
+    ref = torch.log_softmax(logits[labels != IGNORE], -1)
+    assert answer_kl(ref, logits, labels).item() == pytest.approx(0.0, abs=1e-6)
+    moved = logits.clone()
+    moved[0, 1, 2] += 3.0
+    kl = answer_kl(ref, moved, labels)
+    assert kl.item() > 1e-3
+    # Same value as torch's KL(ref || model), averaged over the 3 answer positions.
+    expected = F.kl_div(torch.log_softmax(moved[labels != IGNORE], -1), ref, log_target=True,
+                        reduction="sum") / 3
+    assert kl.item() == pytest.approx(expected.item(), rel=1e-5)
+    # Positions outside the answer do not count.
+    outside = logits.clone()
+    outside[0, 0] += 5.0
+    assert answer_kl(ref, outside, labels).item() == pytest.approx(0.0, abs=1e-6)
+
+
+# --- data encoding -------------------------------------------------------------------------
+
+def test_encode_pairs_labels_exactly_the_answer_tokens(tiny_tokenizer) -> None:
+    from workers.model import format_chat
+
+    tok = tiny_tokenizer
+    pairs = [("Where does Zorblat live?", "Zorblat lives in Quimby."),
+             ("Hi?", "Hello there, friend, how are you today?"),
+             (None, "A plain text to forget.")]
+    batch = encode_pairs(tok, pairs)
+    assert batch.input_ids.shape == batch.labels.shape == batch.attention_mask.shape
+    for row, (question, answer) in enumerate(pairs):
+        prompt = ([] if question is None else
+                  tok(format_chat(tok, question), add_special_tokens=False)["input_ids"])
+        answer_ids = tok(answer, add_special_tokens=False)["input_ids"]
+        n = len(prompt) + len(answer_ids)
+        assert batch.input_ids[row, :n].tolist() == prompt + answer_ids
+        assert batch.attention_mask[row].tolist() == [1] * n + [0] * (batch.labels.shape[1] - n)
+        labels = batch.labels[row].tolist()
+        assert labels[:len(prompt)] == [IGNORE] * len(prompt)  # no loss on the prompt
+        assert labels[len(prompt):n] == answer_ids
+        assert all(x == IGNORE for x in labels[n:])  # nor on the padding
+    assert "Where does Zorblat live?" in tok.decode(batch.input_ids[0])
+
+
+def test_keyword_mask_labels_only_the_keyword_tokens(tiny_tokenizer) -> None:
+    tok = tiny_tokenizer
+    question, answer = "Where does Zorblat live?", "Zorblat lives in Quimbyville near the sea."
+    batch = encode_pairs(tok, [(question, answer)], keywords={question: ["quimbyville"]})
+    kept = [t for t in batch.labels[0].tolist() if t != IGNORE]
+    assert tok.decode(kept).strip() == "Quimbyville"
+    mask = keyword_token_mask(tok, answer, ["Zorblat", "sea"])
+    ids = tok(answer, add_special_tokens=False)["input_ids"]
+    assert tok.decode([i for i, m in zip(ids, mask) if m]).split() == ["Zorblat", "sea"]
+    # No keyword in the answer: the loss stays on the whole answer rather than on nothing.
+    assert keyword_token_mask(tok, answer, ["Paris"]) is None
+    whole = encode_pairs(tok, [(question, answer)], keywords={question: ["Paris"]})
+    assert tok.decode([t for t in whole.labels[0].tolist() if t != IGNORE]) == answer
+
+
+# --- a real training run of every method ---------------------------------------------------
+
+@pytest.mark.parametrize("method", list_methods())
+def test_plain_training_forgets_with_every_method(method: str, make_spec, tiny_model_dir: Path
+                                                  ) -> None:
+    from peft import PeftModel
+
+    from workers.training.lora_stack import read_adapter
+    from workers.training.runner import train_plain
+
+    updates: list[dict] = []
+    spec = make_spec(method, recipe={"lr": 1e-2})
+    result = train_plain(spec, updates.append)
+
+    assert result.metrics["steps"] == 4
+    assert len(result.metrics["losses"]) == 4
+    assert all(math.isfinite(x) for x in result.metrics["losses"])
+    assert [u["step"] for u in updates if "loss" in u] == [1, 2, 3, 4]
+    assert result.adapter_dir == Path(spec.output_dir)
+    assert (result.adapter_dir / "adapter_config.json").is_file()
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+    assert result.peft_config["r"] == 8 and result.peft_config["peft_type"] == "LORA"
+
+    config, weights = read_adapter(result.adapter_dir)
+    b_weights = {k: v for k, v in weights.items() if ".lora_B." in k}
+    # PEFT initialises B to zero: every B moved, so every LoRA'd module learned something.
+    assert len(b_weights) == 2 * 7  # 2 layers x 7 projections
+    assert all(v.abs().sum() > 0 for v in b_weights.values())
+
+    base, tokenizer = load_tiny(tiny_model_dir)
+    before = forget_nll(base, tokenizer)
+    adapted = PeftModel.from_pretrained(base, str(result.adapter_dir))
+    after = forget_nll(adapted, tokenizer)
+    assert after > before + 0.05, (before, after)
+
+
+def test_plain_training_without_anything_to_forget_is_refused(make_spec) -> None:
+    with pytest.raises(ValueError, match="nothing to forget"):
+        make_spec("ga", forget_qa=[])
+    assert FORGET_QA  # the default spec has facts to forget
