@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     ray_address: str | None = Field(None, description="Join this Ray cluster instead of a local one.")
     num_workers: int = Field(2, description="Ray Train workers (DeepSpeed ranks) per job.")
     zero_stage: Literal[2, 3] = 2
+    trainer: Literal["deepspeed", "plain"] = Field(
+        "deepspeed", description="deepspeed: Ray Train workers with DeepSpeed ZeRO (the "
+        "product path); plain: one in-process PyTorch loop (benchmark baseline, debugging).")
     batch_window_seconds: float = Field(2.0, description="Wait this long to group tickets in one job.")
     auto_promote: bool = Field(True, description="Promote a version to live when its eval passes.")
     recipe: dict[str, Any] = Field(

@@ -80,7 +80,7 @@ def ticket_probes(qa: list[dict[str, str]]) -> list[Probe]:
 def train(settings: Settings, *, base: Any, tickets: list[ClaimedTicket], parent_dir: Path | None,
           output_dir: Path, progress: Callable[[dict[str, Any]], None]) -> TrainOutput:
     """Train one adapter for `tickets` on Ray Train + DeepSpeed; returns where it was written."""
-    from workers.training.runner import train_unlearning_adapter
+    from workers.training.runner import train_plain, train_unlearning_adapter
     from workers.training.spec import TrainJobSpec
 
     qa, texts = forget_items(tickets)
@@ -93,7 +93,8 @@ def train(settings: Settings, *, base: Any, tickets: list[ClaimedTicket], parent
         parent_adapter_dir=str(parent_dir) if parent_dir else None,
         num_workers=settings.num_workers, zero_stage=settings.zero_stage,
         device=settings.device)
-    result = train_unlearning_adapter(spec, progress_cb=progress)
+    run = train_plain if settings.trainer == "plain" else train_unlearning_adapter
+    result = run(spec, progress_cb=progress)
     return TrainOutput(adapter_dir=Path(result.adapter_dir), metrics=result.metrics,
                        method_config=spec.method_summary(), peft_config=result.peft_config)
 

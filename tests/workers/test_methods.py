@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from storage.errors import InvalidRequest
 from tests.fixtures.training import FORGET_QA, forget_nll, load_tiny
-from workers.methods import get_method, list_methods, register_method
+from workers.methods import MethodRegistry, get_method, list_methods, register_method
 from workers.training.data import IGNORE, encode_pairs, keyword_token_mask
 from workers.training.losses import answer_kl, sequence_logp
 
@@ -24,10 +24,16 @@ NTOK = torch.tensor([4, 2, 5])
 
 # --- losses on hand-made numbers -----------------------------------------------------------
 
+def loss_of(name: str, options: dict | None = None, *, logp: torch.Tensor = LOGP,
+            ref: torch.Tensor | None = REF, retain: torch.Tensor | None = None) -> torch.Tensor:
+    method = get_method(name)
+    return method.loss(forget_logp=logp, forget_tokens=NTOK,
+                       ref_forget_logp=ref if method.needs_reference else None,
+                       retain_loss=retain, cfg=method.make_config(options))
+
+
 def test_npo_loss_matches_its_formula() -> None:
-    method = get_method("npo")
-    cfg = method.make_config({"beta": 0.5})
-    loss = method.loss(forget_logp=LOGP, forget_tokens=NTOK, ref_forget_logp=REF, cfg=cfg)
+    loss = loss_of("npo", {"beta": 0.5, "retain_weight": 0.0})
     expected = -(2 / 0.5) * F.logsigmoid(-0.5 * (LOGP - REF)).mean()
     assert torch.allclose(loss, expected)
     # Written out by hand for the first element: -(2/b) * log(1 / (1 + exp(b * (logp - ref)))).
@@ -38,17 +44,13 @@ def test_npo_loss_matches_its_formula() -> None:
 
 @pytest.mark.parametrize("beta", [0.1, 1.0, 3.0])
 def test_npo_at_the_reference_is_2_ln2_over_beta(beta: float) -> None:
-    method = get_method("npo")
-    loss = method.loss(forget_logp=REF.clone(), forget_tokens=NTOK, ref_forget_logp=REF,
-                       cfg=method.make_config({"beta": beta}))
+    loss = loss_of("npo", {"beta": beta}, logp=REF.clone())
     assert loss.item() == pytest.approx(2 * math.log(2) / beta, rel=1e-6)
 
 
 def test_npo_gradient_pushes_the_forget_logp_down() -> None:
-    method = get_method("npo")
     logp = LOGP.clone().requires_grad_(True)
-    method.loss(forget_logp=logp, forget_tokens=NTOK, ref_forget_logp=REF,
-                cfg=method.make_config({"beta": 0.1})).backward()
+    loss_of("npo", {"beta": 0.1}, logp=logp).backward()
     # d/dx of -(2/b) log sigmoid(-b x) = 2 sigmoid(b x): positive, so descent lowers logp.
     expected = 2 * torch.sigmoid(0.1 * (LOGP - REF)) / 3
     assert torch.all(logp.grad > 0)
@@ -60,22 +62,65 @@ def test_npo_needs_reference_and_a_positive_beta() -> None:
     assert method.needs_reference
     with pytest.raises(ValueError, match="reference"):
         method.loss(forget_logp=LOGP, forget_tokens=NTOK, ref_forget_logp=None,
-                    cfg=method.make_config())
+                    retain_loss=None, cfg=method.make_config())
     for beta in (0.0, -1.0):
         with pytest.raises(InvalidRequest, match="beta"):
             method.make_config({"beta": beta})
 
 
-@pytest.mark.parametrize("name", ["ga", "graddiff"])
-def test_ascent_losses_are_the_mean_per_token_logp(name: str) -> None:
-    method = get_method(name)
-    assert not method.needs_reference
+def test_npo_adds_the_weighted_retain_term() -> None:
+    plain = loss_of("npo", {"beta": 0.1})
+    with_retain = loss_of("npo", {"beta": 0.1, "retain_weight": 0.5}, retain=torch.tensor(3.0))
+    assert with_retain.item() == pytest.approx(plain.item() + 1.5)
+    off = loss_of("npo", {"beta": 0.1, "retain_weight": 0.0}, retain=torch.tensor(3.0))
+    assert off.item() == pytest.approx(plain.item())
+
+
+PER_TOKEN_MEAN = (-12 / 4 - 3.5 / 2 - 20 / 5) / 3
+
+
+def test_ga_loss_is_the_mean_per_token_logp() -> None:
+    assert not get_method("ga").needs_reference
     logp = LOGP.clone().requires_grad_(True)
-    loss = method.loss(forget_logp=logp, forget_tokens=NTOK, ref_forget_logp=None,
-                       cfg=method.make_config())
-    assert loss.item() == pytest.approx((-12 / 4 - 3.5 / 2 - 20 / 5) / 3)
+    loss = loss_of("ga", logp=logp)
+    assert loss.item() == pytest.approx(PER_TOKEN_MEAN)
     loss.backward()
     assert torch.allclose(logp.grad, 1 / (3 * NTOK.float()))  # descent lowers every logp
+    # Pure ascent by default: a retain term is ignored unless given a weight.
+    assert loss_of("ga", retain=torch.tensor(2.0)).item() == pytest.approx(PER_TOKEN_MEAN)
+    assert (loss_of("ga", {"retain_weight": 0.25}, retain=torch.tensor(2.0)).item()
+            == pytest.approx(PER_TOKEN_MEAN + 0.5))
+
+
+def test_graddiff_is_the_same_ascent_plus_retain_descent() -> None:
+    assert not get_method("graddiff").needs_reference
+    logp = LOGP.clone().requires_grad_(True)
+    loss = loss_of("graddiff", logp=logp, retain=torch.tensor(2.0))
+    assert loss.item() == pytest.approx(PER_TOKEN_MEAN + 2.0)
+    loss.backward()
+    assert torch.allclose(logp.grad, 1 / (3 * NTOK.float()))
+    weighted = loss_of("graddiff", {"forget_weight": 2.0, "retain_weight": 0.5},
+                       retain=torch.tensor(2.0))
+    assert weighted.item() == pytest.approx(2 * PER_TOKEN_MEAN + 1.0)
+    with pytest.raises(ValueError, match="retain"):
+        loss_of("graddiff", retain=None)
+
+
+def test_idk_descends_on_a_fixed_refusal_per_question() -> None:
+    method = get_method("idk")
+    cfg = method.make_config({"refusals": ["I don't know.", "No idea."], "retain_weight": 0.0})
+    assert cfg.refusals == ("I don't know.", "No idea.")  # JSON lists become tuples
+    logp = LOGP.clone().requires_grad_(True)
+    loss = method.loss(forget_logp=logp, forget_tokens=NTOK, ref_forget_logp=None,
+                       retain_loss=torch.tensor(5.0), cfg=cfg)
+    assert loss.item() == pytest.approx(-PER_TOKEN_MEAN)
+    loss.backward()
+    assert torch.all(logp.grad < 0)  # descent raises the refusal's log-prob
+    q = "Where does Zorblat 1 live?"
+    refusal = method.answer_for(cfg, q, "Quimby")
+    assert refusal in cfg.refusals and refusal == method.answer_for(cfg, q, "other")
+    with pytest.raises(InvalidRequest, match="refusals"):
+        method.make_config({"refusals": []})
 
 
 # --- registry ------------------------------------------------------------------------------
@@ -88,7 +133,7 @@ def test_builtin_methods_are_listed() -> None:
 def test_registry_refuses_a_duplicate_name() -> None:
     list_methods()  # the built-ins are registered now
 
-    @dataclasses.dataclass
+    @dataclasses.dataclass(frozen=True)
     class Cfg:
         x: int = 0
 
@@ -102,10 +147,37 @@ def test_registry_refuses_a_config_that_is_not_a_dataclass() -> None:
         pass
 
     with pytest.raises(TypeError, match="dataclass"):
-        register_method("test-not-dataclass", NotADataclass)
+        register_method("test_not_dataclass", NotADataclass)
     with pytest.raises(TypeError, match="dataclass"):
-        register_method("test-instance", get_method("ga").make_config())  # an instance
-    assert "test-not-dataclass" not in list_methods()
+        register_method("test_instance", get_method("ga").make_config())  # an instance
+    assert "test_not_dataclass" not in list_methods()
+
+
+def test_registry_refuses_mutable_configs_and_options_without_defaults() -> None:
+    registry = MethodRegistry()
+
+    @dataclasses.dataclass
+    class Mutable:
+        x: int = 0
+
+    @dataclasses.dataclass(frozen=True)
+    class NoDefault:
+        x: int
+
+    @dataclasses.dataclass(frozen=True)
+    class Fine:
+        x: int = 1
+
+    with pytest.raises(TypeError, match="frozen"):
+        registry.register("mutable", Mutable)
+    with pytest.raises(TypeError, match="without defaults"):
+        registry.register("nodefault", NoDefault)
+    registry.register("fine", Fine)(lambda **_: None)
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register("fine", Fine)
+    assert registry.names() == ["fine"]
+    assert registry.get("fine").make_config({"x": 3}) == Fine(3)
+    assert "fine" not in list_methods()  # a private registry leaves the process-wide one alone
 
 
 def test_unknown_method_names_the_known_ones() -> None:
@@ -227,13 +299,23 @@ def test_plain_training_forgets_with_every_method(method: str, make_spec, tiny_m
     assert all(v.abs().sum() > 0 for v in b_weights.values())
 
     base, tokenizer = load_tiny(tiny_model_dir)
-    before = forget_nll(base, tokenizer)
+    chosen = get_method(method)
+    if chosen.answer_for is None:
+        # Forgetting methods: the forget answers became less likely.
+        qa, sign = FORGET_QA, 1.0
+    else:
+        # Substitution methods (idk): their replacement answers became more likely.
+        cfg = spec.method_config()[1]
+        qa = [{"question": i["question"], "answer": chosen.answer_for(cfg, i["question"],
+                                                                       i["answer"])}
+              for i in FORGET_QA]
+        sign = -1.0
+    before = forget_nll(base, tokenizer, qa)
     adapted = PeftModel.from_pretrained(base, str(result.adapter_dir))
-    after = forget_nll(adapted, tokenizer)
-    assert after > before + 0.05, (before, after)
+    after = forget_nll(adapted, tokenizer, qa)
+    assert sign * (after - before) > 0.05, (before, after)
 
 
 def test_plain_training_without_anything_to_forget_is_refused(make_spec) -> None:
     with pytest.raises(ValueError, match="nothing to forget"):
         make_spec("ga", forget_qa=[])
-    assert FORGET_QA  # the default spec has facts to forget

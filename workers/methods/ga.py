@@ -11,18 +11,30 @@ from workers.methods.registry import register_method
 
 @dataclass(frozen=True)
 class GAConfig:
-    """Gradient ascent on the forget set.
+    """Gradient ascent on the forget set (Jang et al., 2023).
 
     Args:
-        retain_weight: weight of the retain term (0: pure ascent, which collapses the model
-            quickly; the job's early stopping is then what saves utility).
+        retain_weight: weight of the job's retain term, if it has one (0: pure ascent, which
+            collapses the model quickly; early stopping is then what saves utility).
     """
 
     retain_weight: float = 0.0
 
+    def __post_init__(self) -> None:
+        if self.retain_weight < 0:
+            raise ValueError("retain_weight must be >= 0")
+
+
+def per_token_logp(forget_logp: Tensor, forget_tokens: Tensor) -> Tensor:
+    """(B,) mean log-prob per answer token: long and short answers pull equally."""
+    return forget_logp / forget_tokens
+
 
 @register_method("ga", GAConfig)
-def ga_loss(*, forget_logp: Tensor, forget_tokens: Tensor, ref_forget_logp: Tensor | None, cfg: GAConfig) -> Tensor:
-    # forget_logp: (batch,) summed log-probs of each answer; per token, so long and short
-    # answers pull equally. Ascent on the NLL = descent on +log-prob.
-    return (forget_logp / forget_tokens).mean()
+def ga_loss(*, forget_logp: Tensor, forget_tokens: Tensor, ref_forget_logp: Tensor | None,
+            retain_loss: Tensor | None, cfg: GAConfig) -> Tensor:
+    # Minimising +log-prob is ascent on the NLL.
+    loss = per_token_logp(forget_logp, forget_tokens).mean()
+    if retain_loss is not None and cfg.retain_weight > 0:
+        loss = loss + cfg.retain_weight * retain_loss
+    return loss

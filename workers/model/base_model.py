@@ -113,14 +113,25 @@ def _converted_bundled(name: str, data_dir: Path) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         _weights_sha256(tmp)  # writes the hash file, the marker of a finished conversion
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / _HASH_FILE).is_file():
-                raise
+        publish_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def publish_dir(tmp: Path, target: Path) -> bool:
+    """Move the finished `tmp` to `target` in one rename; True if this call published it.
+
+    When another process got there first (the rename fails on a non-empty target), its
+    copy is complete by construction and is kept; `tmp` is left for the caller to delete.
+    """
+    try:
+        os.rename(tmp, target)
+        return True
+    except OSError:
+        if not (target / _HASH_FILE).is_file():
+            raise
+        return False
 
 
 def _hub_cache_dir(model_id: str) -> Path:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from workers.training.data import (
+    IGNORE,
     cycle_batches,
     drop_mentions,
     encode_pairs,
@@ -67,37 +68,32 @@ def run_training(spec: TrainJobSpec, strategy: TrainingStrategy,
                  progress: ProgressFn | None = None) -> LoopResult:
     from peft import LoraConfig, get_peft_model
 
-    from workers.methods import get_method
-
     recipe = spec.forget_recipe()
+    method, method_cfg = spec.method_config()
     torch.manual_seed(spec.seed)
     model, tokenizer = load_for_training(spec)
-    method = get_method(recipe.method)
-    options = dict(spec.method_options)
-    if "beta" in {f for f in method.config_cls.__dataclass_fields__}:
-        options.setdefault("beta", recipe.beta)
-    method_cfg = method.make_config(options)
 
     eot = end_of_turn(tokenizer)
-    forget_pairs: list[tuple[str | None, str]] = (
-        [(i["question"], i["answer"] + eot) for i in spec.forget_qa]
-        + [(None, t) for t in spec.forget_texts])
-    retain_pairs = _retain_pairs(spec, recipe, model, tokenizer, eot)
-    ticket_questions = [i["question"] for i in spec.forget_qa]
+    forget_pairs = _forget_pairs(spec, method, method_cfg, eot)
+    keywords = _fact_keywords(spec) if (recipe.forget_tokens == "keywords"
+                                         and method.answer_for is None) else None
+    use_retain = recipe.retain_loss != "none" and getattr(method_cfg, "retain_weight", 0.0) > 0
+    retain_pairs = _retain_pairs(spec, recipe, model, tokenizer, eot) if use_retain else []
 
     lora = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
                       lora_dropout=recipe.lora_dropout,
                       target_modules=list(recipe.target_modules), task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, lora)
 
-    # References from the frozen model, computed once before DeepSpeed takes the weights.
+    # References from the frozen model (adapter disabled), computed once before DeepSpeed
+    # takes the weights; under ZeRO-3 they could not be read per rank afterwards.
     ref_logp: dict[str, float] = {}
     ref_retain: dict[str, torch.Tensor] = {}
     with torch.no_grad(), peft_model.disable_adapter():
         if method.needs_reference:
             for chunk in _chunks(forget_pairs, 8):
-                logp, _ = sequence_logp(*shifted_logits_and_labels(peft_model,
-                                                                   encode_pairs(tokenizer, chunk)))
+                logp, _ = sequence_logp(*shifted_logits_and_labels(
+                    peft_model, encode_pairs(tokenizer, chunk, keywords)))
                 ref_logp.update({_key(p): float(v) for p, v in zip(chunk, logp)})
         if retain_pairs and recipe.retain_loss == "kl":
             for chunk in _chunks(retain_pairs, 8):
@@ -105,13 +101,15 @@ def run_training(spec: TrainJobSpec, strategy: TrainingStrategy,
                                                            encode_pairs(tokenizer, chunk))
                 logp = torch.log_softmax(logits, -1)
                 for row, pair in enumerate(chunk):
-                    ref_retain[_key(pair)] = logp[row][labels[row] != -100].half()
+                    # (answer tokens, vocab), half precision: it is held for the whole run.
+                    ref_retain[_key(pair)] = logp[row][labels[row] != IGNORE].half()
 
     # Early stopping compares with the model as it was before this adapter.
+    probes = list(spec.stop_probes or [])
     base_rate = None
-    if recipe.eval_every and ticket_questions:
+    if recipe.eval_every and probes:
         with peft_model.disable_adapter():
-            base_rate = _ticket_rate(peft_model, tokenizer, spec, strategy, recipe)
+            base_rate = _probe_rate(peft_model, tokenizer, probes, strategy, recipe)
 
     params = [p for p in peft_model.parameters() if p.requires_grad]
     trained = strategy.setup(peft_model, params)
@@ -128,22 +126,22 @@ def run_training(spec: TrainJobSpec, strategy: TrainingStrategy,
     trained.train()
     while step < recipe.max_steps:
         chunk = next(forget_iter)
-        logits, labels = shifted_logits_and_labels(trained, encode_pairs(tokenizer, chunk))
-        logp, ntok = sequence_logp(logits, labels)
-        ref = (torch.tensor([ref_logp[_key(p)] for p in chunk]) if method.needs_reference
-               else None)
-        loss = method.loss(forget_logp=logp, forget_tokens=ntok, ref_forget_logp=ref,
-                           cfg=method_cfg)
-        if retain_iter is not None and recipe.retain_weight > 0:
+        logp, ntok = sequence_logp(*shifted_logits_and_labels(
+            trained, encode_pairs(tokenizer, chunk, keywords)))
+        ref = (torch.tensor([ref_logp[_key(p)] for p in chunk], device=logp.device)
+               if method.needs_reference else None)
+        retain = None
+        if retain_iter is not None:
             r_chunk = next(retain_iter)
             r_logits, r_labels = shifted_logits_and_labels(trained, encode_pairs(tokenizer,
                                                                                  r_chunk))
             if recipe.retain_loss == "kl":
                 ref_lp = torch.cat([ref_retain[_key(p)] for p in r_chunk]).float()
-                retain = answer_kl(ref_lp, r_logits, r_labels)
+                retain = answer_kl(ref_lp.to(r_logits.device), r_logits, r_labels)
             else:
                 retain = mean_nll(r_logits, r_labels)
-            loss = loss + recipe.retain_weight * retain
+        loss = method.loss(forget_logp=logp, forget_tokens=ntok, ref_forget_logp=ref,
+                           retain_loss=retain, cfg=method_cfg)
         strategy.backward_and_step(loss)
         step += 1
         losses.append(float(loss.detach()))
@@ -152,10 +150,12 @@ def run_training(spec: TrainJobSpec, strategy: TrainingStrategy,
                       "loss": round(losses[-1], 4)})
         if (recipe.eval_every and base_rate is not None and step % recipe.eval_every == 0
                 and step < recipe.max_steps):
-            rate = _ticket_rate(trained, tokenizer, spec, strategy, recipe)
+            rate = _probe_rate(trained, tokenizer, probes, strategy, recipe)
             rates.append((step, rate))
             if progress is not None:
-                progress({"phase": "training", "step": step, "ticket_rate": rate})
+                progress({"phase": "training", "step": step, "max_steps": recipe.max_steps,
+                          "ticket_rate": rate})
+            # Every rank sees the same all-reduced rate, so all ranks stop at the same step.
             if recipe.should_stop(step=step, ticket_rate=rate, base_ticket_rate=base_rate):
                 stopped = True
                 break
@@ -167,33 +167,57 @@ def run_training(spec: TrainJobSpec, strategy: TrainingStrategy,
                       lora_config=lora.to_dict(), partition=strategy.partitioned_numel(trained))
 
 
-def _ticket_rate(model: Any, tokenizer: Any, spec: TrainJobSpec, strategy: TrainingStrategy,
-                 recipe: Any) -> float:
-    """Share of the ticket's own questions still answered correctly, over all ranks."""
-    from workers.evaluation.generation import greedy_answers
-    from workers.evaluation.metrics import is_correct
-    from workers.job_training import answer_keywords
+def probe_forget_rate(answers: list[str], probes: list[dict[str, Any]]) -> tuple[int, int]:
+    """(correct, total): answers that still state an accepted keyword of their probe.
 
-    items = spec.forget_qa
+    The early-stopping check. It uses the same keyword matcher as the job's evaluation
+    (workers.evaluation.metrics.is_correct), so "forgotten" means the same thing in both.
+    """
+    from workers.evaluation.metrics import is_correct
+
+    if len(answers) != len(probes):
+        raise ValueError(f"got {len(answers)} answers for {len(probes)} probes")
+    correct = sum(is_correct(a, accepted=p["accept"]) for a, p in zip(answers, probes))
+    return int(correct), len(probes)
+
+
+def _probe_rate(model: Any, tokenizer: Any, probes: list[dict[str, Any]],
+                strategy: TrainingStrategy, recipe: Any) -> float:
+    """Share of the stop probes still answered correctly, over all ranks."""
+    from workers.evaluation.generation import greedy_answers
+
     # Every rank gets an equal-sized share (padded by repeating) so that under ZeRO-3 all
     # ranks run the same number of collective forwards.
-    per_rank = -(-len(items) // strategy.world_size)
-    mine = items[strategy.rank * per_rank:(strategy.rank + 1) * per_rank]
+    per_rank = -(-len(probes) // strategy.world_size)
+    mine = probes[strategy.rank * per_rank:(strategy.rank + 1) * per_rank]
     valid = len(mine)
-    mine = mine + items[:per_rank - valid]
-    answers = greedy_answers(model, tokenizer, [i["question"] for i in mine],
+    mine = mine + (probes * per_rank)[:per_rank - valid]
+    answers = greedy_answers(model, tokenizer, [p["question"] for p in mine],
                              max_new_tokens=recipe.eval_max_new_tokens, batch_size=per_rank,
                              **strategy.generation_kwargs())
-    correct = sum(is_correct(a, accepted=answer_keywords(i["answer"]))
-                  for a, i in zip(answers[:valid], mine[:valid]))
+    correct, _ = probe_forget_rate(answers[:valid], mine[:valid])
     total_correct, total = strategy.all_reduce_sum([float(correct), float(valid)])
     return total_correct / max(total, 1.0)
 
 
+def _forget_pairs(spec: TrainJobSpec, method: Any, cfg: Any, eot: str
+                  ) -> list[tuple[str | None, str]]:
+    """(question or None, target text) per forget item; the method may rewrite answers."""
+    rewrite = method.answer_for
+    qa = [(i["question"], (rewrite(cfg, i["question"], i["answer"]) if rewrite else i["answer"])
+           + eot) for i in spec.forget_qa]
+    return qa + [(None, t) for t in spec.forget_texts]
+
+
+def _fact_keywords(spec: TrainJobSpec) -> dict[str, list[str]]:
+    """question -> the words that carry the fact: accepted keywords plus the target's name."""
+    accept = {p["question"]: list(p["accept"]) for p in spec.stop_probes or []}
+    extra = [spec.target] if spec.target else []
+    return {i["question"]: accept.get(i["question"], []) + extra for i in spec.forget_qa}
+
+
 def _retain_pairs(spec: TrainJobSpec, recipe: Any, model: Any, tokenizer: Any, eot: str
                   ) -> list[tuple[str | None, str]]:
-    if recipe.retain_loss == "none" or recipe.retain_weight <= 0:
-        return []
     if spec.retain_qa or spec.retain_texts:
         return ([(i["question"], i["answer"] + eot) for i in spec.retain_qa or []]
                 + [(None, t) for t in spec.retain_texts or []])

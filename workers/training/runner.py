@@ -23,15 +23,33 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainResult:
+    """A finished adapter and how it was made.
+
+    Args:
+        adapter_dir: standard PEFT adapter (adapter_model.safetensors + adapter_config.json,
+            plus oblivio_stack.json listing the ranks of the stacked requests).
+        metrics: steps, losses, early-stopping rates, timings, ZeRO partition sizes.
+        peft_config: the adapter_config.json contents.
+    """
+
     adapter_dir: Path
     metrics: dict[str, Any]
     peft_config: dict[str, Any]
+
+    @property
+    def steps(self) -> int:
+        return int(self.metrics["steps"])
+
+    @property
+    def losses(self) -> list[float]:
+        return list(self.metrics["losses"])
 
 
 def train_plain(spec: TrainJobSpec, progress_cb: ProgressFn | None = None) -> TrainResult:
     """Single process, torch AdamW, no Ray: the baseline the benchmark compares against."""
     from workers.training.strategy import PlainStrategy
 
+    spec.method_config()  # refuse a bad method or options before loading anything
     recipe = spec.forget_recipe()
     result = run_training(spec, PlainStrategy(lr=recipe.lr, weight_decay=recipe.weight_decay),
                           progress_cb)
@@ -45,6 +63,7 @@ def train_unlearning_adapter(spec: TrainJobSpec,
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    spec.method_config()  # refuse a bad method or options before any worker starts
     sink = _progress_sink_cls().options(num_cpus=0).remote() if progress_cb else None
     Path(spec.output_dir).parent.mkdir(parents=True, exist_ok=True)
     storage = Path(tempfile.mkdtemp(prefix="ray-train-", dir=Path(spec.output_dir).parent))
@@ -69,23 +88,23 @@ def train_unlearning_adapter(spec: TrainJobSpec,
         poller.start()
     try:
         result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"training produced no adapter: {result.error}")
+        out = Path(spec.output_dir)
+        with result.checkpoint.as_directory() as ckpt:
+            if out.exists():
+                shutil.rmtree(out)
+            shutil.copytree(ckpt, out)
     finally:
         stop.set()
         if poller is not None:
-            poller.join(timeout=5)
+            poller.join(timeout=15)  # its last drain
         if sink is not None:
             try:
                 ray.kill(sink)
             except Exception:  # already gone with a failed run: nothing to clean up
                 log.debug("progress sink already gone", exc_info=True)
-    if result.checkpoint is None:
-        raise RuntimeError(f"training produced no adapter: {result.error}")
-    out = Path(spec.output_dir)
-    with result.checkpoint.as_directory() as ckpt:
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.copytree(ckpt, out)
-    shutil.rmtree(storage, ignore_errors=True)
+        shutil.rmtree(storage, ignore_errors=True)
     metrics = {k: v for k, v in (result.metrics or {}).items() if not k.startswith("_")}
     return TrainResult(adapter_dir=out, metrics=metrics,
                        peft_config=_read_config(out))
@@ -99,6 +118,11 @@ def _train_worker(config: dict[str, Any]) -> None:
     spec: TrainJobSpec = config["spec"]
     sink = config["sink"]
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    if spec.device == "cuda":
+        import ray.train.torch
+
+        # "cuda" then means this worker's own GPU (Ray Train assigns one per worker).
+        torch.cuda.set_device(ray.train.torch.get_device())
     from workers.training.strategy import DeepSpeedStrategy
 
     recipe = spec.forget_recipe()
@@ -179,7 +203,10 @@ def _read_config(path: Path) -> dict[str, Any]:
 def _poll_progress(sink: Any, progress_cb: ProgressFn, stop: threading.Event) -> None:
     import ray
 
-    while not stop.wait(1.0):
+    finished = False
+    while not finished:
+        # One last drain after the job ends, so the final steps are not lost.
+        finished = stop.wait(1.0)
         try:
             for update in ray.get(sink.drain.remote(), timeout=10):
                 progress_cb(update)

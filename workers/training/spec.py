@@ -7,6 +7,9 @@ from typing import Any
 
 from workers.evaluation.recipe import DEFAULT_FORGET_RECIPE, ForgetRecipe
 
+# Method options that default to the recipe's value of the same name when a ticket gives none.
+RECIPE_DEFAULTED_OPTIONS = ("beta", "retain_weight")
+
 
 @dataclass
 class TrainJobSpec:
@@ -15,15 +18,22 @@ class TrainJobSpec:
     Args:
         base_model_path: local directory of the base model (see workers.model).
         base_model_sha256: its content hash, written into the adapter's manifest.
+        output_dir: where the finished adapter directory is written.
+        data_dir: the service's data dir (the self-generated retain cache lives there).
         forget_qa: [{"question", "answer"}] to forget; forget_texts: plain texts to forget.
-        target: who/what the ticket is about (retain pairs mentioning it are dropped).
-        retain_qa, retain_texts: retain data from the ticket; None -> self-generated.
-        recipe: the ForgetRecipe fields (method, losses, lr, steps, LoRA shape, early stop).
-        method_options: options for the registered method's config (e.g. {"beta": 0.1}).
+        target: who/what the ticket is about (retain pairs mentioning it are dropped; with
+            recipe forget_tokens="keywords" its name counts as a fact token).
+        retain_qa, retain_texts: retain data from the ticket; both None -> the base model's
+            own answers to generic prompts (workers.evaluation.probes retain prompts).
+        recipe: the ForgetRecipe fields (method, retain loss, lr, steps, LoRA shape, early
+            stopping); see workers/evaluation/recipe.py.
+        method_options: options of the registered method's config (e.g. {"beta": 0.1});
+            `beta` and `retain_weight` default to the recipe's values.
+        stop_probes: the early-stopping check, as data: [{"question", "accept": [keywords]}].
+            None -> one probe per forget QA pair, accepting its answer's keywords. Only the
+            ticket's own questions belong here; held-out rephrasings are the test.
         parent_adapter_dir: the lineage's current adapter; merged into the base before
             training, and stacked with the new LoRA into the saved adapter.
-        output_dir: where the finished adapter directory is written.
-        data_dir: the service's data dir (retain cache lives there).
         num_workers: Ray Train workers = DeepSpeed ranks; zero_stage: 2 or 3.
         device: "cpu" or "cuda". seed: for batch order and LoRA initialisation.
     """
@@ -39,6 +49,7 @@ class TrainJobSpec:
     retain_texts: list[str] | None = None
     recipe: dict[str, Any] = field(default_factory=lambda: asdict(DEFAULT_FORGET_RECIPE))
     method_options: dict[str, Any] = field(default_factory=dict)
+    stop_probes: list[dict[str, Any]] | None = None
     parent_adapter_dir: str | None = None
     num_workers: int = 2
     zero_stage: int = 2
@@ -48,11 +59,21 @@ class TrainJobSpec:
     def __post_init__(self) -> None:
         if not self.forget_qa and not self.forget_texts:
             raise ValueError("nothing to forget: forget_qa and forget_texts are both empty")
+        for item in [*self.forget_qa, *(self.retain_qa or [])]:
+            if not (isinstance(item, dict) and item.get("question") and item.get("answer")):
+                raise ValueError(f"a QA item needs a non-empty question and answer: {item!r}")
         if self.zero_stage not in (2, 3):
             raise ValueError("zero_stage must be 2 or 3")
         if self.num_workers < 1:
             raise ValueError("num_workers must be >= 1")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError("device must be 'cpu' or 'cuda'")
         self.forget_recipe()  # validates
+        if self.stop_probes is None:
+            self.stop_probes = default_stop_probes(self.forget_qa)
+        for probe in self.stop_probes:
+            if not (probe.get("question") and probe.get("accept")):
+                raise ValueError(f"a stop probe needs a question and accepted keywords: {probe!r}")
 
     @classmethod
     def for_engine(cls, engine: str, *, overrides: dict[str, Any] | None = None,
@@ -72,8 +93,38 @@ class TrainJobSpec:
             values["target_modules"] = tuple(values["target_modules"])
         return ForgetRecipe(**values)
 
+    def method_config(self) -> tuple[Any, Any]:
+        """(registered Method, its config built from method_options + recipe defaults).
+
+        Raises storage.errors.InvalidRequest for an unknown method or bad options, so a
+        job can be refused before any worker starts.
+        """
+        from storage.errors import InvalidRequest
+        from workers.methods import get_method
+
+        recipe = self.forget_recipe()
+        method = get_method(recipe.method)
+        options = dict(self.method_options)
+        for name in RECIPE_DEFAULTED_OPTIONS:
+            if name in method.option_names() and name not in options:
+                options[name] = getattr(recipe, name)
+        cfg = method.make_config(options)
+        if method.answer_for is not None and self.forget_texts:
+            raise InvalidRequest(f"method {method.name!r} rewrites answers to questions and "
+                                 "cannot forget plain texts; give question/answer pairs")
+        return method, cfg
+
     def method_summary(self) -> dict[str, Any]:
         """What the manifest and the receipt record about how the adapter was made."""
         return {"recipe": self.recipe, "method_options": self.method_options,
                 "zero_stage": self.zero_stage, "num_workers": self.num_workers,
                 "device": self.device, "seed": self.seed}
+
+
+def default_stop_probes(forget_qa: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """One early-stopping probe per forget QA pair: its question, its answer's keywords."""
+    from workers.job_training import answer_keywords
+
+    return [{"question": i["question"],
+             "accept": list(i.get("accept") or answer_keywords(i["answer"]))}  # type: ignore[arg-type]
+            for i in forget_qa]

@@ -1,0 +1,142 @@
+"""What does DeepSpeed on Ray cost over a plain loop, from submission to live?
+
+Runs the same forget ticket (a well-known person's QA pairs from the shipped probe sets) on
+the real bundled model through the whole product path — queue -> dispatcher -> training ->
+evaluation -> object store -> registry -> promotion — once per trainer, each in a fresh
+process and data dir, and prints one table side by side:
+
+    plain   one in-process PyTorch loop (OBLIVIO_TRAINER=plain)
+    zero2   Ray Train, 2 workers, DeepSpeed ZeRO-2
+    zero3   Ray Train, 2 workers, DeepSpeed ZeRO-3
+
+Columns: submission-to-live seconds, training seconds (the loop itself), steps, peak
+resident memory of a training process, and each time as a ratio to the plain loop.
+Goals: DeepSpeed overhead <= 1.5x the plain loop; submission-to-live < 5 min.
+
+    .venv/bin/python benchmarks/job.py                 # all three
+    .venv/bin/python benchmarks/job.py --modes plain,zero2 --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# Run as a script, benchmarks/ would shadow stdlib modules (queue.py): use the repo root.
+sys.path[:] = [str(REPO)] + [p for p in sys.path
+                             if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+MODES = {
+    "plain": {"trainer": "plain", "zero_stage": 2},
+    "zero2": {"trainer": "deepspeed", "zero_stage": 2},
+    "zero3": {"trainer": "deepspeed", "zero_stage": 3},
+}
+
+
+def run_one(mode: str, person: str, steps: int | None, workdir: Path) -> dict:
+    """One ticket through the product path with `mode`; returns its timings."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    from service.settings import Settings
+    from storage import registry, tickets
+    from storage.db import make_engine, make_session_factory, transaction
+    from storage.migrate import upgrade
+    from storage.models import Ticket, TicketKind
+    from workers.dispatcher import DispatcherLoop
+    from workers.evaluation.probes import load_forget_set
+    from workers.model import resolve_base_model
+    from workers.runtime import connect_ray
+
+    base = resolve_base_model("bundled:smollm2-135m-instruct", REPO / ".cache" / "oblivio-data")
+    recipe = {"max_steps": steps} if steps else {}
+    settings = Settings(data_dir=workdir, base_model=str(base.local_path), num_workers=2,
+                        batch_window_seconds=0.0, recipe=recipe, **MODES[mode])
+    upgrade(settings.resolved_database_url)
+    sessions = make_session_factory(make_engine(settings.resolved_database_url))
+    with transaction(sessions) as s:
+        registry.ensure_lineage(s, name="default", base_model=settings.base_model)
+    if settings.trainer == "deepspeed":
+        connect_ray(settings, num_cpus=2, include_dashboard=False)
+    target = load_forget_set(person)
+    qa = [{"question": p.question, "answer": p.answer} for p in target.ticket]
+
+    submitted = time.perf_counter()
+    with transaction(sessions) as s:
+        ticket_id = tickets.submit(s, request=tickets.TicketRequest(
+            kind=TicketKind.forget, engine="npo", target=target.target,
+            payload={"target": target.target, "forget": {"texts": [], "qa": qa},
+                     "retain": None}), requester="benchmark").id
+    DispatcherLoop(settings).run_once()
+    live_after = time.perf_counter() - submitted
+    with sessions() as s:
+        ticket = s.get_one(Ticket, ticket_id)
+        receipt = ticket.receipt or {}
+        status = ticket.status.value
+    training = (receipt.get("metrics") or {}).get("training") or {}
+    return {"mode": mode, "status": status, "promoted": receipt.get("promoted"),
+            "submission_to_live_s": live_after, "train_s": training.get("train_seconds"),
+            "steps": training.get("steps"), "peak_rss_mb": training.get("peak_rss_mb"),
+            "forget_items": len(qa), "forget_ratio": (receipt.get("metrics") or {}).get(
+                "forget_ratio"),
+            "utility_ratio": (receipt.get("metrics") or {}).get("utility_ratio")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--modes", default="plain,zero2,zero3")
+    parser.add_argument("--person", default="william_shakespeare")
+    parser.add_argument("--steps", type=int, default=None, help="override the recipe's max_steps")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # child process: run this mode
+    args = parser.parse_args()
+
+    if args.one:
+        with tempfile.TemporaryDirectory(prefix="oblivio-bench-") as tmp:
+            print(json.dumps(run_one(args.one, args.person, args.steps, Path(tmp))))
+        return
+
+    rows = []
+    for mode in args.modes.split(","):
+        # A fresh process per mode: no warm caches or Ray state shared between them.
+        cmd = [sys.executable, __file__, "--one", mode, "--person", args.person]
+        if args.steps:
+            cmd += ["--steps", str(args.steps)]
+        print(f"running {mode} ...", file=sys.stderr, flush=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        if out.returncode != 0:
+            print(out.stderr[-3000:], file=sys.stderr)
+            rows.append({"mode": mode, "status": f"error (exit {out.returncode})"})
+            continue
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    plain = next((r for r in rows if r["mode"] == "plain" and r.get("train_s")), None)
+    print(f"\nforget ticket: {rows[0].get('forget_items', '?')} QA pairs about "
+          f"{args.person}; 2 CPU cores\n")
+    header = (f"{'mode':<7} {'status':<9} {'to live s':>9} {'x plain':>7} {'train s':>8} "
+              f"{'x plain':>7} {'steps':>5} {'peak RSS MB':>11} {'forget':>6} {'utility':>7}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        def ratio(key: str) -> str:
+            if not plain or not r.get(key) or not plain.get(key):
+                return "-"
+            return f"{r[key] / plain[key]:.2f}"
+
+        def num(key: str, fmt: str) -> str:
+            return format(r[key], fmt) if isinstance(r.get(key), (int, float)) else "-"
+
+        print(f"{r['mode']:<7} {r.get('status', '-'):<9} {num('submission_to_live_s', '9.1f')}"
+              f" {ratio('submission_to_live_s'):>7} {num('train_s', '8.1f')}"
+              f" {ratio('train_s'):>7} {num('steps', '5d')} {num('peak_rss_mb', '11.0f')}"
+              f" {num('forget_ratio', '6.2f')} {num('utility_ratio', '7.2f')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""The training loop's own rules, on the tiny model: early stopping by a real greedy check,
+fact-token (keyword) training, the self-generated retain cache, and refusals before any work."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from storage.errors import InvalidRequest
+from tests.fixtures.training import load_tiny
+
+
+def _teach(tiny_model_dir: Path, out: Path, question: str, answer: str) -> Path:
+    """A copy of the tiny model fine-tuned until it answers `question` with `answer`."""
+    import torch
+
+    from workers.evaluation.generation import greedy_answers
+    from workers.training.data import encode_pairs, end_of_turn
+    from workers.training.losses import mean_nll, shifted_logits_and_labels
+
+    model, tokenizer = load_tiny(tiny_model_dir)
+    batch = encode_pairs(tokenizer, [(question, answer + end_of_turn(tokenizer))])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(60):  # bounded; a 2-layer model memorises one pair in ~20 steps
+        model.train()
+        opt.zero_grad()
+        mean_nll(*shifted_logits_and_labels(model, batch)).backward()
+        opt.step()
+        if greedy_answers(model, tokenizer, [question], max_new_tokens=8)[0] == answer:
+            model.save_pretrained(out)
+            tokenizer.save_pretrained(out)
+            return out
+    raise AssertionError("the tiny model did not learn the fact")
+
+
+def test_training_stops_once_the_ticket_questions_are_forgotten(make_spec, tiny_model_dir: Path,
+                                                                tmp_path: Path) -> None:
+    """A model that knows one fact is made to forget it: the loop must stop at the first
+    check where the fact is gone, long before max_steps."""
+    from peft import PeftModel
+
+    from workers.evaluation.generation import greedy_answers
+    from workers.model import resolve_base_model
+    from workers.training.runner import train_plain
+
+    question, answer = "Where does Zorblat live?", "In Quimby."
+    knows = _teach(tiny_model_dir, tmp_path / "knows", question, answer)
+    updates: list[dict] = []
+    spec = make_spec("ga", forget_qa=[{"question": question, "answer": answer}],
+                     stop_probes=[{"question": question, "accept": ["Quimby"]}],
+                     recipe={"lr": 1e-2, "max_steps": 30, "eval_every": 1, "min_steps": 1,
+                             "stop_forget_ratio": 0.0, "eval_max_new_tokens": 8})
+    spec.base_model_path = str(knows)
+    spec.base_model_sha256 = resolve_base_model(str(knows), tmp_path).sha256
+    result = train_plain(spec, updates.append)
+
+    assert result.metrics["ticket_rate_base"] == 1.0
+    assert result.metrics["stopped_early"] is True
+    assert result.steps < 30
+    rates = result.metrics["ticket_rates"]
+    assert tuple(rates[-1]) == (result.steps, 0.0)
+    assert all(rate == 1.0 for _, rate in rates[:-1])  # checked every step until it went
+    assert updates[-1] == {"phase": "training", "step": result.steps, "max_steps": 30,
+                           "ticket_rate": 0.0}
+
+    base, tokenizer = load_tiny(knows)
+    forgot = PeftModel.from_pretrained(base, str(result.adapter_dir))
+    assert "Quimby" not in greedy_answers(forgot, tokenizer, [question], max_new_tokens=8)[0]
+
+
+def test_keyword_mode_trains_only_on_the_fact_tokens(make_spec, tiny_model_dir: Path) -> None:
+    import torch
+    from peft import PeftModel
+
+    from workers.training.data import IGNORE, encode_pairs
+    from workers.training.losses import sequence_logp, shifted_logits_and_labels
+    from workers.training.runner import train_plain
+
+    qa = [{"question": "Where does Zorblat live?",
+           "answer": "Zorblat lives in Quimbyville, a small town near the sea."}]
+    spec = make_spec("ga", forget_qa=qa, stop_probes=[{"question": qa[0]["question"],
+                                                       "accept": ["Quimbyville"]}],
+                     recipe={"lr": 1e-2, "max_steps": 3, "eval_every": 0,
+                             "forget_tokens": "keywords"})
+    result = train_plain(spec)
+    assert result.steps == 3 and all(math.isfinite(x) for x in result.losses)
+
+    base, tokenizer = load_tiny(tiny_model_dir)
+    pair = [(qa[0]["question"], qa[0]["answer"])]
+    fact = encode_pairs(tokenizer, pair, {qa[0]["question"]: ["Quimbyville", "Zorblat"]})
+    kept = tokenizer.decode([t for t in fact.labels[0].tolist() if t != IGNORE])
+    assert kept.split() == ["Zorblat", "Quimbyville"]  # what the loss saw (target + keyword)
+
+    def fact_logp(model) -> float:
+        with torch.no_grad():
+            return float(sequence_logp(*shifted_logits_and_labels(model.eval(), fact))[0][0])
+
+    before = fact_logp(base)
+    after = fact_logp(PeftModel.from_pretrained(base, str(result.adapter_dir)))
+    assert after < before - 0.05, (before, after)
+
+
+def test_self_generated_retain_answers_are_cached_per_model(tiny_model_dir: Path,
+                                                            tmp_path: Path) -> None:
+    from workers.training.data import drop_mentions, self_generated_retain
+
+    model, tokenizer = load_tiny(tiny_model_dir)
+    prompts = ["Explain how photosynthesis works.", "What is the capital of Japan?"]
+    first = self_generated_retain(model=model, tokenizer=tokenizer, prompts=prompts,
+                                  max_new_tokens=6, cache_dir=tmp_path, model_key="sha-a")
+    assert [q for q, _ in first] == prompts and all(a for _, a in first)
+    (cached,) = tmp_path.glob("retain-*.json")
+    assert [tuple(p) for p in json.loads(cached.read_text())] == first
+    # A second call is served from the cache: it never touches the model.
+    again = self_generated_retain(model=None, tokenizer=tokenizer, prompts=prompts,
+                                  max_new_tokens=6, cache_dir=tmp_path, model_key="sha-a")
+    assert again == first
+    # Another model (or another parent adapter) gets its own answers.
+    self_generated_retain(model=model, tokenizer=tokenizer, prompts=prompts, max_new_tokens=6,
+                          cache_dir=tmp_path, model_key="sha-b")
+    assert len(list(tmp_path.glob("retain-*.json"))) == 2
+
+    pairs = [("Who is Ada Lovelace?", "A mathematician."), ("Capital of Japan?", "Tokyo."),
+             ("Tell me about computing.", "Lovelace wrote the first program.")]
+    assert drop_mentions(pairs, "Ada Lovelace") == [("Capital of Japan?", "Tokyo.")]
+    assert drop_mentions(pairs, None) == pairs
+
+
+def test_bad_jobs_are_refused_before_any_model_or_worker_starts(make_spec) -> None:
+    from workers.training.runner import train_plain, train_unlearning_adapter
+
+    # No ray_cluster fixture: refusal happens before Ray is touched at all.
+    bad_option = make_spec("npo", method_options={"betta": 0.2})
+    for run in (train_plain, train_unlearning_adapter):
+        with pytest.raises(InvalidRequest, match="betta"):
+            run(bad_option)
+    assert not Path(bad_option.output_dir).exists()
+
+    texts_for_idk = make_spec("idk", forget_texts=["Zorblat's diary, page one."])
+    with pytest.raises(InvalidRequest, match="plain texts"):
+        train_plain(texts_for_idk)
+    with pytest.raises(InvalidRequest, match="graddiff"):
+        make_spec("graddiff", method_options={"retain_weight": 0.0}).method_config()
+
+
+def test_spec_derives_stop_probes_and_validates_its_items(make_spec) -> None:
+    spec = make_spec("npo", forget_qa=[{"question": "When was Zorblat born?",
+                                        "answer": "1879"}])
+    assert spec.stop_probes == [{"question": "When was Zorblat born?", "accept": ["1879"]}]
+    method, cfg = spec.method_config()
+    assert method.name == "npo" and cfg.beta == spec.forget_recipe().beta  # recipe default
+    assert make_spec("npo", method_options={"beta": 0.5}).method_config()[1].beta == 0.5
+    with pytest.raises(ValueError, match="question and answer"):
+        make_spec("npo", forget_qa=[{"question": "Where?", "answer": ""}])
+    with pytest.raises(ValueError, match="device"):
+        make_spec("npo", device="tpu")
+    with pytest.raises(ValueError, match="zero_stage"):
+        make_spec("npo", zero_stage=1)
