@@ -21,3 +21,7 @@ class InvalidRequest(OblivioError):
 
 class Forbidden(OblivioError):
     """The caller is known but not allowed to do this."""
+
+
+class Unavailable(OblivioError):
+    """A part the request needs (object store, Ray, database) cannot be reached now."""

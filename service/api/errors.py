@@ -14,12 +14,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from storage.errors import Conflict, Forbidden, InvalidRequest, NotFound, OblivioError
+from storage.errors import (
+    Conflict,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    OblivioError,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 
 STATUS_BY_ERROR: dict[type[OblivioError], int] = {
-    NotFound: 404, Conflict: 409, InvalidRequest: 422, Forbidden: 403,
+    NotFound: 404, Conflict: 409, InvalidRequest: 422, Forbidden: 403, Unavailable: 503,
 }
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from storage.errors import InvalidRequest, NotFound, OblivioError
+from storage.errors import InvalidRequest, NotFound, OblivioError, Unavailable
 from storage.objectstore.archive import ARCHIVE_NAME, pack_directory, unpack_archive
 
 MAX_KEY_CHARS = 1024  # S3's limit (in bytes; keys here are ASCII, so also in characters)
@@ -28,7 +28,7 @@ _SEGMENT = re.compile(r"[A-Za-z0-9_=+@-][A-Za-z0-9._=+@-]*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-class StoreUnavailable(OblivioError):
+class StoreUnavailable(Unavailable):
     """The object store cannot be reached or refuses us (network, credentials, bucket)."""
 
 
