@@ -126,5 +126,5 @@ def default_stop_probes(forget_qa: list[dict[str, str]]) -> list[dict[str, Any]]
     from workers.job_training import answer_keywords
 
     return [{"question": i["question"],
-             "accept": list(i.get("accept") or answer_keywords(i["answer"]))}  # type: ignore[arg-type]
+             "accept": list(i.get("accept") or answer_keywords(i["answer"], i["question"]))}  # type: ignore[arg-type]
             for i in forget_qa]
