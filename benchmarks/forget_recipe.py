@@ -236,6 +236,7 @@ class RunResult:
     person: str
     steps: int
     train_s: float
+    train_cpu_s: float  # CPU seconds / threads: the wall time on idle cores, for a shared box
     eval_s: float
     ticket_ratio: float
     forget_ratio: float
@@ -271,6 +272,7 @@ def train_one(model: Any, tok: Any, recipe: ForgetRecipe, probe_set: ForgetProbe
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
 
     t0 = time.perf_counter()  # reference passes count as training time
+    cpu0 = time.process_time()
     # NPO's reference: the frozen base's log-probability of each forget answer, once.
     ref_logp: dict[str, float] = {}
     if recipe.method == "npo":
@@ -343,14 +345,17 @@ def train_one(model: Any, tok: Any, recipe: ForgetRecipe, probe_set: ForgetProbe
                       f" ticket {ticket_rate:.2f} ({time.perf_counter() - t0:.0f}s)", flush=True)
             if trace is not None:  # diagnostics only: never feeds the stopping rule
                 t_trace = time.perf_counter()
+                c_trace = time.process_time()
                 trace(peft_model, step)
                 t0 += time.perf_counter() - t_trace
+                cpu0 += time.process_time() - c_trace
             if recipe.should_stop(step=step, ticket_rate=ticket_rate,
                                   base_ticket_rate=base["ticket"]):
                 stopped = True
                 break
             peft_model.train()
     train_s = time.perf_counter() - t0
+    history.append((-1, (time.process_time() - cpu0) / max(1, torch.get_num_threads())))
     return peft_model, step, train_s, stopped, history
 
 
@@ -458,12 +463,13 @@ def main() -> None:
                 peft_model, steps, train_s, stopped, hist = train_one(
                     model, tok, recipe, person, retain_pairs, b, seed=seed,
                     verbose=args.verbose, trace=trace if args.trace else None)
+                train_cpu_s = hist.pop()[1]
                 t = time.perf_counter()
                 flags = evaluate(peft_model, tok, person, unrelated, args.eval_tokens)
                 eval_s = time.perf_counter() - t
                 res = RunResult(
                     recipe=name + ("*" if overrides else ""), person=person.name, steps=steps,
-                    train_s=train_s, eval_s=eval_s,
+                    train_s=train_s, train_cpu_s=train_cpu_s, eval_s=eval_s,
                     ticket_ratio=rate(flags["ticket"]) / base[person.name]["ticket"],
                     forget_ratio=rate(flags["held_out"]) / base[person.name]["held_out"],
                     utility_ratio=rate(flags["unrelated"]) / base["_unrelated"]["rate"],
@@ -472,7 +478,7 @@ def main() -> None:
                 print(f"  {res.recipe:18s} {person.name:20s} seed {seed} steps {steps:3d}"
                       f"{'(es)' if stopped else '    '} ticket {res.ticket_ratio:.2f} "
                       f"forget {res.forget_ratio:.2f} utility {res.utility_ratio:.2f} "
-                      f"train {train_s:.0f}s {'PASS' if res.passed else 'fail'} {hist}",
+                      f"train {train_s:.0f}s (cpu/threads {train_cpu_s:.0f}s) {'PASS' if res.passed else 'fail'} {hist}",
                       flush=True)
                 if args.verbose:
                     for q, a in zip(person.held_out, flags["held_out_answers"]):
@@ -484,14 +490,15 @@ def main() -> None:
                 peft_model.unload()  # drop the LoRA layers: `model` is the base again
 
     print()
-    print(f"{'recipe':20s} {'person':20s} {'steps':>6s} {'train_s':>8s} {'ticket':>7s} "
-          f"{'forget':>7s} {'utility':>8s}  pass")
+    print(f"{'recipe':20s} {'person':20s} {'steps':>6s} {'train_s':>8s} {'cpu_s':>6s} "
+          f"{'ticket':>7s} {'forget':>7s} {'utility':>8s}  pass")
     for r in results:
         print(f"{r.recipe:20s} {r.person:20s} {r.steps:5d}{'e' if r.stopped_early else ' '} "
-              f"{r.train_s:8.0f} {r.ticket_ratio:7.2f} {r.forget_ratio:7.2f} "
+              f"{r.train_s:8.0f} {r.train_cpu_s:6.0f} {r.ticket_ratio:7.2f} {r.forget_ratio:7.2f} "
               f"{r.utility_ratio:8.2f}  {'yes' if r.passed else 'no'}")
     print("forget/ticket/utility: correct-answer rate after / before (base); "
-          "pass: forget <= 0.2 and utility >= 0.9")
+          "pass: forget <= 0.2 and utility >= 0.9;\ncpu_s: training CPU seconds / threads "
+          "(= wall seconds on idle cores); steps ending in e: stopped early")
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) | {"passed": r.passed}
                                                for r in results], indent=1))

@@ -108,20 +108,25 @@ def test_self_generated_retain_answers_are_cached_per_model(tiny_model_dir: Path
     from workers.training.data import drop_mentions, self_generated_retain
 
     model, tokenizer = load_tiny(tiny_model_dir)
-    prompts = ["Explain how photosynthesis works.", "What is the capital of Japan?"]
-    first = self_generated_retain(model=model, tokenizer=tokenizer, prompts=prompts,
-                                  max_new_tokens=6, cache_dir=tmp_path, model_key="sha-a")
-    assert [q for q, _ in first] == prompts and all(a for _, a in first)
+    prompts = ["Explain how photosynthesis works.", "What is the capital of Japan?",
+               "Name three primary colours."]
+
+    def retain(model, prompts, key="sha-a"):
+        return self_generated_retain(model=model, tokenizer=tokenizer, prompts=prompts,
+                                     max_new_tokens=6, cache_dir=tmp_path, model_key=key)
+
+    # Two ranks, each generating its own share, write into the same cache file.
+    rank0, rank1 = retain(model, prompts[0::2]), retain(model, prompts[1::2])
+    assert [q for q, _ in rank0 + rank1] == prompts[0::2] + prompts[1::2]
+    assert all(a for _, a in rank0 + rank1)
     (cached,) = tmp_path.glob("retain-*.json")
-    assert [tuple(p) for p in json.loads(cached.read_text())] == first
-    # A second call is served from the cache: it never touches the model.
-    again = self_generated_retain(model=None, tokenizer=tokenizer, prompts=prompts,
-                                  max_new_tokens=6, cache_dir=tmp_path, model_key="sha-a")
-    assert again == first
+    assert json.loads(cached.read_text()) == dict(rank0 + rank1)
+    # Later calls are served from the cache, in the order asked: the model is not touched.
+    assert retain(None, prompts) == [(q, dict(rank0 + rank1)[q]) for q in prompts]
     # Another model (or another parent adapter) gets its own answers.
-    self_generated_retain(model=model, tokenizer=tokenizer, prompts=prompts, max_new_tokens=6,
-                          cache_dir=tmp_path, model_key="sha-b")
+    retain(model, prompts[:1], key="sha-b")
     assert len(list(tmp_path.glob("retain-*.json"))) == 2
+    assert not list(tmp_path.glob(".*tmp"))  # no temp files left behind
 
     pairs = [("Who is Ada Lovelace?", "A mathematician."), ("Capital of Japan?", "Tokyo."),
              ("Tell me about computing.", "Lovelace wrote the first program.")]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -113,26 +114,49 @@ def self_generated_retain(*, model: Any, tokenizer: Any, prompts: Sequence[str],
     """The model's own greedy answers to generic prompts, cached per model (`model_key`).
 
     Retaining them keeps the model's behaviour on ordinary requests without needing any
-    retain data from the ticket (O3's "no retain data" setting).
+    retain data from the ticket (O3's "no retain data" setting). The cache maps prompt ->
+    answer, so each rank can generate just its own share of the prompts, and ranks writing
+    at the same time merge their answers instead of overwriting each other's.
     """
-    from workers.evaluation.generation import greedy_answers
+    path = _retain_cache_path(cache_dir, model_key, max_new_tokens)
+    cached = _read_json_dict(path)
+    missing = [p for p in dict.fromkeys(prompts) if p not in cached]
+    if missing:
+        from workers.evaluation.generation import greedy_answers
 
-    key = hashlib.sha256(json.dumps([model_key, list(prompts), max_new_tokens]).encode())
-    path = Path(cache_dir) / f"retain-{key.hexdigest()[:16]}.json"
-    if path.is_file():
-        return [tuple(p) for p in json.loads(path.read_text())]  # type: ignore[misc]
-    answers = greedy_answers(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens)
-    end = end_of_turn(tokenizer)
-    pairs = []
-    for prompt, answer in zip(prompts, answers):
-        n_tokens = len(tokenizer(answer, add_special_tokens=False)["input_ids"])
-        # A complete answer also teaches where to stop; a cut one must not end the turn.
-        pairs.append((prompt, answer + end if n_tokens < max_new_tokens - 1 else answer))
+        answers = greedy_answers(model, tokenizer, missing, max_new_tokens=max_new_tokens)
+        end = end_of_turn(tokenizer)
+        fresh = {}
+        for prompt, answer in zip(missing, answers):
+            n_tokens = len(tokenizer(answer, add_special_tokens=False)["input_ids"])
+            # A complete answer also teaches where to stop; a cut one must not end the turn.
+            fresh[prompt] = answer + end if n_tokens < max_new_tokens - 1 else answer
+        cached = _merge_json_dict(path, fresh)
+    return [(p, cached[p]) for p in prompts]
+
+
+def _retain_cache_path(cache_dir: Path, model_key: str, max_new_tokens: int) -> Path:
+    key = hashlib.sha256(json.dumps([model_key, max_new_tokens]).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"retain-{key}.json"
+
+
+def _read_json_dict(path: Path) -> dict[str, str]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _merge_json_dict(path: Path, fresh: dict[str, str]) -> dict[str, str]:
+    """Add `fresh` to the file (re-read just before writing) and return the merged dict."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(pairs))
+    merged = {**_read_json_dict(path), **fresh}
+    # A private temp name per process, then an atomic replace: readers never see half a file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(merged, ensure_ascii=False, sort_keys=True))
     tmp.replace(path)
-    return pairs
+    return merged
 
 
 def drop_mentions(pairs: Sequence[tuple[str, str]], target: str | None

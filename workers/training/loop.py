@@ -74,11 +74,14 @@ def run_training(spec: TrainJobSpec, strategy: TrainingStrategy,
     model, tokenizer = load_for_training(spec)
 
     eot = end_of_turn(tokenizer)
-    forget_pairs = _forget_pairs(spec, method, method_cfg, eot)
+    rank, world = strategy.rank, strategy.world_size
+    # Data parallel: each rank trains on (and computes references for) its own share only.
+    forget_pairs = shard_for_rank(_forget_pairs(spec, method, method_cfg, eot), rank, world)
     keywords = _fact_keywords(spec) if (recipe.forget_tokens == "keywords"
                                          and method.answer_for is None) else None
     use_retain = recipe.retain_loss != "none" and getattr(method_cfg, "retain_weight", 0.0) > 0
-    retain_pairs = _retain_pairs(spec, recipe, model, tokenizer, eot) if use_retain else []
+    retain_pairs = (_retain_pairs(spec, recipe, model, tokenizer, eot, rank, world)
+                    if use_retain else [])
 
     lora = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
                       lora_dropout=recipe.lora_dropout,
@@ -113,12 +116,11 @@ def run_training(spec: TrainJobSpec, strategy: TrainingStrategy,
 
     params = [p for p in peft_model.parameters() if p.requires_grad]
     trained = strategy.setup(peft_model, params)
-    forget_iter = cycle_batches(shard_for_rank(forget_pairs, strategy.rank, strategy.world_size),
-                                max(1, recipe.forget_batch_size // strategy.world_size),
-                                spec.seed + strategy.rank)
-    retain_iter = (cycle_batches(shard_for_rank(retain_pairs, strategy.rank, strategy.world_size),
-                                 max(1, recipe.retain_batch_size // strategy.world_size),
-                                 spec.seed + 1000 + strategy.rank) if retain_pairs else None)
+    # Per-rank batches of batch_size / world: the averaged gradient is the full batch's.
+    forget_iter = cycle_batches(forget_pairs, max(1, recipe.forget_batch_size // world),
+                                spec.seed + rank)
+    retain_iter = (cycle_batches(retain_pairs, max(1, recipe.retain_batch_size // world),
+                                 spec.seed + 1000 + rank) if retain_pairs else None)
     started = time.perf_counter()
     losses: list[float] = []
     rates: list[tuple[int, float]] = []
@@ -216,19 +218,25 @@ def _fact_keywords(spec: TrainJobSpec) -> dict[str, list[str]]:
     return {i["question"]: accept.get(i["question"], []) + extra for i in spec.forget_qa}
 
 
-def _retain_pairs(spec: TrainJobSpec, recipe: Any, model: Any, tokenizer: Any, eot: str
-                  ) -> list[tuple[str | None, str]]:
+def _retain_pairs(spec: TrainJobSpec, recipe: Any, model: Any, tokenizer: Any, eot: str,
+                  rank: int, world: int) -> list[tuple[str | None, str]]:
+    """This rank's share of the retain data: the ticket's, or the model's own answers."""
     if spec.retain_qa or spec.retain_texts:
-        return ([(i["question"], i["answer"] + eot) for i in spec.retain_qa or []]
-                + [(None, t) for t in spec.retain_texts or []])
+        given: list[tuple[str | None, str]] = (
+            [(i["question"], i["answer"] + eot) for i in spec.retain_qa or []]
+            + [(None, t) for t in spec.retain_texts or []])
+        return shard_for_rank(given, rank, world)
     from workers.evaluation.probes import load_retain_prompts
 
-    prompts = list(load_retain_prompts())[:recipe.retain_prompts]
+    prompts = shard_for_rank(list(load_retain_prompts())[:recipe.retain_prompts], rank, world)
     pairs = self_generated_retain(model=model, tokenizer=tokenizer, prompts=prompts,
                                   max_new_tokens=recipe.retain_max_new_tokens,
                                   cache_dir=Path(spec.data_dir) / "retain-cache",
                                   model_key=_model_key(spec))
-    return list(drop_mentions(pairs, spec.target))
+    # Never empty: under ZeRO-3 every rank must run the same forwards (each one gathers
+    # parameters collectively), so a rank whose few prompts all mention the target keeps
+    # them rather than skipping its retain forward.
+    return list(drop_mentions(pairs, spec.target)) or list(pairs)
 
 
 def _model_key(spec: TrainJobSpec) -> str:

@@ -145,8 +145,12 @@ def _train_worker(config: dict[str, Any]) -> None:
 
 
 def _metrics(result: LoopResult) -> dict[str, Any]:
+    import resource
+
     local, full = result.partition
     return {
+        # Peak resident memory of this training process (ru_maxrss is KiB on Linux).
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "steps": result.steps,
         "stopped_early": result.stopped_early,
         "final_loss": result.losses[-1] if result.losses else None,
