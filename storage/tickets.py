@@ -38,6 +38,7 @@ ENGINE_KINDS: dict[str, TicketKind] = {
     "ga": TicketKind.forget,
     "graddiff": TicketKind.forget,
     "npo": TicketKind.forget,
+    "idk": TicketKind.forget,
     "s3t": TicketKind.delete_records,
 }
 # O3 gets its own engine in a later release; until then forget tickets default to NPO,

@@ -21,7 +21,7 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 # Engines this release can train; tickets for others stay queued for a worker that can.
-RUNNABLE_ENGINES = ("ga", "graddiff", "npo")
+RUNNABLE_ENGINES = ("ga", "graddiff", "npo", "idk")
 
 
 def dispatcher_owner() -> str:

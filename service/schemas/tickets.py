@@ -61,7 +61,7 @@ class ForgetSet(RetainSet):
 
 class _TicketBase(_Strict):
     lineage: LineageName = "default"
-    engine: Engine | None = Field(None, description="o3, ga, graddiff, npo (forget); s3t "
+    engine: Engine | None = Field(None, description="o3, ga, graddiff, npo, idk (forget); s3t "
                                                     "(delete_records). Default by kind.")
     priority: Priority = 0
     not_before: AwareDatetime | None = Field(

@@ -23,7 +23,7 @@ from workers.evaluation.probes import Probe, load_forget_set, load_unrelated_pro
 
 pytestmark = pytest.mark.e2e
 
-FIRST_PERSON = "william_shakespeare"
+FIRST_PERSON = "charles_darwin"
 SECOND_PERSON = "albert_einstein"
 
 
@@ -39,7 +39,7 @@ def _rate(client: TestClient, headers: dict[str, str], probes: list[Probe]) -> f
 
 def _ticket_body(name: str) -> dict:
     person = load_forget_set(name)
-    return {"kind": "forget", "engine": "npo", "target": person.target,
+    return {"kind": "forget", "engine": "idk", "target": person.target,
             "forget": {"qa": [{"question": p.question, "answer": p.answer}
                               for p in person.ticket]}}
 

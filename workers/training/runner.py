@@ -2,6 +2,14 @@
 
 Both write the same thing to `spec.output_dir`: one standard PEFT adapter (safetensors +
 adapter_config.json) that equals the lineage's parent adapter plus the newly trained LoRA.
+
+Lineages: version N trains on base + version N-1 (the parent adapter merged into the base
+weights in memory, so NPO's reference is the lineage's current model), and is saved as the
+exact stack parent + new LoRA, one adapter of rank r_parent + r_new (lora_stack.py). Serving
+version N therefore needs that one directory and the base model, nothing else.
+
+Progress: rank 0 puts updates into a small Ray actor; a driver thread drains it every
+second (and once after the run) into `progress_cb`.
 """
 
 from __future__ import annotations
