@@ -186,7 +186,8 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
     with transaction(ctx.sessions) as s:
         if verdict == "reject":
             registry.mark_failed(s, version_id=version_id, actor=ctx.owner,
-                                 reason="utility fell below the rejection threshold")
+                                 reason="utility fell below the rejection threshold",
+                                 metrics=metrics)
         else:
             registry.mark_ready(s, version_id=version_id, object_key=stored.key,
                                 sha256=stored.sha256, size=stored.size, metrics=metrics,
