@@ -52,29 +52,33 @@ from workers.evaluation.probes import (  # noqa: E402
 )
 from workers.evaluation.recipe import DEFAULT_FORGET_RECIPE, ForgetRecipe  # noqa: E402
 
-MLP = ("gate_proj", "up_proj", "down_proj")
-
 # Candidate recipes compared by the experiments (the winner became DEFAULT_FORGET_RECIPE).
+# B4 = forget batch 4 + retain batch 4; the default uses 4 + 8.
+_B4 = {"forget_batch_size": 4, "retain_batch_size": 4}
+_NO_ES = {"min_steps": 10_000}  # checks still print, never stop: to read a whole trajectory
 RECIPES: dict[str, ForgetRecipe] = {
     "default": DEFAULT_FORGET_RECIPE,
-    "npo": ForgetRecipe(method="npo", retain_loss="none", lr=3e-4, max_steps=40, eval_every=0),
-    "npo_es": ForgetRecipe(method="npo", retain_loss="none", lr=3e-4, max_steps=40),
-    "npo_nll1": ForgetRecipe(method="npo", retain_loss="nll", retain_weight=1.0, lr=3e-4),
-    "npo_nll3": ForgetRecipe(method="npo", retain_loss="nll", retain_weight=3.0, lr=3e-4),
-    "npo_kl1": ForgetRecipe(method="npo", retain_loss="kl", retain_weight=1.0, lr=3e-4),
-    "npo_kl3": ForgetRecipe(method="npo", retain_loss="kl", retain_weight=3.0, lr=3e-4),
-    "npo_kl3_lr1e-4": ForgetRecipe(method="npo", retain_loss="kl", retain_weight=3.0, lr=1e-4,
-                                   max_steps=60),
-    "npo_kl3_lr1e-3": ForgetRecipe(method="npo", retain_loss="kl", retain_weight=3.0, lr=1e-3),
-    "npo_kl3_mlp": ForgetRecipe(method="npo", retain_loss="kl", retain_weight=3.0, lr=3e-4,
-                                target_modules=MLP),
-    "idk_kl1": ForgetRecipe(method="idk", retain_loss="kl", retain_weight=1.0, lr=3e-4),
-    "npo_kl10_lr1e-4": ForgetRecipe(method="npo", retain_loss="kl", retain_weight=10.0, lr=1e-4,
-                                    max_steps=60),
-    "graddiff_nll1": ForgetRecipe(method="graddiff", retain_loss="nll", retain_weight=1.0,
-                                  lr=1e-4),
-    "graddiff_kl3": ForgetRecipe(method="graddiff", retain_loss="kl", retain_weight=3.0,
-                                 lr=1e-4),
+    # The planning baseline: NPO alone, no retain term, 40 steps, no early stop.
+    "npo": DEFAULT_FORGET_RECIPE.with_(method="npo", retain_loss="none", forget_batch_size=8,
+                                       max_steps=40, eval_every=0),
+    "npo_es": DEFAULT_FORGET_RECIPE.with_(method="npo", retain_loss="none", forget_batch_size=8,
+                                          min_steps=5, stop_forget_ratio=0.1),
+    "npo_nll1": DEFAULT_FORGET_RECIPE.with_(method="npo", retain_loss="nll", retain_weight=1.0,
+                                            max_steps=30, **_B4, **_NO_ES),
+    "npo_kl1": DEFAULT_FORGET_RECIPE.with_(method="npo", retain_loss="kl", retain_weight=1.0,
+                                           max_steps=30, **_B4, **_NO_ES),
+    "npo_kl3": DEFAULT_FORGET_RECIPE.with_(method="npo", retain_loss="kl", retain_weight=3.0,
+                                           max_steps=30, **_B4, **_NO_ES),
+    "npo_kw_kl1": DEFAULT_FORGET_RECIPE.with_(method="npo", forget_tokens="keywords",
+                                              retain_loss="kl", retain_weight=1.0, max_steps=30,
+                                              **_B4),
+    "graddiff_kl10": DEFAULT_FORGET_RECIPE.with_(method="graddiff", lr=1e-4),
+    "idk_kl1": DEFAULT_FORGET_RECIPE.with_(retain_weight=1.0, min_steps=5, **_B4),
+    "idk_kl3": DEFAULT_FORGET_RECIPE.with_(retain_weight=3.0, max_steps=35, **_B4, **_NO_ES),
+    "idk_kl10_35": DEFAULT_FORGET_RECIPE.with_(max_steps=35, **_NO_ES),
+    "idk_kl30": DEFAULT_FORGET_RECIPE.with_(retain_weight=30.0, max_steps=30, **_NO_ES),
+    "idk_kl30_lr6e-4": DEFAULT_FORGET_RECIPE.with_(retain_weight=30.0, lr=6e-4, max_steps=30,
+                                                   **_NO_ES),
 }
 
 

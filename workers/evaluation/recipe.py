@@ -50,23 +50,23 @@ class ForgetRecipe:
         retain_max_new_tokens: length of the self-generated retain answers.
     """
 
-    method: ForgetMethod = "npo"
+    method: ForgetMethod = "idk"
     beta: float = 0.1
     forget_tokens: ForgetTokens = "answer"
     retain_loss: RetainLoss = "kl"
-    retain_weight: float = 1.0
+    retain_weight: float = 10.0
     lr: float = 3e-4
     weight_decay: float = 0.0
-    max_steps: int = 40
-    forget_batch_size: int = 8
+    max_steps: int = 45
+    forget_batch_size: int = 4
     retain_batch_size: int = 8
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     target_modules: tuple[str, ...] = field(default=ALL_PROJECTIONS)
     eval_every: int = 5
-    stop_forget_ratio: float = 0.1
-    min_steps: int = 5
+    stop_forget_ratio: float = 0.2
+    min_steps: int = 30
     eval_max_new_tokens: int = 24
     retain_prompts: int = 60
     retain_max_new_tokens: int = 32
