@@ -41,9 +41,10 @@ ENGINE_KINDS: dict[str, TicketKind] = {
     "idk": TicketKind.forget,
     "s3t": TicketKind.delete_records,
 }
-# O3 gets its own engine in a later release; until then forget tickets default to NPO,
-# the strongest baseline that runs today (an explicit "o3" is accepted and waits queued).
-DEFAULT_ENGINE: dict[TicketKind, str] = {TicketKind.forget: "npo",
+# O3 gets its own engine in a later release; until then forget tickets default to "idk"
+# (refusal targets + retain KL), the recipe that met the forget/utility targets on the
+# bundled model (workers/evaluation/recipe.py). An explicit "o3" is accepted and waits queued.
+DEFAULT_ENGINE: dict[TicketKind, str] = {TicketKind.forget: "idk",
                                          TicketKind.delete_records: "s3t"}
 # Tickets in these states have not been claimed yet, so cancelling cannot race a job.
 CANCELLABLE = (TicketStatus.received, TicketStatus.queued)
