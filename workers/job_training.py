@@ -36,24 +36,15 @@ def resolve_base(settings: Settings) -> Any:
     return resolve_base_model(settings.base_model, settings.data_dir)
 
 
-def forget_items(tickets: list[ClaimedTicket]) -> tuple[list[dict[str, str]], list[str]]:
-    """All QA pairs and texts the tickets ask to forget, in ticket order."""
+def payload_items(tickets: list[ClaimedTicket], part: str = "forget"
+                  ) -> tuple[list[dict[str, str]], list[str]]:
+    """The QA pairs and texts of every ticket's `part` ("forget" or "retain"), in order."""
     qa: list[dict[str, str]] = []
     texts: list[str] = []
     for ticket in tickets:
-        forget = (ticket.payload or {}).get("forget") or {}
-        qa += [{"question": i["question"], "answer": i["answer"]} for i in forget.get("qa", [])]
-        texts += list(forget.get("texts", []))
-    return qa, texts
-
-
-def retain_items(tickets: list[ClaimedTicket]) -> tuple[list[dict[str, str]], list[str]]:
-    qa: list[dict[str, str]] = []
-    texts: list[str] = []
-    for ticket in tickets:
-        retain = (ticket.payload or {}).get("retain") or {}
-        qa += [{"question": i["question"], "answer": i["answer"]} for i in retain.get("qa", [])]
-        texts += list(retain.get("texts", []))
+        items = (ticket.payload or {}).get(part) or {}
+        qa += [{"question": i["question"], "answer": i["answer"]} for i in items.get("qa", [])]
+        texts += list(items.get("texts", []))
     return qa, texts
 
 
@@ -88,8 +79,8 @@ def train(settings: Settings, *, base: Any, tickets: list[ClaimedTicket], parent
     from workers.training.runner import train_plain, train_unlearning_adapter
     from workers.training.spec import TrainJobSpec
 
-    qa, texts = forget_items(tickets)
-    retain_qa, retain_texts = retain_items(tickets)
+    qa, texts = payload_items(tickets, "forget")
+    retain_qa, retain_texts = payload_items(tickets, "retain")
     spec = TrainJobSpec.for_engine(
         tickets[0].engine, overrides=settings.recipe, base_model_path=str(base.local_path), base_model_sha256=base.sha256,
         output_dir=str(output_dir), data_dir=str(settings.data_dir.resolve()),
@@ -118,7 +109,7 @@ def evaluate(settings: Settings, *, base: Any, tickets: list[ClaimedTicket], ada
     from workers.evaluation.probes import load_unrelated_probes
     from workers.model import load_model_and_tokenizer
 
-    qa, _texts = forget_items(tickets)
+    qa, _texts = payload_items(tickets, "forget")
     forget = ticket_probes(qa)
     utility = list(load_unrelated_probes())
     model, tokenizer = load_model_and_tokenizer(base, device=settings.device)
