@@ -92,7 +92,7 @@ def bundled_gguf() -> tuple[str, str]:
     return spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def load_model(cache_dir: Path) -> tuple[Any, Any]:
+def load_model(cache_dir: Path, device: str = "cpu") -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (cache_dir / "model.safetensors").exists():
@@ -107,7 +107,7 @@ def load_model(cache_dir: Path) -> tuple[Any, Any]:
         model.save_pretrained(cache_dir)
         tok.save_pretrained(cache_dir)
     tok = AutoTokenizer.from_pretrained(cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(cache_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(cache_dir, dtype=torch.float32).to(device)
     model.requires_grad_(False)
     return model, tok
 
@@ -216,8 +216,10 @@ def cycle_batches(items: list[Any], size: int, seed: int):
 # --------------------------------------------------------------------------- losses
 
 def answer_logits_and_labels(model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    return out.logits[:, :-1].float(), batch.labels[:, 1:]  # (B, T-1, V), (B, T-1)
+    device = next(model.parameters()).device
+    out = model(input_ids=batch.input_ids.to(device),
+                attention_mask=batch.attention_mask.to(device))
+    return out.logits[:, :-1].float(), batch.labels[:, 1:].to(device)  # (B, T-1, V), (B, T-1)
 
 
 def sequence_logp(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -310,7 +312,7 @@ def train_one(model: Any, tok: Any, recipe: ForgetRecipe, probe_set: ForgetProbe
             enc = encode_pairs(tok, chunk, keywords)
             logits, labels = answer_logits_and_labels(peft_model, enc)
         if recipe.method == "npo":
-            ref = torch.tensor([ref_logp[q] for q, _ in chunk])
+            ref = torch.tensor([ref_logp[q] for q, _ in chunk], device=logits.device)
             ratio = sequence_logp(logits, labels) - ref
             loss = -(2.0 / recipe.beta) * F.logsigmoid(-recipe.beta * ratio).mean()
         elif recipe.method == "idk":
@@ -408,6 +410,7 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=str(REPO / ".cache" / "smollm2-135m-instruct"),
                     help="where the de-quantised model is cached (created on first run)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (numbers differ slightly)")
     ap.add_argument("--eval-tokens", type=int, default=32)
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--list", action="store_true")
@@ -437,7 +440,7 @@ def main() -> None:
     cache = Path(args.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
 
-    model, tok = load_model(cache)
+    model, tok = load_model(cache, args.device)
     t = time.perf_counter()
     base = base_scores(model, tok, people, unrelated, cache, args.eval_tokens)
     retain_recipe = RECIPES[names[0]].with_(**overrides)

@@ -47,7 +47,7 @@ class ServingConfig:
     max_adapters: int = 4
 
 
-@serve.deployment(name="Generator", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=8)
+@serve.deployment(name="Generator", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32)
 class Generator:
     def __init__(self, config: ServingConfig) -> None:
         from storage.objectstore import open_object_store
@@ -94,16 +94,42 @@ class Generator:
 
     async def generate(self, prompt: str, max_new_tokens: int = 64) -> dict[str, Any]:
         adapter = await self._adapter(serve.get_multiplexed_model_id() or BASE_ONLY)
-        text = await asyncio.to_thread(self._generate, adapter.name, prompt, max_new_tokens)
+        text = await self._generate_batched(_Request(adapter.name, prompt, max_new_tokens))
         return {"text": text, "adapter": adapter.name}
 
-    def _generate(self, adapter: str | None, prompt: str, max_new_tokens: int) -> str:
+    # Concurrent requests are answered together: one batched forward per token serves the
+    # whole batch, which on CPU is several times the throughput of one request at a time.
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
+    async def _generate_batched(self, requests: list[_Request]) -> list[str]:
+        return await asyncio.to_thread(self._generate_all, requests)
+
+    def _generate_all(self, requests: list[_Request]) -> list[str]:
+        """Answers in request order; one generate() call per adapter in the batch."""
+        answers: list[str] = [""] * len(requests)
+        by_adapter: dict[str | None, list[int]] = {}
+        for i, request in enumerate(requests):
+            by_adapter.setdefault(request.adapter, []).append(i)
+        for adapter, indices in by_adapter.items():
+            texts = self._generate(adapter, [requests[i].prompt for i in indices],
+                                   [requests[i].max_new_tokens for i in indices])
+            for i, text in zip(indices, texts):
+                answers[i] = text
+        return answers
+
+    def _generate(self, adapter: str | None, prompts: list[str],
+                  max_new_tokens: list[int]) -> list[str]:
         import torch
 
         from workers.model import format_chat
 
-        text = format_chat(self._tokenizer, prompt)
-        enc = self._tokenizer(text, return_tensors="pt").to(self._config.device)
+        tok = self._tokenizer
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        side, tok.padding_side = tok.padding_side, "left"  # prompts end where answers start
+        try:
+            enc = tok([format_chat(tok, p) for p in prompts], return_tensors="pt",
+                      padding=True, add_special_tokens=False).to(self._config.device)
+        finally:
+            tok.padding_side = side
         with self._lock, torch.no_grad():
             if adapter is None or self._peft is None:
                 model = self._model
@@ -112,11 +138,20 @@ class Generator:
                 self._peft.set_adapter(adapter)
                 model, ctx = self._peft, _null()
             with ctx:
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=self._tokenizer.pad_token_id
-                                     or self._tokenizer.eos_token_id)
-        return self._tokenizer.decode(out[0, enc["input_ids"].shape[1]:],
-                                      skip_special_tokens=True).strip()
+                # Greedy decoding: the longest request's answer, cut per request, equals
+                # what each would get alone.
+                out = model.generate(**enc, max_new_tokens=max(max_new_tokens),
+                                     do_sample=False, pad_token_id=pad_id)
+        new_tokens = out[:, enc["input_ids"].shape[1]:]
+        return [tok.decode(row[:n], skip_special_tokens=True).strip()
+                for row, n in zip(new_tokens, max_new_tokens)]
+
+
+@dataclass(frozen=True)
+class _Request:
+    adapter: str | None  # loaded PEFT adapter name; None = the base model
+    prompt: str
+    max_new_tokens: int
 
 
 class _LoadedAdapter:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -46,6 +48,17 @@ def test_generate_follows_live_and_refuses_a_revoked_pinned_version(flow, api):
 
     pinned = client.post("/v1/generate", headers=headers, json={**body, "version": "v1"})
     assert pinned.json()["version_id"] == live.json()["version_id"]
+
+    # Concurrent requests (batched by the replica) each get their own answer and length.
+    asks = [{"prompt": f"Where does Zorblat {i} live?" + " Tell me." * (i % 3),
+             "max_new_tokens": 1 + i % 4, **({"version": "v1"} if i % 2 else {})}
+            for i in range(12)]
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        replies = list(pool.map(
+            lambda ask: client.post("/v1/generate", headers=headers, json=ask), asks))
+    assert [r.status_code for r in replies] == [200] * len(asks)
+    assert {r.json()["version"] for r in replies} == {"default@v1"}
+    assert all(isinstance(r.json()["text"], str) for r in replies)
 
     revoked = client.post(f"/v1/versions/{live.json()['version_id']}/revoke", headers=headers,
                           json={"reason": "test"})

@@ -25,10 +25,13 @@ def _train_worker_pids() -> list[int]:
     return pids
 
 
-# Not in `make test`: after a SIGKILLed worker, Ray Train can keep the failed run's placement
-# group on a loaded 2-CPU machine, and the retry then waits for CPUs forever (seen once in a
-# full-suite run; the test passes alone). Run with `make test-fault`.
-@pytest.mark.fault
+def _live_placement_groups() -> list[str]:
+    import ray.util
+
+    return [g for g, info in ray.util.placement_group_table().items()
+            if info["state"] not in ("REMOVED",)]
+
+
 def test_killing_a_train_worker_mid_training_retries_the_ticket_to_done(flow):
     from workers.dispatcher import DispatcherLoop
 
@@ -54,6 +57,9 @@ def test_killing_a_train_worker_mid_training_retries_the_ticket_to_done(flow):
     assert killed is not None, "training never reached step 2"
     assert not first.is_alive()
 
+    # The failed run holds no CPUs any more: its placement group is gone (else the retry
+    # could wait forever on a small cluster).
+    assert _live_placement_groups() == []
     with sessions() as s:
         ticket = s.get_one(Ticket, ticket_id)
         assert ticket.status == TicketStatus.queued, "the failed attempt must requeue the ticket"

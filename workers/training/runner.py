@@ -72,13 +72,14 @@ def train_unlearning_adapter(spec: TrainJobSpec,
     from ray.train.torch import TorchConfig, TorchTrainer
 
     spec.method_config()  # refuse a bad method or options before any worker starts
-    sink = _progress_sink_cls().options(num_cpus=0).remote() if progress_cb else None
+    # Always created: besides progress it carries the run's placement group to clean up.
+    sink = _progress_sink_cls().options(num_cpus=0).remote()
     Path(spec.output_dir).parent.mkdir(parents=True, exist_ok=True)
     storage = Path(tempfile.mkdtemp(prefix="ray-train-", dir=Path(spec.output_dir).parent))
     use_gpu = spec.device == "cuda"
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"spec": spec, "sink": sink},
+        train_loop_config={"spec": spec, "sink": sink, "progress": progress_cb is not None},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=None if use_gpu else {"CPU": 1}),
@@ -90,7 +91,7 @@ def train_unlearning_adapter(spec: TrainJobSpec,
     )
     stop = threading.Event()
     poller = None
-    if sink is not None and progress_cb is not None:
+    if progress_cb is not None:
         poller = threading.Thread(target=_poll_progress, args=(sink, progress_cb, stop),
                                   daemon=True)
         poller.start()
@@ -107,11 +108,11 @@ def train_unlearning_adapter(spec: TrainJobSpec,
         stop.set()
         if poller is not None:
             poller.join(timeout=15)  # its last drain
-        if sink is not None:
-            try:
-                ray.kill(sink)
-            except Exception:  # already gone with a failed run: nothing to clean up
-                log.debug("progress sink already gone", exc_info=True)
+        _release_placement_group(sink)
+        try:
+            ray.kill(sink)
+        except Exception:  # already gone with a failed run: nothing to clean up
+            log.debug("progress sink already gone", exc_info=True)
         shutil.rmtree(storage, ignore_errors=True)
     metrics = {k: v for k, v in (result.metrics or {}).items() if not k.startswith("_")}
     return TrainResult(adapter_dir=out, metrics=metrics,
@@ -121,6 +122,7 @@ def train_unlearning_adapter(spec: TrainJobSpec,
 def _train_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker (rank); rank 0 writes the adapter as the checkpoint."""
     import ray.train
+    import ray.util
     import torch
 
     spec: TrainJobSpec = config["spec"]
@@ -138,7 +140,11 @@ def _train_worker(config: dict[str, Any]) -> None:
                                  weight_decay=recipe.weight_decay, device=spec.device,
                                  micro_batch=max(1, recipe.forget_batch_size // spec.num_workers))
     progress = None
-    if sink is not None and strategy.rank == 0:
+    if strategy.rank == 0:
+        group = ray.util.get_current_placement_group()
+        if group is not None:
+            ray.get(sink.set_placement_group.remote(group.id.hex()))
+    if strategy.rank == 0 and config["progress"]:
         def progress(update: dict[str, Any]) -> None:
             sink.put.remote(update)
     result = run_training(spec, strategy, progress)
@@ -226,15 +232,39 @@ def _poll_progress(sink: Any, progress_cb: ProgressFn, stop: threading.Event) ->
             log.debug("progress poll failed", exc_info=True)
 
 
+def _release_placement_group(sink: Any) -> None:
+    """Remove the run's placement group if Ray Train left it behind.
+
+    When a worker process dies (OOM, SIGKILL), Train can leave the run's placement group
+    and the surviving rank alive; on a small cluster the retry would then wait for CPUs
+    forever. Removing the group frees its bundles and ends any actor still inside it.
+    """
+    import ray
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    try:
+        group_hex = ray.get(sink.placement_group.remote(), timeout=10)
+        if not group_hex:
+            return
+        group = PlacementGroup(PlacementGroupID(bytes.fromhex(group_hex)))
+        if ray.util.placement_group_table(group).get("state") not in (None, "REMOVED"):
+            remove_placement_group(group)
+            log.info("removed placement group %s left by the training run", group_hex)
+    except Exception:  # cleanup is best effort; the job's own outcome stands
+        log.warning("could not release the training placement group", exc_info=True)
+
+
 def _progress_sink_cls() -> Any:
     import ray
 
     @ray.remote
     class ProgressSink:
-        """Rank 0 puts updates; the driver drains them into the database."""
+        """Rank 0 puts updates (and its placement group); the driver drains them."""
 
         def __init__(self) -> None:
             self._updates: list[dict[str, Any]] = []
+            self._placement_group: str | None = None
 
         def put(self, update: dict[str, Any]) -> None:
             self._updates.append(update)
@@ -242,5 +272,11 @@ def _progress_sink_cls() -> Any:
         def drain(self) -> list[dict[str, Any]]:
             out, self._updates = self._updates, []
             return out
+
+        def set_placement_group(self, group_hex: str) -> None:
+            self._placement_group = group_hex
+
+        def placement_group(self) -> str | None:
+            return self._placement_group
 
     return ProgressSink
