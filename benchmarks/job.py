@@ -56,7 +56,12 @@ def run_one(mode: str, person: str, steps: int | None, workdir: Path) -> dict:
     from workers.runtime import connect_ray
 
     base = resolve_base_model("bundled:smollm2-135m-instruct", REPO / ".cache" / "oblivio-data")
-    recipe = {"max_steps": steps} if steps else {}
+    # --steps: a fixed number of steps (early stopping off), so train times compare 1:1.
+    recipe = {"max_steps": steps, "min_steps": steps} if steps else {}
+    if mode == "plain":
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)  # the plain loop gets every core
     settings = Settings(data_dir=workdir, base_model=str(base.local_path), num_workers=2,
                         batch_window_seconds=0.0, recipe=recipe, **MODES[mode])
     upgrade(settings.resolved_database_url)
@@ -71,7 +76,8 @@ def run_one(mode: str, person: str, steps: int | None, workdir: Path) -> dict:
     submitted = time.perf_counter()
     with transaction(sessions) as s:
         ticket_id = tickets.submit(s, request=tickets.TicketRequest(
-            kind=TicketKind.forget, engine="npo", target=target.target,
+            kind=TicketKind.forget, engine=tickets.DEFAULT_ENGINE[TicketKind.forget],
+            target=target.target,
             payload={"target": target.target, "forget": {"texts": [], "qa": qa},
                      "retain": None}), requester="benchmark").id
     DispatcherLoop(settings).run_once()
@@ -84,6 +90,8 @@ def run_one(mode: str, person: str, steps: int | None, workdir: Path) -> dict:
     return {"mode": mode, "status": status, "promoted": receipt.get("promoted"),
             "submission_to_live_s": live_after, "train_s": training.get("train_seconds"),
             "steps": training.get("steps"), "peak_rss_mb": training.get("peak_rss_mb"),
+            "s_per_step": (training["train_seconds"] / training["steps"]
+                           if training.get("steps") else None),
             "forget_items": len(qa), "forget_ratio": (receipt.get("metrics") or {}).get(
                 "forget_ratio"),
             "utility_ratio": (receipt.get("metrics") or {}).get("utility_ratio")}
@@ -92,7 +100,7 @@ def run_one(mode: str, person: str, steps: int | None, workdir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--modes", default="plain,zero2,zero3")
-    parser.add_argument("--person", default="william_shakespeare")
+    parser.add_argument("--person", default="charles_darwin")
     parser.add_argument("--steps", type=int, default=None, help="override the recipe's max_steps")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # child process: run this mode
     args = parser.parse_args()
@@ -120,7 +128,8 @@ def main() -> None:
     print(f"\nforget ticket: {rows[0].get('forget_items', '?')} QA pairs about "
           f"{args.person}; 2 CPU cores\n")
     header = (f"{'mode':<7} {'status':<9} {'to live s':>9} {'x plain':>7} {'train s':>8} "
-              f"{'x plain':>7} {'steps':>5} {'peak RSS MB':>11} {'forget':>6} {'utility':>7}")
+              f"{'steps':>5} {'s/step':>6} {'x plain':>7} {'peak RSS MB':>11} {'forget':>6} "
+              f"{'utility':>7}")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -134,8 +143,12 @@ def main() -> None:
 
         print(f"{r['mode']:<7} {r.get('status', '-'):<9} {num('submission_to_live_s', '9.1f')}"
               f" {ratio('submission_to_live_s'):>7} {num('train_s', '8.1f')}"
-              f" {ratio('train_s'):>7} {num('steps', '5d')} {num('peak_rss_mb', '11.0f')}"
-              f" {num('forget_ratio', '6.2f')} {num('utility_ratio', '7.2f')}")
+              f" {num('steps', '5d')} {num('s_per_step', '6.2f')} {ratio('s_per_step'):>7}"
+              f" {num('peak_rss_mb', '11.0f')} {num('forget_ratio', '6.2f')}"
+              f" {num('utility_ratio', '7.2f')}")
+    print("\nto live: submission -> promoted (or left as candidate); train s: the training "
+          "loop alone;\npeak RSS: one training process (plain: the whole service process); "
+          "forget/utility: the job's own evaluation, after / before")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Prometheus metrics. Each app gets its own CollectorRegistry; nothing is registered globally.
 
-`CLAIM_LATENCY` is created unregistered at import (no global mutation): the dispatcher
-observes it, and every app's registry includes it, so an in-process dispatcher's claims
-show up on that app's `/metrics`.
+`CLAIM_LATENCY` is created unregistered at import (no global mutation): an in-process
+dispatcher observes it, and every app's registry includes it, so its claims show up on that
+app's `/metrics`. The dispatcher Ray actor records the same histogram as a Ray metric
+instead, exported by Ray's metrics agent as `ray_oblivio_claim_latency_seconds`.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from storage.models import TicketStatus
 
 log = logging.getLogger(__name__)
 
+CLAIM_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 CLAIM_LATENCY = Histogram(
     "oblivio_claim_latency_seconds",
     "Time one dispatcher claim query took (claim of ready tickets from the DB queue).",
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+    buckets=CLAIM_LATENCY_BUCKETS,
     registry=None,
 )
 

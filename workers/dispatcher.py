@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from service.settings import Settings
@@ -33,7 +34,10 @@ class DispatcherLoop:
     """Claim -> group by lineage and engine -> run one job per group, forever."""
 
     def __init__(self, settings: Settings, *, max_batch: int = 8, poll_seconds: float = 1.0,
-                 owner: str | None = None) -> None:
+                 owner: str | None = None,
+                 observe_claim: Callable[[float], None] | None = None) -> None:
+        """`observe_claim` gets each claim query's seconds; by default the API process's
+        Prometheus histogram (the Ray actor passes a Ray metric, exported by Ray)."""
         from storage.db import make_engine, make_session_factory
         from storage.objectstore import object_store_from_settings
 
@@ -45,6 +49,7 @@ class DispatcherLoop:
         self.sessions = make_session_factory(self._engine)
         self.store = object_store_from_settings(settings)
         self._stop = threading.Event()
+        self._observe_claim = observe_claim or _observe_in_process
         self.jobs_run = 0
 
     def run_once(self) -> int:
@@ -56,7 +61,7 @@ class DispatcherLoop:
         first = queue.claim(self.sessions, owner=self.owner, limit=1,
                             lease_seconds=self.settings.lease_seconds,
                             max_attempts=self.settings.max_attempts, engines=RUNNABLE_ENGINES)
-        _observe_claim_latency(time.perf_counter() - started)
+        self._observe_claim(time.perf_counter() - started)
         if not first:
             return 0
         claimed = list(first)
@@ -99,12 +104,23 @@ class DispatcherLoop:
         self._stop.set()
 
 
-def _observe_claim_latency(seconds: float) -> None:
-    try:
-        from service.metrics import CLAIM_LATENCY
-    except ImportError:  # metrics are optional for the loop
-        return
+def _observe_in_process(seconds: float) -> None:
+    from service.metrics import CLAIM_LATENCY
+
     CLAIM_LATENCY.observe(seconds)
+
+
+def ray_claim_latency_observer() -> Callable[[float], None]:
+    """The claim-latency histogram as a Ray metric: Ray's metrics agent exports it (as
+    `ray_oblivio_claim_latency_seconds`) from whichever node the actor runs on."""
+    from ray.util.metrics import Histogram
+
+    from service.metrics import CLAIM_LATENCY_BUCKETS
+
+    histogram = Histogram("oblivio_claim_latency_seconds",
+                          description="Time one dispatcher claim query took.",
+                          boundaries=list(CLAIM_LATENCY_BUCKETS))
+    return histogram.observe
 
 
 def start_dispatcher_actor(settings: Settings) -> Any:
@@ -116,7 +132,7 @@ def start_dispatcher_actor(settings: Settings) -> Any:
         # A thin shell: the loop runs in a thread so the actor still answers `status`.
         def __init__(self, settings: Settings) -> None:
             logging.basicConfig(level=logging.INFO)
-            self._loop = DispatcherLoop(settings)
+            self._loop = DispatcherLoop(settings, observe_claim=ray_claim_latency_observer())
             self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
             self._thread.start()
 

@@ -28,12 +28,14 @@ FIRST_PERSON = "charles_darwin"
 SECOND_PERSON = "albert_einstein"
 
 
-def _rate(client: TestClient, headers: dict[str, str], probes: list[Probe]) -> float:
+def _rate(client: TestClient, headers: dict[str, str], probes: list[Probe],
+          version: str | None = None) -> float:
     """Correct-answer rate through /v1/generate; concurrent requests, as real clients send."""
 
     def ask(probe: Probe) -> bool:
         res = client.post("/v1/generate", headers=headers,
-                          json={"prompt": probe.question, "max_new_tokens": 32})
+                          json={"prompt": probe.question, "max_new_tokens": 32,
+                                "version": version})
         assert res.status_code == 200, res.text
         return is_correct(res.json()["text"], accepted=probe.accept)
 
@@ -107,9 +109,15 @@ def test_a_ticket_makes_the_served_model_forget_a_person_and_keep_the_rest(servi
     assert loop.run_once() == 1
     versions = _items(client.get("/v1/lineages/default/versions", headers=headers).json())
     v2 = next(v for v in versions if v["version"] == 2)
-    assert v2["parent_id"] == v1["id"]
-    # The first person stays forgotten under version 2 (continual unlearning).
-    assert _rate(client, headers, held_out) <= 0.2 * base_forget
+    assert v2["parent_id"] == v1["id"] and v2["status"] == "ready"
+    # Promoted or held as a candidate, by its own recorded evaluation.
+    assert v2["metrics"]["verdict"] in ("pass", "hold"), v2["metrics"]
+    # The first person stays forgotten under version 2 (continual unlearning), asked of v2
+    # itself whether or not it went live.
+    under_v2 = _rate(client, headers, held_out, version="v2")
+    print(f"held-out about {person.target} under v2: {under_v2:.2f}; v2 evaluation: "
+          f"{v2['metrics']['verdict']} (utility {v2['metrics']['utility_ratio']:.2f} of base)")
+    assert under_v2 <= 0.2 * base_forget
 
 
 def _items(payload):

@@ -56,12 +56,20 @@ def test_ticket_becomes_a_stored_live_version_and_the_next_one_stacks_on_it(flow
 
 
 def test_a_failing_job_returns_its_ticket_to_the_queue_with_the_error(flow, tmp_path):
-    from workers.dispatcher import DispatcherLoop
+    from workers.dispatcher import DispatcherLoop, ray_claim_latency_observer
 
     settings, sessions = flow.settings, flow.sessions
     broken = settings.model_copy(update={"base_model": str(tmp_path / "no-such-model")})
     ticket_id = flow.submit(key="t-broken")
-    assert DispatcherLoop(broken).run_once() == 1
+    # Claim latency goes to the observer the dispatcher actor uses (a Ray metric).
+    ray_observe, claims = ray_claim_latency_observer(), []
+
+    def observe(seconds: float) -> None:
+        claims.append(seconds)
+        ray_observe(seconds)
+
+    assert DispatcherLoop(broken, observe_claim=observe).run_once() == 1
+    assert len(claims) == 1 and 0 < claims[0] < 5
     with sessions() as s:
         ticket = s.get_one(Ticket, ticket_id)
         assert ticket.status == TicketStatus.queued  # retried later, not lost

@@ -112,12 +112,21 @@ def test_verdict_is_relative_to_the_base_model():
 
 
 def test_default_recipe_is_valid_and_stops_only_when_the_ticket_is_forgotten():
-    r = DEFAULT_FORGET_RECIPE
-    assert not r.should_stop(step=r.min_steps, ticket_rate=0.5, base_ticket_rate=0.5)
-    assert r.should_stop(step=r.min_steps, ticket_rate=0.0, base_ticket_rate=0.5)
+    r = DEFAULT_FORGET_RECIPE.with_(stop_patience=1)
+    assert not r.should_stop(step=r.min_steps, ticket_rates=[0.5], base_ticket_rate=0.5)
+    assert r.should_stop(step=r.min_steps, ticket_rates=[0.5, 0.0], base_ticket_rate=0.5)
     # Never before min_steps, and never on a ticket the base model did not know.
-    assert not r.should_stop(step=r.min_steps - 1, ticket_rate=0.0, base_ticket_rate=0.5)
-    assert not r.should_stop(step=r.min_steps, ticket_rate=0.0, base_ticket_rate=0.0)
+    assert not r.should_stop(step=r.min_steps - 1, ticket_rates=[0.0], base_ticket_rate=0.5)
+    assert not r.should_stop(step=r.min_steps, ticket_rates=[0.0], base_ticket_rate=0.0)
+
+
+def test_stop_patience_needs_consecutive_forgotten_checks():
+    r = DEFAULT_FORGET_RECIPE.with_(stop_patience=2, min_steps=10)
+    base = 0.5
+    assert not r.should_stop(step=10, ticket_rates=[0.0], base_ticket_rate=base)
+    assert not r.should_stop(step=15, ticket_rates=[0.0, 0.4], base_ticket_rate=base)
+    assert not r.should_stop(step=20, ticket_rates=[0.0, 0.4, 0.05], base_ticket_rate=base)
+    assert r.should_stop(step=25, ticket_rates=[0.0, 0.4, 0.05, 0.1], base_ticket_rate=base)
 
 
 @pytest.mark.parametrize("changes", [

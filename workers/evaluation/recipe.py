@@ -7,6 +7,7 @@ and when to stop. The numbers behind them are in the benchmark's table and in DE
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -44,7 +45,9 @@ class ForgetRecipe:
         stop_forget_ratio: stop at the first check where the ticket's own forget questions
             are answered correctly at most this fraction as often as by the base model.
             Only ticket questions may be used here: held-out rephrasings are the test.
-        min_steps: never stop before this many steps (one check cannot prove forgetting).
+        min_steps: never stop before this many steps.
+        stop_patience: the forget condition must hold at this many consecutive checks (one
+            lucky check does not prove forgetting; the rate still swings early on).
         eval_max_new_tokens: tokens generated per probe answer during checks.
         retain_prompts: how many generic retain prompts to self-generate answers for.
         retain_max_new_tokens: length of the self-generated retain answers.
@@ -67,6 +70,7 @@ class ForgetRecipe:
     eval_every: int = 5
     stop_forget_ratio: float = 0.2
     min_steps: int = 30
+    stop_patience: int = 1
     eval_max_new_tokens: int = 24
     retain_prompts: int = 60
     retain_max_new_tokens: int = 32
@@ -83,7 +87,7 @@ class ForgetRecipe:
         for name in ("lr", "beta", "lora_alpha"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
-        for name in ("max_steps", "forget_batch_size", "lora_r"):
+        for name in ("max_steps", "forget_batch_size", "lora_r", "stop_patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.retain_weight < 0 or self.eval_every < 0 or self.min_steps < 0:
@@ -97,11 +101,15 @@ class ForgetRecipe:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
 
-    def should_stop(self, *, step: int, ticket_rate: float, base_ticket_rate: float) -> bool:
-        """Early-stopping rule: the ticket's own questions are forgotten enough."""
-        if step < self.min_steps or base_ticket_rate <= 0.0:
+    def should_stop(self, *, step: int, ticket_rates: Sequence[float],
+                    base_ticket_rate: float) -> bool:
+        """Early-stopping rule: the ticket's own questions are forgotten enough, for
+        `stop_patience` checks in a row (`ticket_rates`: every check so far, newest last)."""
+        recent = list(ticket_rates)[-self.stop_patience:]
+        if (step < self.min_steps or base_ticket_rate <= 0.0
+                or len(recent) < self.stop_patience):
             return False
-        return ticket_rate <= self.stop_forget_ratio * base_ticket_rate
+        return all(rate <= self.stop_forget_ratio * base_ticket_rate for rate in recent)
 
 
 DEFAULT_FORGET_RECIPE = ForgetRecipe()

@@ -158,7 +158,8 @@ def run_training(spec: TrainJobSpec, strategy: TrainingStrategy,
                 progress({"phase": "training", "step": step, "max_steps": recipe.max_steps,
                           "ticket_rate": rate})
             # Every rank sees the same all-reduced rate, so all ranks stop at the same step.
-            if recipe.should_stop(step=step, ticket_rate=rate, base_ticket_rate=base_rate):
+            if recipe.should_stop(step=step, ticket_rates=[r for _, r in rates],
+                                  base_ticket_rate=base_rate):
                 stopped = True
                 break
             trained.train()

@@ -121,13 +121,17 @@ def train_unlearning_adapter(spec: TrainJobSpec,
 
 def _train_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker (rank); rank 0 writes the adapter as the checkpoint."""
+    import ray
     import ray.train
     import ray.util
     import torch
 
     spec: TrainJobSpec = config["spec"]
     sink = config["sink"]
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    # As many threads as CPUs Ray gave this rank: more would oversubscribe the cores that
+    # the other ranks use (seen: 2 ranks x 2 threads on 2 cores ran several times slower).
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    torch.set_num_threads(max(1, int(cpus or os.environ.get("OMP_NUM_THREADS", "1"))))
     if spec.device == "cuda":
         import ray.train.torch
 
