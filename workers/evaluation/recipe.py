@@ -117,14 +117,19 @@ DEFAULT_FORGET_RECIPE = ForgetRecipe()
 retain data, 30-45 steps, stop at the first check from step 30 on where the ticket's own
 questions are answered at most 0.2x as often as by the base.
 
-Measured on SmolLM2-135M-Instruct (benchmarks/forget_recipe.py; held-out rephrasings and
-57 unrelated questions, each relative to the base): Shakespeare 0.09 / 0.91 (seed 0) and
-0.09 / 0.98 (seed 1); Einstein 0.17 / 0.91 (seed 0) but 0.25 / 0.95 (seed 1, a miss);
-Darwin 0.20 / 0.93. 30 steps took ~118 s on 2 idle threads (~3.3 s/step with six ticket
-checks included): above the ~90 s aim. Why not the alternatives:
+Measured on SmolLM2-135M-Instruct with 20-question tickets (benchmarks/forget_recipe.py,
+the product's own loop in one process; held-out rephrasings and 57 unrelated questions,
+each relative to the base): Darwin 0.10 / 0.91 (35 steps), Einstein 0.17 / 0.91 (30 steps).
+Through the whole product path (Ray Train, 2 ranks, ZeRO-2; tests/e2e) Darwin measured
+0.20 / 0.95 via /v1/generate. With the earlier 12-16-question tickets: Shakespeare 0.09 /
+0.91 and 0.09 / 0.98 (seeds 0, 1), Einstein 0.17 / 0.91 and 0.25 / 0.95 (a miss), Darwin
+0.20 / 0.93. Why not the alternatives:
 - NPO (no retain): forgets, but utility 0.26; with KL retain (w 1-3) the retain term brings
   back the knowledge along with utility (held-out 0.27-0.45 at utility 0.86-0.91).
 - NPO on the fact tokens only: collapses faster (utility 0.02).
 - idk with retain weight 1-3: refusals leak into unrelated questions (utility 0.35-0.82);
   weight 30: stays local but the held-out rephrasings are not forgotten (0.50-0.58).
+- Stopping earlier (two forgotten checks in a row from step 10 or 20, stop_patience=2):
+  Einstein stops at step 20 with 0.33 / 0.89, worse on both sides: utility dips early in
+  training and the KL term brings it back later.
 """

@@ -142,7 +142,8 @@ def _train_worker(config: dict[str, Any]) -> None:
     recipe = spec.forget_recipe()
     strategy = DeepSpeedStrategy(zero_stage=spec.zero_stage, lr=recipe.lr,
                                  weight_decay=recipe.weight_decay, device=spec.device,
-                                 micro_batch=max(1, recipe.forget_batch_size // spec.num_workers))
+                                 micro_batch=max(1, recipe.forget_batch_size // spec.num_workers),
+                                 param_persistence_threshold=spec.zero3_persistence_threshold)
     progress = None
     if strategy.rank == 0:
         group = ray.util.get_current_placement_group()

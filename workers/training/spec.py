@@ -35,6 +35,8 @@ class TrainJobSpec:
         parent_adapter_dir: the lineage's current adapter; merged into the base before
             training, and stacked with the new LoRA into the saved adapter.
         num_workers: Ray Train workers = DeepSpeed ranks; zero_stage: 2 or 3.
+        zero3_persistence_threshold: ZeRO-3 keeps parameters smaller than this whole on
+            every rank (see DeepSpeedStrategy); 0 partitions all of them.
         device: "cpu" or "cuda". seed: for batch order and LoRA initialisation.
     """
 
@@ -53,6 +55,7 @@ class TrainJobSpec:
     parent_adapter_dir: str | None = None
     num_workers: int = 2
     zero_stage: int = 2
+    zero3_persistence_threshold: int = 100_000
     device: str = "cpu"
     seed: int = 0
 
@@ -66,6 +69,8 @@ class TrainJobSpec:
             raise ValueError("zero_stage must be 2 or 3")
         if self.num_workers < 1:
             raise ValueError("num_workers must be >= 1")
+        if self.zero3_persistence_threshold < 0:
+            raise ValueError("zero3_persistence_threshold must be >= 0")
         if self.device not in ("cpu", "cuda"):
             raise ValueError("device must be 'cpu' or 'cuda'")
         self.forget_recipe()  # validates

@@ -75,6 +75,10 @@ class DeepSpeedStrategy:
         micro_batch: per-rank batch size DeepSpeed is told about (bookkeeping only: the loop
             builds its own batches).
         device: "cpu" (gloo) or "cuda" (nccl).
+        param_persistence_threshold: under ZeRO-3, parameters with fewer elements than
+            this stay whole on every rank (DeepSpeed's default, 1e5): norms and LoRA
+            matrices are tiny, and gathering each of them every forward costs more than
+            keeping them. 0 partitions everything (tiny test models need that).
     """
 
     zero_stage: int
@@ -83,6 +87,7 @@ class DeepSpeedStrategy:
     grad_clip: float = 1.0
     micro_batch: int = 1
     device: str = "cpu"
+    param_persistence_threshold: int = 100_000
 
     def __post_init__(self) -> None:
         import torch.distributed as dist
@@ -94,9 +99,7 @@ class DeepSpeedStrategy:
     def config(self) -> dict[str, Any]:
         zero: dict[str, Any] = {"stage": self.zero_stage}
         if self.zero_stage == 3:
-            # Tiny (test) models would otherwise keep every parameter whole on every rank,
-            # and nothing would be partitioned at all.
-            zero.update(stage3_param_persistence_threshold=0,
+            zero.update(stage3_param_persistence_threshold=self.param_persistence_threshold,
                         stage3_gather_16bit_weights_on_model_save=True)
         return {
             "train_micro_batch_size_per_gpu": self.micro_batch,
