@@ -1,0 +1,75 @@
+"""The job path on the real bundled model, kept short enough for every CI run.
+
+What the tiny model cannot show: the converted SmolLM2 weights, its tokenizer and chat
+template, DeepSpeed ZeRO-2 over its real layers, and evaluation on the shipped probes. How
+well it forgets is tests/e2e's question (slow); this checks what a user sees of the
+versions: v1 stored and registered against the base model's hash, an operator promoting
+it, and v2 built on top of it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+from storage import tokens
+from storage.db import transaction
+from storage.models import Role
+from workers.evaluation.probes import load_forget_set
+
+
+def _ticket(name: str, n: int) -> dict:
+    person = load_forget_set(name)
+    return {"kind": "forget", "target": person.target,
+            "forget": {"qa": [{"question": p.question, "answer": p.answer}
+                              for p in person.ticket[:n]]}}
+
+
+def test_real_model_tickets_become_versions_and_the_second_stacks_on_the_first(
+        tmp_path: Path, bundled_model, ray_cluster) -> None:
+    from workers.dispatcher import DispatcherLoop
+
+    settings = Settings(data_dir=tmp_path / "data", base_model=str(bundled_model.local_path),
+                        num_workers=2, zero_stage=2, batch_window_seconds=0.0,
+                        recipe={"max_steps": 4, "eval_every": 0, "retain_prompts": 4,
+                                "retain_max_new_tokens": 16})
+    app = create_app(settings)
+    with TestClient(app) as client:
+        with transaction(app.state.sessions) as s:
+            _, secret = tokens.create_token(s, role=Role.operator, name="real-model")
+        headers = {"Authorization": f"Bearer {secret}"}
+        loop = DispatcherLoop(settings)
+
+        first = client.post("/v1/tickets", headers=headers, json=_ticket("charles_darwin", 4))
+        assert first.status_code == 202, first.text
+        assert loop.run_once() == 1
+        ticket = client.get(f"/v1/tickets/{first.json()['id']}", headers=headers).json()
+        assert ticket["status"] == "done", ticket
+        versions = client.get("/v1/lineages/default/versions", headers=headers).json()
+        (v1,) = versions
+        assert v1["status"] == "ready" and v1["parent_id"] is None
+        assert v1["base_model_sha256"] == bundled_model.sha256
+        # The job evaluated its ticket's 4 questions and the shipped unrelated probes.
+        assert v1["metrics"]["forget_probes"] == 4 and v1["metrics"]["utility_probes"] >= 20
+        assert v1["metrics"]["training"]["steps"] == 4
+
+        # Four steps rarely pass the forgetting threshold: an operator promotes it by hand.
+        if "live" not in v1["aliases"]:
+            promoted = client.post("/v1/lineages/default/promote", headers=headers,
+                                   json={"version": 1})
+            assert promoted.status_code == 200, promoted.text
+
+        second = client.post("/v1/tickets", headers=headers,
+                             json=_ticket("albert_einstein", 4))
+        assert second.status_code == 202, second.text
+        assert loop.run_once() == 1
+        versions = client.get("/v1/lineages/default/versions", headers=headers).json()
+        v2 = next(v for v in versions if v["version"] == 2)
+        assert v2["status"] == "ready" and v2["parent_id"] == v1["id"]
+        receipt = client.get(f"/v1/tickets/{second.json()['id']}/receipt", headers=headers)
+        assert receipt.status_code == 200, receipt.text
+        assert receipt.json()["version_id"] == v2["id"] and receipt.json()["version"] == "default@v2"
+        assert receipt.json()["base_model_sha256"] == bundled_model.sha256
