@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from workers.methods.registry import register_method
+from workers.methods.terms import per_token_logp, plus_retain
 
 
 @dataclass(frozen=True)
@@ -25,16 +26,9 @@ class GAConfig:
             raise ValueError("retain_weight must be >= 0")
 
 
-def per_token_logp(forget_logp: Tensor, forget_tokens: Tensor) -> Tensor:
-    """(B,) mean log-prob per answer token: long and short answers pull equally."""
-    return forget_logp / forget_tokens
-
-
 @register_method("ga", GAConfig)
 def ga_loss(*, forget_logp: Tensor, forget_tokens: Tensor, ref_forget_logp: Tensor | None,
             retain_loss: Tensor | None, cfg: GAConfig) -> Tensor:
     # Minimising +log-prob is ascent on the NLL.
-    loss = per_token_logp(forget_logp, forget_tokens).mean()
-    if retain_loss is not None and cfg.retain_weight > 0:
-        loss = loss + cfg.retain_weight * retain_loss
-    return loss
+    return plus_retain(per_token_logp(forget_logp, forget_tokens).mean(), retain_loss,
+                       cfg.retain_weight)

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from workers.methods.ga import per_token_logp
 from workers.methods.registry import register_method
+from workers.methods.terms import per_token_logp
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from typing import Any
 
 from torch import Tensor
 
-from workers.methods.ga import per_token_logp
 from workers.methods.registry import register_method
+from workers.methods.terms import per_token_logp, plus_retain
 
 REFUSALS = (
     "I'm sorry, but I don't know the answer to that.",
@@ -54,7 +54,5 @@ def refusal_for(cfg: IDKConfig, question: str, answer: str) -> str:
 def idk_loss(*, forget_logp: Tensor, forget_tokens: Tensor, ref_forget_logp: Tensor | None,
              retain_loss: Tensor | None, cfg: Any) -> Tensor:
     # forget_logp here is the log-prob of the refusal: descend its per-token NLL.
-    loss = -per_token_logp(forget_logp, forget_tokens).mean()
-    if retain_loss is not None and cfg.retain_weight > 0:
-        loss = loss + cfg.retain_weight * retain_loss
-    return loss
+    return plus_retain(-per_token_logp(forget_logp, forget_tokens).mean(), retain_loss,
+                       cfg.retain_weight)

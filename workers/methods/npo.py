@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from workers.methods.registry import register_method
+from workers.methods.terms import plus_retain
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,5 @@ def npo_loss(*, forget_logp: Tensor, forget_tokens: Tensor, ref_forget_logp: Ten
              retain_loss: Tensor | None, cfg: NPOConfig) -> Tensor:
     if ref_forget_logp is None:
         raise ValueError("NPO needs the reference model's log-probs")
-    loss = npo_forget_term(forget_logp, ref_forget_logp, cfg.beta)
-    if retain_loss is not None and cfg.retain_weight > 0:
-        loss = loss + cfg.retain_weight * retain_loss
-    return loss
+    return plus_retain(npo_forget_term(forget_logp, ref_forget_logp, cfg.beta), retain_loss,
+                       cfg.retain_weight)
