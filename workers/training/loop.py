@@ -170,24 +170,15 @@ def run_training(spec: TrainJobSpec, strategy: TrainingStrategy,
                       lora_config=lora.to_dict(), partition=strategy.partitioned_numel(trained))
 
 
-def probe_forget_rate(answers: list[str], probes: list[dict[str, Any]]) -> tuple[int, int]:
-    """(correct, total): answers that still state an accepted keyword of their probe.
-
-    The early-stopping check. It uses the same keyword matcher as the job's evaluation
-    (workers.evaluation.metrics.is_correct), so "forgotten" means the same thing in both.
-    """
-    from workers.evaluation.metrics import is_correct
-
-    if len(answers) != len(probes):
-        raise ValueError(f"got {len(answers)} answers for {len(probes)} probes")
-    correct = sum(is_correct(a, accepted=p["accept"]) for a, p in zip(answers, probes))
-    return int(correct), len(probes)
-
-
 def _probe_rate(model: Any, tokenizer: Any, probes: list[dict[str, Any]],
                 strategy: TrainingStrategy, recipe: Any) -> float:
-    """Share of the stop probes still answered correctly, over all ranks."""
+    """Share of the stop probes still answered correctly, over all ranks.
+
+    Scored by the job evaluation's own matcher, so "forgotten" means the same in both.
+    """
     from workers.evaluation.generation import greedy_answers
+    from workers.evaluation.metrics import correct_flags
+    from workers.evaluation.probes import Probe
 
     # Every rank gets an equal-sized share (padded by repeating) so that under ZeRO-3 all
     # ranks run the same number of collective forwards.
@@ -198,7 +189,8 @@ def _probe_rate(model: Any, tokenizer: Any, probes: list[dict[str, Any]],
     answers = greedy_answers(model, tokenizer, [p["question"] for p in mine],
                              max_new_tokens=recipe.eval_max_new_tokens, batch_size=per_rank,
                              **strategy.generation_kwargs())
-    correct, _ = probe_forget_rate(answers[:valid], mine[:valid])
+    correct = sum(correct_flags(answers[:valid], [
+        Probe(question=p["question"], accept=tuple(p["accept"])) for p in mine[:valid]]))
     total_correct, total = strategy.all_reduce_sum([float(correct), float(valid)])
     return total_correct / max(total, 1.0)
 
