@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -105,6 +105,23 @@ def check_sha256(key: str, *, actual: str, expected: str | None) -> None:
                             f"expected {expected}")
 
 
+def spool(fd: int, chunks: Iterable[bytes]) -> tuple[str, int]:
+    """Write `chunks` to the open file `fd` (closed after) and fsync it.
+
+    Returns (sha256 hex, size) of what was written, hashed on the way through.
+    """
+    digest = hashlib.sha256()
+    size = 0
+    with os.fdopen(fd, "wb") as fh:
+        for chunk in chunks:
+            digest.update(chunk)
+            fh.write(chunk)
+            size += len(chunk)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return digest.hexdigest(), size
+
+
 @runtime_checkable
 class ObjectStore(Protocol):
     """Objects (bytes under keys) and content-addressed directories.
@@ -161,14 +178,8 @@ class StoreBase:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
         try:
-            digest = hashlib.sha256()
-            with os.fdopen(fd, "wb") as fh:
-                for chunk in self._chunks(key):
-                    digest.update(chunk)
-                    fh.write(chunk)
-                fh.flush()
-                os.fsync(fh.fileno())
-            check_sha256(key, actual=digest.hexdigest(), expected=sha256)
+            actual, _size = spool(fd, self._chunks(key))
+            check_sha256(key, actual=actual, expected=sha256)
             os.replace(tmp, dest)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -15,6 +14,7 @@ from storage.objectstore.base import (
     StoreBase,
     StoredObject,
     StoreUnavailable,
+    spool,
     validate_key,
     validate_prefix,
 )
@@ -62,16 +62,8 @@ class LocalObjectStore(StoreBase):
         except (FileExistsError, NotADirectoryError) as exc:
             raise Conflict(f"object key {key!r} clashes with an existing object that is a "
                            "prefix of it") from exc
-        digest = hashlib.sha256()
-        size = 0
         try:
-            with os.fdopen(fd, "wb") as fh:
-                for chunk in chunks:
-                    digest.update(chunk)
-                    fh.write(chunk)
-                    size += len(chunk)
-                fh.flush()
-                os.fsync(fh.fileno())
+            sha256, size = spool(fd, chunks)
             if path.is_dir():
                 raise Conflict(f"object key {key!r} is a prefix of existing objects")
             os.replace(tmp, path)
@@ -79,7 +71,7 @@ class LocalObjectStore(StoreBase):
             Path(tmp).unlink(missing_ok=True)
             raise
         _fsync_dir(path.parent)
-        return StoredObject(key=key, sha256=digest.hexdigest(), size=size)
+        return StoredObject(key=key, sha256=sha256, size=size)
 
     def delete(self, key: str) -> None:
         path = self._path(key)
