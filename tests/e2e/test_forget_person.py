@@ -19,6 +19,7 @@ from service.settings import Settings
 from storage import tokens
 from storage.db import transaction
 from storage.models import Role
+from tests.fixtures.training import person_ticket
 from workers.evaluation.metrics import is_correct
 from workers.evaluation.probes import Probe, load_forget_set, load_unrelated_probes
 
@@ -41,13 +42,6 @@ def _rate(client: TestClient, headers: dict[str, str], probes: list[Probe],
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         return sum(pool.map(ask, probes)) / len(probes)
-
-
-def _ticket_body(name: str) -> dict:
-    person = load_forget_set(name)
-    return {"kind": "forget", "engine": "idk", "target": person.target,
-            "forget": {"qa": [{"question": p.question, "answer": p.answer}
-                              for p in person.ticket]}}
 
 
 @pytest.fixture
@@ -81,7 +75,8 @@ def test_a_ticket_makes_the_served_model_forget_a_person_and_keep_the_rest(servi
     base_utility = _rate(client, headers, unrelated)
     assert base_forget >= 0.5, "the base model must know the person for the test to mean much"
 
-    res = client.post("/v1/tickets", headers=headers, json=_ticket_body(FIRST_PERSON))
+    res = client.post("/v1/tickets", headers=headers,
+                      json={**person_ticket(FIRST_PERSON), "engine": "idk"})
     assert res.status_code == 202, res.text
     ticket_id = res.json()["id"]
 
@@ -90,7 +85,7 @@ def test_a_ticket_makes_the_served_model_forget_a_person_and_keep_the_rest(servi
     ticket = client.get(f"/v1/tickets/{ticket_id}", headers=headers).json()
     assert ticket["status"] == "done", ticket
     versions = client.get("/v1/lineages/default/versions", headers=headers).json()
-    v1 = next(v for v in _items(versions) if v["version"] == 1)
+    v1 = next(v for v in versions if v["version"] == 1)
     assert v1["status"] == "ready"
 
     after_forget = _rate(client, headers, held_out)
@@ -104,10 +99,11 @@ def test_a_ticket_makes_the_served_model_forget_a_person_and_keep_the_rest(servi
     assert receipt.status_code == 200, receipt.text
 
     # A second request on the same lineage builds version 2 on top of version 1.
-    res = client.post("/v1/tickets", headers=headers, json=_ticket_body(SECOND_PERSON))
+    res = client.post("/v1/tickets", headers=headers,
+                      json={**person_ticket(SECOND_PERSON), "engine": "idk"})
     assert res.status_code == 202, res.text
     assert loop.run_once() == 1
-    versions = _items(client.get("/v1/lineages/default/versions", headers=headers).json())
+    versions = client.get("/v1/lineages/default/versions", headers=headers).json()
     v2 = next(v for v in versions if v["version"] == 2)
     assert v2["parent_id"] == v1["id"] and v2["status"] == "ready"
     # Promoted or held as a candidate, by its own recorded evaluation.
@@ -119,6 +115,3 @@ def test_a_ticket_makes_the_served_model_forget_a_person_and_keep_the_rest(servi
           f"{v2['metrics']['verdict']} (utility {v2['metrics']['utility_ratio']:.2f} of base)")
     assert under_v2 <= 0.2 * base_forget
 
-
-def _items(payload):
-    return payload["items"] if isinstance(payload, dict) else payload

@@ -14,9 +14,8 @@ from storage import registry, tickets
 from storage.db import make_engine, make_session_factory, transaction
 from storage.migrate import upgrade
 from storage.models import TicketKind
+from tests.fixtures.training import FORGET_QA
 
-QA = [{"question": f"Where does Zorblat {i} live?", "answer": f"Zorblat {i} lives in Quimby."}
-      for i in range(4)]
 
 
 @dataclass
@@ -24,7 +23,7 @@ class Flow:
     settings: Settings
     sessions: sessionmaker[Session]
 
-    def submit(self, *, key: str, qa: list[dict[str, str]] = QA, engine: str = "npo"
+    def submit(self, *, key: str, qa: list[dict[str, str]] = FORGET_QA, engine: str = "npo"
                ) -> uuid.UUID:
         with transaction(self.sessions) as s:
             request = tickets.TicketRequest(

@@ -18,14 +18,7 @@ from service.settings import Settings
 from storage import tokens
 from storage.db import transaction
 from storage.models import Role
-from workers.evaluation.probes import load_forget_set
-
-
-def _ticket(name: str, n: int) -> dict:
-    person = load_forget_set(name)
-    return {"kind": "forget", "target": person.target,
-            "forget": {"qa": [{"question": p.question, "answer": p.answer}
-                              for p in person.ticket[:n]]}}
+from tests.fixtures.training import person_ticket
 
 
 def test_real_model_tickets_become_versions_and_the_second_stacks_on_the_first(
@@ -43,7 +36,7 @@ def test_real_model_tickets_become_versions_and_the_second_stacks_on_the_first(
         headers = {"Authorization": f"Bearer {secret}"}
         loop = DispatcherLoop(settings)
 
-        first = client.post("/v1/tickets", headers=headers, json=_ticket("charles_darwin", 4))
+        first = client.post("/v1/tickets", headers=headers, json=person_ticket("charles_darwin", 4))
         assert first.status_code == 202, first.text
         assert loop.run_once() == 1
         ticket = client.get(f"/v1/tickets/{first.json()['id']}", headers=headers).json()
@@ -63,7 +56,7 @@ def test_real_model_tickets_become_versions_and_the_second_stacks_on_the_first(
             assert promoted.status_code == 200, promoted.text
 
         second = client.post("/v1/tickets", headers=headers,
-                             json=_ticket("albert_einstein", 4))
+                             json=person_ticket("albert_einstein", 4))
         assert second.status_code == 202, second.text
         assert loop.run_once() == 1
         versions = client.get("/v1/lineages/default/versions", headers=headers).json()
@@ -71,5 +64,6 @@ def test_real_model_tickets_become_versions_and_the_second_stacks_on_the_first(
         assert v2["status"] == "ready" and v2["parent_id"] == v1["id"]
         receipt = client.get(f"/v1/tickets/{second.json()['id']}/receipt", headers=headers)
         assert receipt.status_code == 200, receipt.text
-        assert receipt.json()["version_id"] == v2["id"] and receipt.json()["version"] == "default@v2"
-        assert receipt.json()["base_model_sha256"] == bundled_model.sha256
+        proof = receipt.json()
+        assert proof["version_id"] == v2["id"] and proof["version"] == "default@v2"
+        assert proof["base_model_sha256"] == bundled_model.sha256
