@@ -1,0 +1,155 @@
+"""The one shape every way of forgetting has: validate at submission, train, serve.
+
+The job runner (workers.job_runner / workers.jobs), the registry, the receipt and the Ray
+Serve deployment call only what is declared here, never anything engine-specific. A new
+engine is a folder under workers/engines/ with its config, its algorithm and one
+`register_engine(...)` line; the parametrised engine test runs it on a tiny model.
+
+Nothing here imports torch, ray or deepspeed: the API validates tickets with `validate`
+and must stay light. Engines import heavy modules inside their methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+ProgressFn = Callable[[dict[str, Any]], None]
+"""Called with partial progress, e.g. {"phase": "training", "step": 3, "max_steps": 40}."""
+
+FetchFn = Callable[[str], Path]
+"""Object key -> local directory holding that stored (verified) directory."""
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """What a ticket asks for, as `Engine.validate` sees it at submission time.
+
+    Args:
+        kind: "forget" or "delete_records".
+        engine: the engine's registry name.
+        target: who or what is forgotten (forget tickets), or None.
+        forget_qa: [{"question", "answer"}] to forget; forget_texts: passages to forget.
+        retain_qa, retain_texts: optional retain data from the ticket.
+        record_ids, subject_id: which records to delete (delete_records tickets).
+        options: engine/method options given by the ticket (may be empty).
+    """
+
+    kind: str
+    engine: str
+    target: str | None = None
+    forget_qa: list[dict[str, str]] = field(default_factory=list)
+    forget_texts: list[str] = field(default_factory=list)
+    retain_qa: list[dict[str, str]] = field(default_factory=list)
+    retain_texts: list[str] = field(default_factory=list)
+    record_ids: list[str] = field(default_factory=list)
+    subject_id: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """The part of the service's settings a job needs, handed down (never read from env).
+
+    Args:
+        data_dir: absolute data dir (caches, job scratch space).
+        device: "cpu" or "cuda".
+        num_workers: Ray Train workers (DeepSpeed ranks) per job.
+        zero_stage: DeepSpeed ZeRO stage, 2 or 3.
+        trainer: "deepspeed" (Ray Train + DeepSpeed, the product path) or "plain".
+        recipe: operator overrides of the forget recipe (workers/evaluation/recipe.py).
+        max_attempts: claims before a ticket fails for good.
+        lease_seconds: a claim is lost unless renewed within this.
+        auto_promote: promote a version whose evaluation passes.
+    """
+
+    data_dir: Path
+    device: str = "cpu"
+    num_workers: int = 2
+    zero_stage: int = 2
+    trainer: str = "deepspeed"
+    recipe: dict[str, Any] = field(default_factory=dict)
+    max_attempts: int = 3
+    lease_seconds: float = 300.0
+    auto_promote: bool = True
+
+
+@dataclass(frozen=True)
+class JobInput:
+    """Everything `Engine.train` gets for one job.
+
+    Args:
+        job_id: the job's id (str).
+        lineage: the lineage's name.
+        requests: one EngineRequest per ticket of the job, in claim order.
+        ticket_ids: the tickets' ids (str), same order.
+        base_model_path, base_model_sha256: the resolved base model.
+        parent_dir: the parent version's stored directory (fetched, verified), or None.
+        output_dir: where the engine writes the new version's directory.
+        config: the worker configuration.
+        fetch: fetches another stored directory by object key (S3T checkpoints).
+        store_dir: stores a directory content-addressed, returns its object key (S3T
+            checkpoints); None when the job runner offers no side storage.
+    """
+
+    job_id: str
+    lineage: str
+    requests: list[EngineRequest]
+    ticket_ids: list[str]
+    base_model_path: Path
+    base_model_sha256: str
+    parent_dir: Path | None
+    output_dir: Path
+    config: WorkerConfig
+    fetch: FetchFn | None = None
+    store_dir: Callable[[Path], str] | None = None
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    """What a job produced: one directory that becomes the new immutable version.
+
+    Args:
+        version_dir: the directory to store (content addressed) as the version.
+        metrics: training metrics (steps, losses, timings, ...), stored with the version.
+        method_config: how it was made (recipe, options), recorded in manifest and receipt.
+        peft_config: the adapter_config.json contents, when the version is a PEFT adapter.
+    """
+
+    version_dir: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+    method_config: dict[str, Any] = field(default_factory=dict)
+    peft_config: dict[str, Any] | None = None
+
+
+class Servable(Protocol):
+    """A loaded version that answers prompts (serving and the job's own evaluation)."""
+
+    def generate(self, prompts: list[str], max_new_tokens: list[int]) -> list[str]:
+        """Greedy answers, one per prompt (chat-formatted by the servable), in order."""
+        ...
+
+
+class Engine(Protocol):
+    """An unlearning engine (see module docstring)."""
+
+    name: ClassVar[str]
+    ticket_kinds: ClassVar[frozenset[str]]
+
+    def validate(self, request: EngineRequest) -> None:
+        """Refuse (storage.errors.InvalidRequest, a 422) what this engine cannot do."""
+        ...
+
+    def train(self, job: JobInput, progress: ProgressFn) -> Artifacts:
+        """Produce the new version's directory for `job` (on Ray Train + DeepSpeed)."""
+        ...
+
+    def load_servable(self, version_dir: Path | None, *, model: Any, tokenizer: Any,
+                      device: str, fetch: FetchFn | None = None) -> Servable:
+        """Wrap the loaded base `model` so that it answers as `version_dir` does.
+
+        `version_dir` None means the base model itself.
+        """
+        ...
