@@ -153,3 +153,19 @@ class Engine(Protocol):
         `version_dir` None means the base model itself.
         """
         ...
+
+    def evaluate(self, job: JobInput, *, before: Servable, after: Servable) -> dict[str, Any]:
+        """The new version's own evaluation, stored with it.
+
+        `before` answers as the parent version (or the base), `after` as the new version.
+        Returns metrics including "verdict": "pass" (may go live), "hold" (candidate for
+        an operator) or "reject" (not kept). Forgetting engines share one implementation
+        in workers/evaluation; S3T judges its own way.
+        """
+        ...
+
+    # Optional (engines that can drop one request's contribution without training, e.g.
+    # O3's separable blocks): write a version equal to `version_dir` without the part
+    # that came from `ticket_id` into `output_dir`. Engines without it lack the attribute.
+    # def without_request(self, version_dir: Path, *, ticket_id: str, output_dir: Path
+    #                     ) -> Artifacts: ...
