@@ -12,6 +12,7 @@ import logging
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from storage.models import Job, JobStatus, Lineage, Ticket, TicketStatus, utcnow
 from storage.objectstore import ObjectStore
 from storage.queue import ClaimedTicket
 from workers.config import WorkerConfig
+from workers.job_phases import PhaseClock
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +110,12 @@ def run_job(ctx: JobContext, tickets: list[ClaimedTicket]) -> JobOutcome:
         raise ValueError("a job needs at least one ticket")
     lineage_id = tickets[0].lineage_id
     ids = [t.id for t in tickets]
+    clock = PhaseClock(submitted_at=min(t.created_at for t in tickets))
     job_id = _create_job(ctx, tickets)
     workdir = Path(tempfile.mkdtemp(prefix="oblivio-job-", dir=_jobs_dir(ctx.config)))
     try:
         with LeaseKeeper(ctx, ids) as keeper:
-            outcome = _run_steps(ctx, job_id, lineage_id, tickets, workdir, keeper)
+            outcome = _run_steps(ctx, job_id, lineage_id, tickets, workdir, keeper, clock)
         return outcome
     except LeaseLost:
         _finish_job(ctx, job_id, JobStatus.failed, error="lease lost to another claimer")
@@ -130,7 +133,8 @@ def run_job(ctx: JobContext, tickets: list[ClaimedTicket]) -> JobOutcome:
 
 
 def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
-               tickets: list[ClaimedTicket], workdir: Path, keeper: LeaseKeeper) -> JobOutcome:
+               tickets: list[ClaimedTicket], workdir: Path, keeper: LeaseKeeper,
+               clock: PhaseClock) -> JobOutcome:
     from workers import job_compute
 
     config = ctx.config
@@ -160,18 +164,25 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
         ctx.store.fetch_directory(parent_key, parent_dir)
 
     try:
-        result = job_compute.train(config, base=base, tickets=tickets, parent_dir=parent_dir,
-                                    output_dir=workdir / "adapter", progress=progress)
-        progress({"phase": "evaluating"})
-        queue.set_progress(ctx.sessions, ticket_ids=ids, owner=ctx.owner,
-                           status=TicketStatus.evaluating, progress={"phase": "evaluating"})
-        metrics = job_compute.evaluate(config, base=base, tickets=tickets,
-                                        adapter_dir=result.adapter_dir, parent_dir=parent_dir)
+        with clock.train_call():
+            result = job_compute.train(config, base=base, tickets=tickets,
+                                        parent_dir=parent_dir, output_dir=workdir / "adapter",
+                                        progress=progress)
+        clock.split_training(result.metrics)
+        _save_phases(ctx, job_id, clock)
+        with clock.phase("evaluation"):
+            progress({"phase": "evaluating"})
+            queue.set_progress(ctx.sessions, ticket_ids=ids, owner=ctx.owner,
+                               status=TicketStatus.evaluating, progress={"phase": "evaluating"})
+            metrics = job_compute.evaluate(config, base=base, tickets=tickets,
+                                            adapter_dir=result.adapter_dir,
+                                            parent_dir=parent_dir)
         metrics["training"] = result.metrics
-        _write_manifest(result.adapter_dir, base=base, tickets=tickets, metrics=metrics,
-                        method=result.method_config, parent_id=parent_id)
-        progress({"phase": "uploading"})
-        stored = ctx.store.put_directory_content_addressed(result.adapter_dir)
+        with clock.phase("upload"):
+            _write_manifest(result.adapter_dir, base=base, tickets=tickets, metrics=metrics,
+                            method=result.method_config, parent_id=parent_id)
+            progress({"phase": "uploading"})
+            stored = ctx.store.put_directory_content_addressed(result.adapter_dir)
     except LeaseLost:
         raise
     except Exception as exc:
@@ -180,6 +191,7 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
                                  reason=f"{type(exc).__name__}: {exc}")
         raise
 
+    promote_started = time.time()
     policy = EvalPolicy()
     verdict = _judge(metrics, policy)
     metrics["verdict"] = verdict
@@ -208,7 +220,8 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
                  f"({metrics.get('utility_ratio'):.2f} of the base model's answers)")
         for ticket in tickets:
             queue.reject(ctx.sessions, ticket_id=ticket.id, owner=ctx.owner, error=error)
-        _finish_job(ctx, job_id, JobStatus.failed, error=error)
+        clock.add("promote", promote_started, time.time())
+        _finish_job(ctx, job_id, JobStatus.failed, error=error, phases=clock.record(live=False))
         return JobOutcome(job_id, None, None, False, metrics)
 
     receipt = {
@@ -228,7 +241,8 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
     for ticket in tickets:
         queue.complete(ctx.sessions, ticket_id=ticket.id, owner=ctx.owner, version_id=version_id,
                        receipt={**receipt, "payload_sha256": ticket.payload_sha256})
-    _finish_job(ctx, job_id, JobStatus.succeeded)
+    clock.add("promote", promote_started, time.time())
+    _finish_job(ctx, job_id, JobStatus.succeeded, phases=clock.record(live=promoted))
     return JobOutcome(job_id, version_id, version_no, promoted, metrics)
 
 
@@ -315,11 +329,21 @@ def _set_progress(ctx: JobContext, job_id: uuid.UUID, ticket_ids: list[uuid.UUID
 
 
 def _finish_job(ctx: JobContext, job_id: uuid.UUID, status: JobStatus,
-                error: str | None = None) -> None:
+                error: str | None = None, phases: dict[str, Any] | None = None) -> None:
     with transaction(ctx.sessions) as s:
         job = s.get_one(Job, job_id)
         job.status, job.error, job.finished_at = status, error, utcnow()
-        job.progress = {**(job.progress or {}), "phase": status.value}
+        job.progress = {**(job.progress or {}), **(phases or {}), "phase": status.value}
+    if phases:
+        log.info("job %s phases (s): %s", job_id,
+                 {name: p["seconds"] for name, p in phases["phases"].items()})
+
+
+def _save_phases(ctx: JobContext, job_id: uuid.UUID, clock: PhaseClock) -> None:
+    """The phases so far, on the job only (GET /v1/jobs/{id} shows them while it runs)."""
+    with transaction(ctx.sessions) as s:
+        job = s.get_one(Job, job_id)
+        job.progress = {**(job.progress or {}), **clock.record(live=False)}
 
 
 ProgressFn = Callable[[dict[str, Any]], None]

@@ -28,13 +28,31 @@ class JobOut(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     duration_seconds: float | None = None
+    phases: dict[str, float] | None = Field(
+        None, description="Seconds per phase, in order: queue_wait, preparing (start-up: "
+                          "models, Ray Train, retain answers), training (the loop), teardown, "
+                          "evaluation, upload, promote. Spans with timestamps are in "
+                          "progress.phases.")
+    submission_to_live_seconds: float | None = Field(
+        None, description="From the oldest ticket's submission until its version was live "
+                          "(null if it was held for review or the job failed).")
+    outside_training_share: float | None = Field(
+        None, description="Share of the job's total time (from submission) spent outside the "
+                          "training loop.")
 
     @classmethod
     def build(cls, job: Job, lineage: str) -> JobOut:
         duration = None
         if job.started_at and job.finished_at:
             duration = (job.finished_at - job.started_at).total_seconds()
-        return cls(id=job.id, lineage=lineage, engine=job.engine, status=job.status,
+        progress = job.progress or {}
+        spans = progress.get("phases") if isinstance(progress.get("phases"), dict) else None
+        return cls(
+            phases={name: span.get("seconds") for name, span in spans.items()} if spans else None,
+            submission_to_live_seconds=progress.get("total_seconds") if progress.get("live")
+            else None,
+            outside_training_share=progress.get("outside_training_share"),
+            id=job.id, lineage=lineage, engine=job.engine, status=job.status,
                    ticket_ids=[str(t) for t in job.ticket_ids or []], progress=job.progress,
                    method_config=job.method_config or {}, error=job.error,
                    ray_job_id=job.ray_job_id, logs_uri=job.logs_uri, created_at=job.created_at,

@@ -46,6 +46,10 @@ class LoopResult:
     lora_config: dict[str, Any]
     partition: tuple[int, int] = (0, 0)
     extra: dict[str, Any] = field(default_factory=dict)
+    # Wall-clock (epoch seconds) of the loop's first step and end: the job's phase record
+    # splits the engine's train call into start-up, loop and teardown with them.
+    started_at: float | None = None
+    finished_at: float | None = None
 
 
 def load_for_training(spec: TrainJobSpec) -> tuple[Any, Any]:
@@ -122,6 +126,7 @@ def run_training(spec: TrainJobSpec, strategy: TrainingStrategy,
     retain_iter = (cycle_batches(retain_pairs, max(1, recipe.retain_batch_size // world),
                                  spec.seed + 1000 + rank) if retain_pairs else None)
     started = time.perf_counter()
+    started_at = time.time()
     losses: list[float] = []
     rates: list[tuple[int, float]] = []
     step, stopped = 0, False
@@ -164,10 +169,12 @@ def run_training(spec: TrainJobSpec, strategy: TrainingStrategy,
                 break
             trained.train()
     seconds = time.perf_counter() - started
+    finished_at = time.time()
     state = strategy.trainable_state_dict(trained)
     return LoopResult(steps=step, stopped_early=stopped, losses=losses, ticket_rates=rates,
                       base_ticket_rate=base_rate, seconds=seconds, state_dict=state,
-                      lora_config=lora.to_dict(), partition=strategy.partitioned_numel(trained))
+                      lora_config=lora.to_dict(), partition=strategy.partitioned_numel(trained),
+                      started_at=started_at, finished_at=finished_at)
 
 
 def _probe_rate(model: Any, tokenizer: Any, probes: list[dict[str, Any]],

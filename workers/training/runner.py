@@ -177,6 +177,8 @@ def _metrics(result: LoopResult) -> dict[str, Any]:
         "ticket_rate_base": result.base_ticket_rate,
         "ticket_rates": result.ticket_rates,
         "train_seconds": round(result.seconds, 2),
+        "loop_started_at": result.started_at,
+        "loop_finished_at": result.finished_at,
         "params_local": local,
         "params_full": full,
     }
