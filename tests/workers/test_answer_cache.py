@@ -58,3 +58,22 @@ def test_a_corrupt_entry_is_a_miss(tmp_path):
     assert cache.get(key, 1) is None
     (tmp_path / f"{key}.json").write_text('{"answers": ["one", "two"]}')
     assert cache.get(key, 1) is None  # wrong length
+
+
+def test_a_jobs_evaluation_gives_the_same_numbers_from_the_cache(tiny_model_dir, tmp_path):
+    """Cold (computes and stores the base model's answers) and warm (reads them) runs of a
+    job's evaluation agree exactly, and the warm run generates no base-model answers."""
+    from tests.workers.eval_fixtures import evaluate_job
+
+    cold = evaluate_job(tiny_model_dir, tmp_path / "data", tmp_path)
+    warm = evaluate_job(tiny_model_dir, tmp_path / "data", tmp_path)
+    fresh = evaluate_job(tiny_model_dir, tmp_path / "other-data", tmp_path)
+    counters = ("base_answers_cached", "base_answers_generated")
+    assert (cold["base_answers_cached"], cold["base_answers_generated"]) == (0, 2)
+    assert (warm["base_answers_cached"], warm["base_answers_generated"]) == (2, 0)
+
+    def numbers(m):
+        return {k: v for k, v in m.items() if k not in counters}
+
+    assert numbers(warm) == numbers(cold) == numbers(fresh)
+    assert cold["utility_probes"] >= 20 and cold["forget_probes"] == 2
