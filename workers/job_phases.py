@@ -15,7 +15,9 @@ Phases, in order (each a wall-clock span; they tile the time from submission to 
 
 An engine that reports no loop timestamps (`loop_started_at` / `loop_finished_at`, epoch
 seconds, in its training metrics) has its whole train call counted as training.
-The record is stored as `jobs.progress["phases"]` and shown by GET /v1/jobs/{id}.
+The record is stored as `jobs.progress["phases"]` (spans) and `["phase_seconds"]` (the
+summary `oblivio_job_duration_seconds{phase}` on /metrics reads it), and shown by
+GET /v1/jobs/{id}.
 """
 
 from __future__ import annotations
@@ -98,6 +100,8 @@ class PhaseClock:
                               "finished_at": _iso(self.spans[name][1]),
                               "seconds": seconds[name]}
                        for name in PHASES if name in self.spans},
+            # Flat, for /metrics: oblivio_job_duration_seconds{phase} (service.metrics_ops).
+            "phase_seconds": seconds,
             # Submission to the moment its version was live; if it was held, to the job's end.
             "live": live,
             "total_seconds": round(total, 3),
