@@ -36,6 +36,17 @@ class Settings(BaseSettings):
     api_port: int = 8000
     max_body_bytes: int = Field(1 << 20, description="Larger request bodies get 413.")
     readyz_timeout_seconds: float = Field(5.0, description="/readyz waits this long per check.")
+    rate_limit_per_second: float = Field(
+        20.0, description="Requests per second allowed per API token on average (0: no "
+        "limit); over it the API answers 429 with Retry-After.")
+    rate_limit_burst: int = Field(200, description="Requests one token may make at once "
+                                                   "before the per-second rate applies.")
+
+    # --- data minimisation -------------------------------------------------------------
+    payload_key: str | None = Field(
+        None, description="Key that encrypts forget sets at rest (AES-256-GCM): 32 bytes, "
+        "urlsafe base64. Unset: generated once into <data_dir>/payload-key (mode 0600). "
+        "Every API and worker process of one deployment needs the same key.")
 
     # --- ticket limits (validation) ------------------------------------------------
     max_forget_items: int = Field(200, description="Max texts + qa pairs in one ticket.")
@@ -69,6 +80,11 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'oblivio.db').resolve()}"
+
+    @property
+    def payload_key_file(self) -> Path:
+        """Where the generated payload key lives when `payload_key` is unset."""
+        return self.data_dir.resolve() / "payload-key"
 
     @property
     def resolved_object_store(self) -> str:
