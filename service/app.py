@@ -57,6 +57,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.startup = None  # StartupReport once prepared
     app.state.object_store = None  # built on first /readyz, see service.api.health
     app.state.object_store_lock = threading.Lock()
+    app.state.payload_cipher = None  # service.deps.payload_cipher, made on first use
+    app.state.payload_cipher_lock = threading.Lock()
     app.state.metrics = AppMetrics(sessions)
     app.state.rate_limiter = RateLimiter(rate=settings.rate_limit_per_second,
                                          burst=settings.rate_limit_burst)

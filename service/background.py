@@ -28,6 +28,14 @@ def start_background_workers(settings: Settings, app: Any = None) -> BackgroundW
     except ImportError:
         log.info("workers package not installed; the API runs without a dispatcher")
         return None
+    from pydantic import SecretStr
+
+    from storage import sealing
+
+    # Workers run in other processes (Ray), maybe with another working directory: hand
+    # them the key itself rather than a path to find it by.
+    key = sealing.load_or_create_key(settings.payload_key_text, settings.payload_key_file)
+    settings = settings.model_copy(update={"payload_key": SecretStr(sealing.encode_key(key))})
     runtime = start_runtime(settings)
     if app is not None:
         app.state.runtime = runtime

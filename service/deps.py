@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -15,6 +15,7 @@ from service.rate_limit import retry_after_header
 from service.settings import Settings
 from storage import tokens
 from storage.models import Role
+from storage.sealing import PayloadCipher, cipher_from_config
 
 
 def get_settings_from_app(request: Request) -> Settings:
@@ -22,6 +23,23 @@ def get_settings_from_app(request: Request) -> Settings:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_from_app)]
+
+
+def payload_cipher(app: Any) -> PayloadCipher:
+    """The app's forget-set cipher, made on first use (it may create the key file)."""
+    with app.state.payload_cipher_lock:
+        if app.state.payload_cipher is None:
+            settings = app.state.settings
+            app.state.payload_cipher = cipher_from_config(settings.payload_key,
+                                                          settings.payload_key_file)
+        return app.state.payload_cipher
+
+
+def get_payload_cipher(request: Request) -> PayloadCipher:
+    return payload_cipher(request.app)
+
+
+CipherDep = Annotated[PayloadCipher, Depends(get_payload_cipher)]
 
 
 def get_session(request: Request) -> Iterator[Session]:

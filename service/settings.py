@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -43,7 +43,7 @@ class Settings(BaseSettings):
                                                    "before the per-second rate applies.")
 
     # --- data minimisation -------------------------------------------------------------
-    payload_key: str | None = Field(
+    payload_key: SecretStr | None = Field(
         None, description="Key that encrypts forget sets at rest (AES-256-GCM): 32 bytes, "
         "urlsafe base64. Unset: generated once into <data_dir>/payload-key (mode 0600). "
         "Every API and worker process of one deployment needs the same key.")
@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'oblivio.db').resolve()}"
+
+    @property
+    def payload_key_text(self) -> str | None:
+        """The configured payload key (a SecretStr, so that printing settings hides it)."""
+        return self.payload_key.get_secret_value() if self.payload_key else None
 
     @property
     def payload_key_file(self) -> Path:
