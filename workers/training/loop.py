@@ -111,10 +111,13 @@ def run_training(spec: TrainJobSpec, strategy: TrainingStrategy,
                     # (answer tokens, vocab), half precision: it is held for the whole run.
                     ref_retain[_key(pair)] = logp[row][labels[row] != IGNORE].half()
 
-    # Early stopping compares with the model as it was before this adapter.
+    # Early stopping compares with the model as it was before this adapter. Checks that
+    # cannot take part in a stop (before min_steps, or all of them when min_steps >=
+    # max_steps) are skipped: the adapter is the same, without their generation cost.
     probes = list(spec.stop_probes or [])
     base_rate = None
-    if recipe.eval_every and probes:
+    first_check = recipe.first_useful_check()
+    if first_check is not None and probes:
         with peft_model.disable_adapter():
             base_rate = _probe_rate(peft_model, tokenizer, probes, strategy, recipe)
 
@@ -155,8 +158,8 @@ def run_training(spec: TrainJobSpec, strategy: TrainingStrategy,
         if progress is not None:
             progress({"phase": "training", "step": step, "max_steps": recipe.max_steps,
                       "loss": round(losses[-1], 4)})
-        if (recipe.eval_every and base_rate is not None and step % recipe.eval_every == 0
-                and step < recipe.max_steps):
+        if (base_rate is not None and first_check is not None and step >= first_check
+                and step % recipe.eval_every == 0 and step < recipe.max_steps):
             rate = _probe_rate(trained, tokenizer, probes, strategy, recipe)
             rates.append((step, rate))
             if progress is not None:
