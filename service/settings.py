@@ -75,6 +75,10 @@ class Settings(BaseSettings):
     trainer: Literal["deepspeed", "plain"] = Field(
         "deepspeed", description="deepspeed: Ray Train workers with DeepSpeed ZeRO (the "
         "product path); plain: one in-process PyTorch loop (benchmark baseline, debugging).")
+    warm_train_workers: bool = Field(
+        True, description="CPU jobs train on DeepSpeed ranks kept alive between jobs "
+        "(workers/training/warm_pool.py) instead of new Ray Train workers each time, which "
+        "spend tens of seconds importing libraries before the first step.")
     batch_window_seconds: float = Field(2.0, description="Wait this long to group tickets in one job.")
     auto_promote: bool = Field(True, description="Promote a version to live when its eval passes.")
     recipe: dict[str, Any] = Field(
@@ -123,6 +127,7 @@ class Settings(BaseSettings):
             data_dir=self.data_dir, database_url=self.resolved_database_url,
             store=self.store_config(), base_model=self.base_model, device=self.device,
             num_workers=self.num_workers, zero_stage=self.zero_stage, trainer=self.trainer,
+            warm_train_workers=self.warm_train_workers,
             recipe=dict(self.recipe), lease_seconds=self.lease_seconds,
             max_attempts=self.max_attempts, batch_window_seconds=self.batch_window_seconds,
             auto_promote=self.auto_promote, ray_address=self.ray_address,

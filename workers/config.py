@@ -27,6 +27,8 @@ class WorkerConfig:
         zero_stage: DeepSpeed ZeRO stage, 2 or 3.
         trainer: "deepspeed" (Ray Train + DeepSpeed, the product path) or "plain" (one
             in-process loop: benchmark baseline, debugging).
+        warm_train_workers: with trainer "deepspeed" on CPU, train on this process's warm
+            DeepSpeed ranks (workers/training/warm_pool.py) instead of new Ray Train workers.
         recipe: operator overrides of the forget recipe (workers/evaluation/recipe.py).
         lease_seconds: a claim is lost unless renewed within this.
         max_attempts: claims before a ticket fails for good.
@@ -45,6 +47,7 @@ class WorkerConfig:
     num_workers: int = 2
     zero_stage: int = 2
     trainer: str = "deepspeed"
+    warm_train_workers: bool = True
     recipe: dict[str, Any] = field(default_factory=dict)
     lease_seconds: float = 300.0
     max_attempts: int = 3

@@ -116,7 +116,23 @@ class DispatcherLoop:
             opened.append(dataclasses.replace(ticket, payload=payload))
         return opened
 
+    def warm_up(self) -> None:
+        """Start the warm training ranks now (CPU DeepSpeed jobs with warm_train_workers),
+        so that even the first job skips their start-up. Failures only cost the speed-up:
+        the first job then starts them itself."""
+        config = self.config
+        if not (config.trainer == "deepspeed" and config.warm_train_workers
+                and config.device == "cpu"):
+            return
+        try:
+            from workers.training.warm_pool import warm_pool
+
+            warm_pool(config.num_workers)
+        except Exception:
+            log.warning("could not start the warm training ranks", exc_info=True)
+
     def run_forever(self) -> None:
+        self.warm_up()
         while not self._stop.is_set():
             try:
                 if self.run_once() == 0:

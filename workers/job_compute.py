@@ -58,8 +58,11 @@ def train(config: WorkerConfig, *, base: Any, tickets: list[ClaimedTicket], pare
         parent_adapter_dir=str(parent_dir) if parent_dir else None,
         num_workers=config.num_workers, zero_stage=config.zero_stage,
         device=config.device)
-    run = train_plain if config.trainer == "plain" else train_unlearning_adapter
-    result = run(spec, progress_cb=progress)
+    if config.trainer == "plain":
+        result = train_plain(spec, progress_cb=progress)
+    else:
+        result = train_unlearning_adapter(spec, progress_cb=progress,
+                                          warm=config.warm_train_workers)
     return TrainOutput(adapter_dir=Path(result.adapter_dir), metrics=result.metrics,
                        method_config=spec.method_summary(), peft_config=result.peft_config)
 

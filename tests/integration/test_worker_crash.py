@@ -14,13 +14,14 @@ from storage.models import AdapterVersion, Job, JobStatus, Ticket, TicketStatus,
 
 
 def _train_worker_pids() -> list[int]:
-    """Ray titles its worker processes `ray::<Actor>...`: find the training ranks."""
+    """Ray titles its worker processes `ray::<Actor>...`: find the training ranks (Ray
+    Train's workers, or the warm ranks that CPU jobs use by default)."""
     import psutil
 
     pids = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(proc.info.get("cmdline") or [])
-        if cmdline.startswith("ray::RayTrainWorker"):
+        if cmdline.startswith(("ray::RayTrainWorker", "ray::WarmRank")):
             pids.append(proc.pid)
     return pids
 
