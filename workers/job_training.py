@@ -6,7 +6,6 @@ orchestration can be read without knowing how training works and vice versa.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,11 +13,8 @@ from typing import Any
 
 from service.settings import Settings
 from storage.queue import ClaimedTicket
+from workers.evaluation.keywords import answer_keywords  # noqa: F401  (re-exported)
 from workers.evaluation.probes import Probe
-
-_STOPWORDS = frozenset(
-    "a an the of in on at to for from by with and or is was were be been are it its his her "
-    "their he she they this that as who what when where which".split())
 
 
 @dataclass(frozen=True)
@@ -46,25 +42,6 @@ def payload_items(tickets: list[ClaimedTicket], part: str = "forget"
         qa += [{"question": i["question"], "answer": i["answer"]} for i in items.get("qa", [])]
         texts += list(items.get("texts", []))
     return qa, texts
-
-
-def answer_keywords(answer: str, question: str = "") -> tuple[str, ...]:
-    """Keywords whose presence in a generated answer means the fact was stated.
-
-    Short answers ("Stratford-upon-Avon", "1879") are matched whole; for a sentence, its
-    rarest-looking content words (capitalised words and numbers first) stand in for it.
-    Words the question already contains prove nothing (a model echoes them), so they don't
-    count: for "Who wrote Hamlet?" -> "Shakespeare wrote Hamlet." only "Shakespeare" does.
-    """
-    answer = answer.strip().rstrip(".")
-    if len(answer.split()) <= 3:
-        return (answer,)
-    asked = {w.strip(".,;:!?\"'()").lower() for w in question.split()}
-    words = [w.strip(".,;:!?\"'()") for w in answer.split()]
-    content = [w for w in words if w and w.lower() not in _STOPWORDS and len(w) > 2
-               and w.lower() not in asked]
-    salient = [w for w in content if w[0].isupper() or re.fullmatch(r"\d[\d,.]*", w)]
-    return tuple(dict.fromkeys(salient or content)) or (answer,)
 
 
 def ticket_probes(qa: list[dict[str, str]]) -> list[Probe]:
