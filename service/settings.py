@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(4000, description="Max characters of one text/question/answer.")
     max_record_ids: int = Field(10_000, description="Max record ids in one delete_records ticket.")
     max_page_size: int = 500
+
+    # --- receipts ------------------------------------------------------------------
+    receipt_key: SecretStr | None = Field(
+        None, description="Secret that signs deletion receipts (HMAC-SHA256). Unset: a random "
+        "key is generated once into <data_dir>/receipt-key; set it explicitly when several "
+        "API replicas must sign (and verify) with the same key.")
 
     # --- queue ---------------------------------------------------------------------
     lease_seconds: float = Field(300.0, description="A claim is lost unless renewed within this.")
