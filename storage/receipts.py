@@ -160,6 +160,10 @@ def build_receipt(session: Session, *, ticket_id: uuid.UUID,
     if version is not None and version.sha256:
         artifacts.append({"name": "adapter version", "object_key": version.object_key,
                           "sha256": version.sha256, "size": version.size})
+    report = metrics.get("report")
+    if isinstance(report, dict) and report.get("sha256"):
+        artifacts.append({"name": "evaluation report", "object_key": report.get("object_key"),
+                          "sha256": report["sha256"], "path_in_version": report.get("path")})
     for extra in worker.get("artifacts") or metrics.get("artifacts") or []:
         if isinstance(extra, dict) and extra.get("sha256") and extra not in artifacts:
             artifacts.append(extra)

@@ -172,6 +172,7 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
                         method=result.method_config, parent_id=parent_id)
         progress({"phase": "uploading"})
         stored = ctx.store.put_directory_content_addressed(result.adapter_dir)
+        _store_report(ctx, result.adapter_dir, metrics)
     except LeaseLost:
         raise
     except Exception as exc:
@@ -219,6 +220,7 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
         "base_model": base.name,
         "base_model_sha256": base.sha256,
         "promoted": promoted,
+        "method": result.method_config,
         "metrics": metrics,
         "job_id": str(job_id),
     }
@@ -240,6 +242,16 @@ def _judge(metrics: dict[str, Any], policy: EvalPolicy) -> str:
     if forget <= policy.max_forget_ratio and utility >= policy.min_utility_ratio:
         return "pass"
     return "hold"
+
+
+def _store_report(ctx: JobContext, version_dir: Path, metrics: dict[str, Any]) -> None:
+    """The evaluation report as its own object too (it is also inside the version's tar),
+    content addressed, so receipts and auditors can fetch it by key and check its hash."""
+    ref = metrics.get("report")
+    if not isinstance(ref, dict) or not ref.get("path"):
+        return
+    stored = ctx.store.put_file(f"reports/{ref['sha256']}.json", version_dir / ref["path"])
+    ref["object_key"] = stored.key
 
 
 def _check_base_model(session: Session, lineage: Lineage, sha256: str) -> None:
