@@ -26,10 +26,10 @@ UTILITY = [Probe("Capital of France?", ("Paris",)), Probe("2+2?", ("4",))]
 GENERAL = [Probe("Opposite of up?", ("down",))]
 
 
-def _plan(**kw):
+def _plan():
     return plan_probes(QA, ["one two three four five six seven eight"],
                        targets=["Zorblat Quimby"], neighbours=NEIGHBOURS, utility=UTILITY,
-                       general=GENERAL, **kw)
+                       general=GENERAL, config=ReportConfig(held_out_per_item=2))
 
 
 def knows_all(prompts: list[str]) -> list[str]:
@@ -148,7 +148,7 @@ def test_shipped_general_and_neighbour_sets_do_not_overlap_other_pools():
     general = {p.question.casefold() for p in load_general_benchmark()}
     neighbours = {p.question.casefold() for p in load_neighbour_probes()}
     unrelated = {p.question.casefold() for p in load_unrelated_probes()}
-    assert len(general) >= 30 and len(neighbours) >= 15
+    assert len(general) >= 25 and len(neighbours) >= 10
     assert not general & unrelated and not neighbours & unrelated and not general & neighbours
     plan = plan_probes([{"question": "Who wrote On the Origin of Species?",
                          "answer": "Charles Darwin."}], targets=["Charles Darwin"],

@@ -64,7 +64,8 @@ class ReportConfig:
     """How much to ask, and the thresholds a version is judged against.
 
     Args:
-        held_out_per_item: held-out forms per forget QA pair (kinds rotate over items).
+        held_out_per_item: held-out forms per forget QA pair (kinds rotate over items, so
+            a 20-question ticket gets 4 probes of each of the 5 kinds with 1).
         max_held_out: cap on held-out forget probes (evaluation time grows with it).
         max_neighbours: cap on neighbour-knowledge probes.
         max_utility: cap on unrelated QA probes (None: all shipped).
@@ -76,9 +77,9 @@ class ReportConfig:
         reject_utility_ratio: below this the version is rejected, not held.
     """
 
-    held_out_per_item: int = 2
+    held_out_per_item: int = 1
     max_held_out: int = 40
-    max_neighbours: int = 20
+    max_neighbours: int = 16
     max_utility: int | None = None
     max_general: int | None = None
     max_new_tokens: int = 32
