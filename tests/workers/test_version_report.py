@@ -192,3 +192,30 @@ def test_evaluate_adapter_on_a_tiny_model_writes_the_report_into_the_version(
     report = json.loads(written.read_text())
     assert set(report["models"]) == {"base", "parent", "after"}
     assert report["relearning"]["steps"] == 1
+
+
+def test_engines_share_one_evaluate_over_servables(tmp_path: Path):
+    from workers.engines.base import EngineRequest, JobInput, WorkerConfig
+    from workers.evaluation.version_eval import evaluate_forgetting
+
+    class Answers:
+        def __init__(self, fn):
+            self.fn, self.asked = fn, []
+
+        def generate(self, prompts, max_new_tokens):
+            assert len(max_new_tokens) == len(prompts)
+            self.asked.append(len(prompts))
+            return self.fn(prompts)
+
+    job = JobInput(job_id="j", lineage="default",
+                   requests=[EngineRequest(kind="forget", engine="o3", target="Zorblat",
+                                           forget_qa=QA)],
+                   ticket_ids=["t"], base_model_path=tmp_path, base_model_sha256="",
+                   parent_dir=None, output_dir=tmp_path, config=WorkerConfig(data_dir=tmp_path))
+    base, parent, after = Answers(knows_all), Answers(knows_all), Answers(forgot_zorblat)
+    metrics = evaluate_forgetting(job, before=parent, after=after, base=base)
+    assert metrics["compared_with"] == ["base", "parent"] and metrics["verdict"] in (
+        "pass", "hold", "reject")
+    assert metrics["forget_ratio"] == 0.0 and metrics["forget_trained_ratio"] == 0.0
+    assert (tmp_path / REPORT_FILE).exists() and metrics["report"]["path"] == REPORT_FILE
+    assert base.asked and parent.asked and after.asked

@@ -137,3 +137,36 @@ def relearning_result(*, before: Sequence[bool], after: Sequence[bool], relearne
             "forget_ratio": relearned_rate / rate_before if rate_before > 0 else 0.0,
             "recovery": relearning_recovery(before=rate_before, after=rate_after,
                                             relearned=relearned_rate)}
+
+
+def evaluate_forgetting(job: Any, *, before: Any, after: Any, base: Any | None = None,
+                        version_dir: Path | None = None,
+                        config: ReportConfig = ReportConfig()) -> dict[str, Any]:
+    """The shared `Engine.evaluate` of forgetting engines (workers/engines/base.py).
+
+    job: a `JobInput` (its requests' forget QA, texts and targets are the forget set).
+    before: the parent version (or the base when there is none); after: the new version;
+    base: the base model when `before` is a parent (ratios are always relative to the base).
+    Servables that also offer `score(pairs) -> list[TokenStats]` get membership inference.
+    The report is written into `version_dir` (default `job.output_dir`) when it exists.
+    Returns the summary metrics, including "verdict".
+    """
+    qa = [q for r in job.requests for q in r.forget_qa]
+    texts = [t for r in job.requests for t in r.forget_texts]
+    plan = plan_probes(qa, texts, targets=[r.target for r in job.requests], config=config)
+
+    def subject(servable: Any) -> Subject:
+        return servable_subject(servable, max_new_tokens=config.max_new_tokens,
+                                score=getattr(servable, "score", None))
+
+    subjects = {"base": subject(base if base is not None else before)}
+    if base is not None:
+        subjects["parent"] = subject(before)
+    subjects["after"] = subject(after)
+    report = evaluate_subjects(plan, subjects, reference_score=subjects["base"].score,
+                               config=config)
+    summary = dict(report["summary"])
+    target_dir = Path(version_dir or job.output_dir)
+    if target_dir.is_dir():
+        summary["report"] = write_report(report, target_dir)
+    return summary
