@@ -24,6 +24,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from service import cli_render as render
+from service.cli_bench import bench
 from service.cli_receipts import receipt_app
 from service.client import ApiError, ApiUnreachable, OblivioClient
 
@@ -43,6 +44,7 @@ app.add_typer(lineage_app, name="lineage")
 app.add_typer(token_app, name="token")
 app.add_typer(db_app, name="db")
 app.add_typer(receipt_app, name="receipt")
+app.command("bench")(bench)
 
 EXIT_REFUSED = 2
 EXIT_FAILED = 1
