@@ -12,7 +12,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The repository root instead of this folder: benchmarks/queue.py would shadow the
+# standard library's queue module (torch imports it).
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from workers.evaluation.bench import SUITES, result_json, run_bench, save_plots, suite_with  # noqa: E402
 

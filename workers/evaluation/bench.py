@@ -313,7 +313,7 @@ def run_bench(suite: BenchSuite, *, work_dir: Path, base_model: str | None = Non
     import torch
 
     from workers.evaluation.report import plan_probes
-    from workers.model import BaseModelRef, resolve_base_model
+    from workers.model import resolve_base_model
 
     started = time.perf_counter()
     torch.manual_seed(0)
@@ -330,7 +330,8 @@ def run_bench(suite: BenchSuite, *, work_dir: Path, base_model: str | None = Non
                                 hidden=128, layers=2)
         base_dir = _learn_world(tiny, work_dir / "tiny-learned", requests, neighbours, utility,
                                 suite.report)
-        base = BaseModelRef("tiny-learned", base_dir, "")
+        # Hashed like any base: the retain-answer cache is keyed by the base's sha256.
+        base = resolve_base_model(str(base_dir), data_dir)
         general: list[Probe] | None = []
     else:
         requests = shipped_requests(suite.requests, suite.items_per_request)
@@ -416,15 +417,23 @@ def _measure(base: Any, adapter_dir: Path, plan: Any, qa: list[dict[str, str]],
 
 
 def _row(method: str, k: int, report: dict[str, Any], seconds: float) -> Row:
-    vs_base = report["relative_to_base"]
-    after = report["models"]["after"]
+    base, after = report["models"]["base"], report["models"]["after"]
     relearning = report.get("relearning") or {}
     recovery = relearning.get("recovery")
-    forget = vs_base.get("forget_ratio")
+
+    def ratio(measured: str, name: str) -> float | None:
+        # A base that answers none of a group leaves nothing to measure: "-", not a
+        # perfect score (the report's convention for the verdict would say 0 or 1).
+        if not base.get(measured):
+            return None
+        return report["relative_to_base"].get(name)
+
+    forget = ratio("forget_held_out", "forget_ratio")
     return Row(method=method, requests=k,
                forget_efficacy=None if forget is None else 1.0 - min(1.0, forget),
-               neighbour=vs_base.get("neighbour_ratio"), utility=vs_base.get("utility_ratio"),
-               general=vs_base.get("general_ratio") if report["probes"]["general"] else None,
+               neighbour=ratio("neighbour", "neighbour_ratio"),
+               utility=ratio("utility", "utility_ratio"),
+               general=ratio("general", "general_ratio"),
                mia_auc=(after.get("mia") or {}).get("min_k_auc"),
                relearn_robustness=None if recovery is None else 1.0 - recovery,
                perplexity=after.get("answer_perplexity"),
