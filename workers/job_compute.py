@@ -13,7 +13,6 @@ from typing import Any
 
 from storage.queue import ClaimedTicket
 from workers.config import WorkerConfig
-from workers.evaluation.probes import ticket_probes
 
 @dataclass(frozen=True)
 class TrainOutput:
@@ -69,73 +68,16 @@ def train(config: WorkerConfig, *, base: Any, tickets: list[ClaimedTicket], pare
 
 def evaluate(config: WorkerConfig, *, base: Any, tickets: list[ClaimedTicket], adapter_dir: Path,
              parent_dir: Path | None) -> dict[str, Any]:
-    """Forget and utility, each as the adapted model's correct-answer rate over the base's.
+    """The version report (workers.evaluation.version_eval): held-out forms of the forget
+    set, neighbours, utility, general benchmark, memorisation, MIA and fluency, against the
+    base and the parent. The report is written into `adapter_dir` (stored with the
+    version); the returned summary becomes the version's metrics."""
+    from workers.evaluation.answer_cache import AnswerCache
+    from workers.evaluation.version_eval import evaluate_adapter
 
-    forget: the tickets' own questions (the only forget probes a job may know about).
-    utility: the shipped unrelated probe set, far from any target.
-    The base model's answers come from the answer cache when an earlier job on the same
-    weights computed them (they never change); the new version answers every probe in one
-    batched call.
-    """
-    from peft import PeftModel
-
-    from workers.evaluation.answer_cache import AnswerCache, CachedAnswers
-    from workers.evaluation.generation import DEFAULT_MAX_NEW_TOKENS, EVAL_BATCH_SIZE, greedy_answers
-    from workers.evaluation.metrics import correct_flags
-    from workers.evaluation.probes import load_unrelated_probes
-    from workers.model import load_model_and_tokenizer
-
-    qa, _texts = payload_items(tickets, "forget")
-    forget = ticket_probes(qa)
-    utility = list(load_unrelated_probes())
-    model, tokenizer = load_model_and_tokenizer(base, device=config.device)
-
-    class _Answers:
-        def __init__(self, m: Any) -> None:
-            self.m = m
-
-        def generate(self, prompts: list[str], max_new_tokens: list[int]) -> list[str]:
-            return greedy_answers(self.m, tokenizer, prompts, max_new_tokens=max(max_new_tokens),
-                                  batch_size=EVAL_BATCH_SIZE)
-
-    cache = AnswerCache(Path(config.data_dir) / "eval-cache")
-    budget = DEFAULT_MAX_NEW_TOKENS
-    before = CachedAnswers(_Answers(model), cache, model_sha256=base.sha256,
-                           decoding={"batch_size": EVAL_BATCH_SIZE, "device": config.device})
-
-    def rate(answers: list[str], probes: list[Any]) -> float | None:
-        if not probes:
-            return None
-        flags = correct_flags(answers, probes)
-        return sum(flags) / len(flags)
-
-    def ask(servable: Any, probes: list[Any]) -> list[str]:
-        return servable.generate([p.question for p in probes], [budget] * len(probes)) \
-            if probes else []
-
-    # The base: each probe set on its own, so the shipped sets hit the cache.
-    before_rates = {"forget": rate(ask(before, forget), forget),
-                    "utility": rate(ask(before, utility), utility)}
-    adapted = PeftModel.from_pretrained(model, str(adapter_dir))
-    after_answers = ask(_Answers(adapted), forget + utility)  # one batched call
-    after_rates = {"forget": rate(after_answers[:len(forget)], forget),
-                   "utility": rate(after_answers[len(forget):], utility)}
-    return {
-        "forget_rate_before": before_rates["forget"], "forget_rate_after": after_rates["forget"],
-        "utility_rate_before": before_rates["utility"],
-        "utility_rate_after": after_rates["utility"],
-        # A base that never answered had nothing to forget (ratio 0) and nothing to lose (1).
-        "forget_ratio": _ratio(after_rates["forget"], before_rates["forget"], if_base_zero=0.0),
-        "utility_ratio": _ratio(after_rates["utility"], before_rates["utility"],
-                                if_base_zero=1.0),
-        "forget_probes": len(forget), "utility_probes": len(utility),
-        "base_answers_cached": cache.hits, "base_answers_generated": cache.misses,
-    }
-
-
-def _ratio(after: float | None, before: float | None, *, if_base_zero: float) -> float | None:
-    if after is None or before is None:
-        return None
-    return after / before if before > 0 else if_base_zero
-
-
+    qa, texts = payload_items(tickets, "forget")
+    # The base model's answers to each probe set are computed once per base model.
+    return evaluate_adapter(base, device=config.device, qa=qa, texts=texts,
+                            targets=[t.target for t in tickets], adapter_dir=adapter_dir,
+                            parent_dir=parent_dir,
+                            answer_cache=AnswerCache(Path(config.data_dir) / "eval-cache"))

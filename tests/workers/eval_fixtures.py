@@ -24,7 +24,10 @@ def tiny_adapter(model_dir: Path, out: Path) -> Path:
     return out
 
 
-def evaluate_job(model_dir: Path, data_dir: Path, work: Path) -> dict[str, Any]:
+def evaluate_job(model_dir: Path, data_dir: Path, work: Path, *, cache: bool = True
+                 ) -> dict[str, Any]:
+    """The job's evaluation (job_compute.evaluate, with its answer cache in `data_dir`), or
+    with `cache=False` the same report computed without any cache."""
     from storage.models import TicketKind
     from storage.queue import ClaimedTicket
     from workers import job_compute
@@ -40,7 +43,12 @@ def evaluate_job(model_dir: Path, data_dir: Path, work: Path) -> dict[str, Any]:
             {"question": "What is Zorblat's job?", "answer": "Zorblat is a baker."}]}},
         payload_sha256="0" * 64, priority=0, attempts=1, requester="t", created_at=now,
         lease_owner="t", lease_expires_at=now)
-    config = WorkerConfig(data_dir=data_dir)
-    return job_compute.evaluate(config, base=base, tickets=[ticket],
-                                adapter_dir=tiny_adapter(model_dir, work / "adapter"),
-                                parent_dir=None)
+    adapter = tiny_adapter(model_dir, work / "adapter")
+    if not cache:
+        from workers.evaluation.version_eval import evaluate_adapter
+
+        qa, texts = job_compute.payload_items([ticket], "forget")
+        return evaluate_adapter(base, device="cpu", qa=qa, texts=texts, targets=["Zorblat"],
+                                adapter_dir=adapter, parent_dir=None)
+    return job_compute.evaluate(WorkerConfig(data_dir=data_dir), base=base, tickets=[ticket],
+                                adapter_dir=adapter, parent_dir=None)
