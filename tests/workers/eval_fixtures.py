@@ -24,14 +24,14 @@ def tiny_adapter(model_dir: Path, out: Path) -> Path:
     return out
 
 
-def evaluate_job(model_dir: Path, data_dir: Path, work: Path, *, cache: bool = True
-                 ) -> dict[str, Any]:
-    """The job's evaluation (job_compute.evaluate, with its answer cache in `data_dir`), or
-    with `cache=False` the same report computed without any cache."""
+def evaluate_job(model_dir: Path, data_dir: Path, work: Path) -> dict[str, Any]:
+    """The job's evaluation of a version (job_compute.evaluate_version with the default
+    forget engine, idk), with its answer cache in `data_dir`."""
     from storage.models import TicketKind
     from storage.queue import ClaimedTicket
     from workers import job_compute
     from workers.config import WorkerConfig
+    from workers.engines import get_engine
     from workers.model import BaseModelRef
 
     base = BaseModelRef(name="tiny", local_path=model_dir, sha256="ee" * 32)
@@ -44,11 +44,7 @@ def evaluate_job(model_dir: Path, data_dir: Path, work: Path, *, cache: bool = T
         payload_sha256="0" * 64, priority=0, attempts=1, requester="t", created_at=now,
         lease_owner="t", lease_expires_at=now)
     adapter = tiny_adapter(model_dir, work / "adapter")
-    if not cache:
-        from workers.evaluation.version_eval import evaluate_adapter
-
-        qa, texts = job_compute.payload_items([ticket], "forget")
-        return evaluate_adapter(base, device="cpu", qa=qa, texts=texts, targets=["Zorblat"],
-                                adapter_dir=adapter, parent_dir=None)
-    return job_compute.evaluate(WorkerConfig(data_dir=data_dir), base=base, tickets=[ticket],
-                                adapter_dir=adapter, parent_dir=None)
+    job = job_compute.job_input(WorkerConfig(data_dir=data_dir), job_id="j", lineage="default",
+                                base=base, tickets=[ticket], parent_dir=None,
+                                output_dir=adapter)
+    return job_compute.evaluate_version(get_engine("idk"), job, base=base, version_dir=adapter)

@@ -62,21 +62,20 @@ def test_a_corrupt_entry_is_a_miss(tmp_path):
 
 def test_a_jobs_evaluation_gives_the_same_numbers_from_the_cache(tiny_model_dir, tmp_path):
     """Cold (computes and stores the base model's answers) and warm (reads them) runs of a
-    job's evaluation agree exactly - the whole report, by its hash - and the warm run
+    job's evaluation agree exactly - the whole stored report, by its hash - and the warm run
     generates no base-model answers."""
     from tests.workers.eval_fixtures import evaluate_job
 
     cold = evaluate_job(tiny_model_dir, tmp_path / "data", tmp_path)
     warm = evaluate_job(tiny_model_dir, tmp_path / "data", tmp_path)
-    fresh = evaluate_job(tiny_model_dir, tmp_path / "other-data", tmp_path, cache=False)
+    other = evaluate_job(tiny_model_dir, tmp_path / "other-data", tmp_path)  # cold again
     sets = cold["base_answer_sets_generated"]
     assert sets >= 4 and cold["base_answer_sets_cached"] == 0  # trained, held-out, ...
     assert (warm["base_answer_sets_cached"], warm["base_answer_sets_generated"]) == (sets, 0)
-    assert "base_answer_sets_cached" not in fresh
 
     def numbers(m):
         return {k: v for k, v in m.items() if not k.startswith("base_answer_sets_")}
 
-    assert numbers(warm) == numbers(cold) == numbers(fresh)
-    assert cold["report"]["sha256"] == warm["report"]["sha256"] == fresh["report"]["sha256"]
-    assert cold["utility_probes"] >= 20
+    assert numbers(warm) == numbers(cold) == numbers(other)
+    assert cold["report"]["sha256"] == warm["report"]["sha256"] == other["report"]["sha256"]
+    assert cold["utility_probes"] >= 20 and cold["verdict"] in ("pass", "hold", "reject")

@@ -130,5 +130,10 @@ class CachedAnswers:
                                    prompts=prompts, max_new_tokens=max_new_tokens,
                                    decoding=self._decoding)
 
-    def __getattr__(self, name: str) -> Any:  # close(), model... of the wrapped servable
+    def generate_each_set(self, sets: list[list[str]], max_new_tokens: int) -> list[list[str]]:
+        """Answers to several probe sets, one cache entry (and on a miss one call) per set."""
+        return [self.generate(prompts, [max_new_tokens] * len(prompts)) if prompts else []
+                for prompts in sets]
+
+    def __getattr__(self, name: str) -> Any:  # close(), score()... of the wrapped servable
         return getattr(self._servable, name)

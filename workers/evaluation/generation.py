@@ -98,3 +98,40 @@ def forget_probe_score(model: Any, tokenizer: Any, probes: Sequence[Probe], *,
     rephrasings are the test of generalisation and must not steer training.
     """
     return answer_rate(hf_generate_fn(model, tokenizer, max_new_tokens=max_new_tokens), probes)
+
+
+def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str],
+                   max_new_tokens: Sequence[int], *, device: str | None = None,
+                   batch_size: int = EVAL_BATCH_SIZE) -> list[str]:
+    """Greedy answers to chat-formatted `prompts`, each cut at its own token budget.
+
+    What a `Servable.generate` does for a plain (or PEFT-wrapped) causal LM: one batched
+    generate per chunk of similar prompt lengths (`length_sorted_batches`), to the chunk's
+    longest budget; greedy decoding means each row equals what that prompt would get alone.
+    """
+    import torch
+
+    from workers.model import format_chat
+
+    if len(prompts) != len(max_new_tokens):
+        raise ValueError(f"{len(prompts)} prompts but {len(max_new_tokens)} token budgets")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = device or str(next(model.parameters()).device)
+    formatted = [format_chat(tokenizer, p) for p in prompts]
+    answers: list[str] = [""] * len(prompts)
+    for ids in length_sorted_batches(tokenizer, formatted, batch_size):
+        chunk = [formatted[i] for i in ids]
+        budgets = [max_new_tokens[i] for i in ids]
+        side, tokenizer.padding_side = tokenizer.padding_side, "left"  # answers start at the end
+        try:
+            enc = tokenizer(chunk, return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(device)
+        finally:
+            tokenizer.padding_side = side
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=max(budgets), do_sample=False,
+                                 pad_token_id=pad_id)
+        new_tokens = out[:, enc["input_ids"].shape[1]:]
+        for i, row, n in zip(ids, new_tokens, budgets):
+            answers[i] = tokenizer.decode(row[:n], skip_special_tokens=True).strip()
+    return answers

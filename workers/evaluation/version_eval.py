@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from workers.evaluation.answer_cache import AnswerCache
 from workers.evaluation.relearning import RelearnConfig, relearned_model, split_for_relearning
 from workers.evaluation.report import (
     ProbePlan,
@@ -35,7 +34,12 @@ def servable_subject(servable: Any, *, max_new_tokens: int = 32,
     def generate(prompts: list[str]) -> list[str]:
         return list(servable.generate(prompts, [max_new_tokens] * len(prompts)))
 
-    return Subject(generate=generate, score=score)
+    # A servable that caches per probe set (answer_cache.CachedAnswers: the base model) is
+    # asked set by set, so each shipped set is its own cache entry.
+    each_set = getattr(servable, "generate_each_set", None)
+    generate_sets = ((lambda sets: each_set(sets, max_new_tokens)) if callable(each_set)
+                     else None)
+    return Subject(generate=generate, score=score, generate_sets=generate_sets)
 
 
 def evaluate_subjects(plan: ProbePlan, subjects: dict[str, Subject], *,
@@ -49,46 +53,21 @@ def evaluate_subjects(plan: ProbePlan, subjects: dict[str, Subject], *,
 
 
 def _hf_subject(model: Any, tokenizer: Any, config: ReportConfig) -> Subject:
-    from workers.evaluation.generation import EVAL_BATCH_SIZE, hf_generate_fn
+    from workers.evaluation.generation import hf_generate_fn
     from workers.evaluation.scoring import hf_score_fn
 
-    return Subject(hf_generate_fn(model, tokenizer, max_new_tokens=config.max_new_tokens,
-                                  batch_size=EVAL_BATCH_SIZE),
+    return Subject(hf_generate_fn(model, tokenizer, max_new_tokens=config.max_new_tokens),
                    hf_score_fn(model, tokenizer))
-
-
-def cached_base_subject(subject: Subject, cache: AnswerCache, *, model_sha256: str,
-                        config: ReportConfig, device: str) -> Subject:
-    """The base model's subject, answering each probe set from `cache` when an earlier job
-    on the same weights computed it (probe sets like utility, neighbours and the general
-    benchmark are the same for every job); a miss generates the whole set at once."""
-    from workers.evaluation.generation import EVAL_BATCH_SIZE
-
-    class _Generate:
-        def generate(self, prompts: list[str], max_new_tokens: list[int]) -> list[str]:
-            return subject.generate(prompts)
-
-    decoding = {"max_new_tokens": config.max_new_tokens, "batch_size": EVAL_BATCH_SIZE,
-                "device": device}
-
-    def generate_sets(sets: list[list[str]]) -> list[list[str]]:
-        return [cache.answers(_Generate(), model_sha256=model_sha256, prompts=prompts,
-                              max_new_tokens=[config.max_new_tokens] * len(prompts),
-                              decoding=decoding) if prompts else [] for prompts in sets]
-
-    return Subject(subject.generate, subject.score, generate_sets)
 
 
 def evaluate_adapter(base_ref: Any, *, device: str, qa: Sequence[dict[str, str]],
                      texts: Sequence[str], targets: Sequence[str | None], adapter_dir: Path,
                      parent_dir: Path | None, config: ReportConfig = ReportConfig(),
-                     relearn: RelearnConfig | None = None,
-                     answer_cache: AnswerCache | None = None) -> dict[str, Any]:
+                     relearn: RelearnConfig | None = None) -> dict[str, Any]:
     """Evaluate the PEFT version in `adapter_dir` against the base and `parent_dir`.
 
     Writes the report into `adapter_dir` and returns the summary metrics, with
-    {"report": {"path", "sha256"}} pointing at it. With `answer_cache`, the base model's
-    answers to each probe set come from it when present (the numbers are the same).
+    {"report": {"path", "sha256"}} pointing at it.
     """
     from peft import PeftModel
 
@@ -98,9 +77,6 @@ def evaluate_adapter(base_ref: Any, *, device: str, qa: Sequence[dict[str, str]]
     model, tokenizer = load_model_and_tokenizer(base_ref, device=device)
     plan = plan_probes(qa, texts, targets=targets, config=config)
     base = _hf_subject(model, tokenizer, config)
-    if answer_cache is not None:
-        base = cached_base_subject(base, answer_cache, model_sha256=base_ref.sha256,
-                                   config=config, device=device)
     measurements = {"base": measure(base, plan, reference_score=base.score, config=config)}
 
     if parent_dir is not None:
@@ -126,9 +102,6 @@ def evaluate_adapter(base_ref: Any, *, device: str, qa: Sequence[dict[str, str]]
     report = compare(measurements, plan=plan, config=config, extra=extra)
     summary = dict(report["summary"])
     summary["report"] = write_report(report, adapter_dir)
-    if answer_cache is not None:  # (not in the report: it is the same either way)
-        summary["base_answer_sets_cached"] = answer_cache.hits
-        summary["base_answer_sets_generated"] = answer_cache.misses
     return summary
 
 
