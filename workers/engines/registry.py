@@ -45,4 +45,5 @@ def list_engines() -> list[str]:
 def _load_builtin_engines() -> None:
     # Importing the engine packages runs their register_engine lines (once, cached).
     # Each engine package is added here when it lands: lora methods, o3, s3t.
-    return None
+    if "o3" not in _ENGINES:
+        from workers.engines import o3  # noqa: F401

@@ -179,6 +179,7 @@ def _metrics(result: LoopResult) -> dict[str, Any]:
         "train_seconds": round(result.seconds, 2),
         "params_local": local,
         "params_full": full,
+        **result.extra,
     }
 
 
