@@ -21,7 +21,7 @@ def evaluate_forgetting(job: JobInput, *, before: Any, after: Any,
                         max_new_tokens: int = 32) -> dict[str, Any]:
     from workers.evaluation.metrics import answer_rate
     from workers.evaluation.probes import Probe, load_unrelated_probes
-    from workers.job_training import answer_keywords
+    from workers.evaluation.probes import answer_keywords
 
     forget = [Probe(question=i["question"], accept=answer_keywords(i["answer"], i["question"]))
               for r in job.requests for i in r.forget_qa]
