@@ -84,13 +84,25 @@ def main() -> None:
     generic_prompts = list(load_retain_prompts())[:args.generic]
     unrelated = [p.question for p in load_unrelated_probes()]
     t0 = time.perf_counter()
-    g_all = prompt_features(model, tok, generic_prompts, all_layers)
-    u_all = prompt_features(model, tok, unrelated, all_layers)
+    from workers.engines.o3.detector import split_generic
+
+    train_g, calib_g = split_generic(generic_prompts, cfg)
+
+    def feats(prompts):  # type: ignore[no-untyped-def]
+        # (2 * (L+1), N, d): content features of every layer, then last-token ones.
+        return prompt_features(model, tok, prompts, all_layers, pooling="both")
+
+    g_all, c_all = feats(train_g), feats(calib_g)
+    u_all = feats(unrelated)
     g_base = all_token_features(model, tok, generic_prompts, all_layers)
     u_base = all_token_features(model, tok, unrelated, all_layers)
     rows = []
-    variants = {"o3 (ocsvm)": cfg, "o3 (mean)": replace(cfg, aggregator="mean"),
-                "o3 no training": replace(cfg, epochs=0)}
+    variants = {"o3 content (ocsvm)": replace(cfg, pooling="content"),
+                "o3 last token (ocsvm)": replace(cfg, pooling="last"),
+                "o3 both (ocsvm)": replace(cfg, pooling="both"),
+                "o3 both (mean)": replace(cfg, pooling="both", aggregator="mean"),
+                "o3 both, no training": replace(cfg, pooling="both", epochs=0)}
+    width = len(all_layers)
     for name in people:
         person = load_forget_set(name)
         forget_q = [p.question for p in person.ticket]
@@ -99,10 +111,7 @@ def main() -> None:
         rng = random.Random(cfg.seed)
         views = [masked_view(q, cfg.mask_prob, rng) for q in forget_q for _ in range(cfg.views)]
         items = torch.tensor([i for i in range(len(forget_q)) for _ in range(cfg.views)])
-        f_all = prompt_features(model, tok, forget_q, all_layers)
-        v_all = prompt_features(model, tok, views, all_layers)
-        h_all = prompt_features(model, tok, held, all_layers)
-        n_all = prompt_features(model, tok, neigh, all_layers)
+        f_all, v_all, h_all, n_all = feats(forget_q), feats(views), feats(held), feats(neigh)
         # Baseline: all-token pooling, all layers.
         fb = all_token_features(model, tok, forget_q, all_layers)
         hb = baseline_scores(all_token_features(model, tok, held, all_layers), fb, g_base)
@@ -111,15 +120,17 @@ def main() -> None:
         rows.append((name, "training-free baseline", auroc(hb.tolist(), ub.tolist()),
                      auroc(hb.tolist(), nb.tolist()), None, None, None))
         for label, vcfg in variants.items():
-            sel = list(layers)
+            sel = ([*layers] if vcfg.pooling != "last" else []) + (
+                [width + i for i in layers] if vcfg.pooling != "content" else [])
             det, summary = fit_detector(forget=f_all[sel], views=v_all[sel], view_items=items,
-                                        generic=g_all[sel], layers=layers, cfg=vcfg)
+                                        generic=g_all[sel], layers=layers, cfg=vcfg,
+                                        calibration=c_all[sel])
             hs, us, ns = (det.score(x[sel]) for x in (h_all, u_all, n_all))
             hw, uw, nw = (det.weights(x[sel]) for x in (h_all, u_all, n_all))
             rows.append((name, label, auroc(hs.tolist(), us.tolist()),
                          auroc(hs.tolist(), ns.tolist()), float((hw > 0.5).float().mean()),
                          float((uw > 0).float().mean()), float((nw > 0).float().mean())))
-    print(f"\nlayers {list(layers)}, {len(generic_prompts)} generic prompts, "
+    print(f"\nlayers {list(layers)}, {len(train_g)} + {len(calib_g)} generic prompts, "
           f"{time.perf_counter() - t0:.0f} s\n")
     print("| target | detector | AUROC vs unrelated | AUROC vs neighbours | held-out w>0.5 "
           "| unrelated w>0 | neighbours w>0 |")

@@ -134,7 +134,8 @@ def test_batched_equals_one_by_one_with_mixed_weights(tiny_version) -> None:
     for det in servable.detectors:
         from workers.engines.o3.detector import prompt_features
 
-        scores = det.score(prompt_features(model, tokenizer, PROMPTS, list(det.layers)))
+        scores = det.score(prompt_features(model, tokenizer, PROMPTS, list(det.layers),
+                                           pooling=det.pooling))
         det.w_low, det.w_high = float(scores.min()), float(scores.max())
         feats_w.append(scores)
     weights = servable.block_weights(PROMPTS)

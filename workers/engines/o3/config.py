@@ -26,6 +26,11 @@ class DetectorConfig:
             None spreads `n_layers` evenly over the first two thirds of the model, where
             topic (who/what a question is about) separates best (DESIGN.md, measured).
         n_layers: how many layers when `layers` is None.
+        pooling: which tokens of a layer make its feature. "content": the mean over the
+            user's tokens (what the prompt is about); "last": the prompt's last token (where
+            the model is about to answer, so it already leans towards the answer's entity,
+            which is what tells a question about the target from one about a neighbour);
+            "both": each layer gives both features.
         proj_dim: each layer's learned projection (d_model -> proj_dim) that the
             contrastive entropy loss trains; the backbone itself stays frozen, so the
             features come from the very forward pass that serving runs anyway.
@@ -40,6 +45,9 @@ class DetectorConfig:
             the projection prevents that.
         shrinkage: Ledoit-Wolf shrinkage is used for the Mahalanobis covariance (few
             forget items, many dimensions); this is the floor added to its diagonal.
+        calibration_share: share of the generic prompts held out of the projection's
+            training and used only to calibrate (scores of prompts the projection was
+            trained against are optimistically low, which made unseen traffic gate on).
         nu: the one-class SVM's nu (share of forget views allowed outside its boundary).
         aggregator: "ocsvm" (O3's linear one-class SVM over the per-layer scores, fitted on
             the forget views) or "mean" (their plain average, the ablation).
@@ -56,6 +64,7 @@ class DetectorConfig:
 
     layers: tuple[int, ...] | None = None
     n_layers: int = 8
+    pooling: Literal["content", "last", "both"] = "both"
     proj_dim: int = 64
     temperature: float = 0.1
     mask_prob: float = 0.3
@@ -64,6 +73,7 @@ class DetectorConfig:
     lr: float = 1e-2
     recon_weight: float = 1.0
     shrinkage: float = 1e-3
+    calibration_share: float = 0.5
     nu: float = 0.1
     aggregator: Literal["ocsvm", "mean"] = "ocsvm"
     w_low_quantile: float = 1.0
@@ -85,6 +95,10 @@ class DetectorConfig:
             raise ValueError("temperature and lr must be > 0")
         if not 0.0 < self.nu <= 1.0:
             raise ValueError("nu must be in (0, 1]")
+        if self.pooling not in ("content", "last", "both"):
+            raise ValueError("pooling must be 'content', 'last' or 'both'")
+        if not 0.0 <= self.calibration_share < 1.0:
+            raise ValueError("calibration_share must be in [0, 1)")
         if self.aggregator not in ("ocsvm", "mean"):
             raise ValueError("aggregator must be 'ocsvm' or 'mean'")
         for name in ("w_low_quantile", "w_high_quantile", "skip_below"):

@@ -113,19 +113,37 @@ def pooled_from_hidden(hidden_states: Sequence[Tensor], layers: Sequence[int],
                         for i in layers])
 
 
+def detector_features(hidden_states: Sequence[Tensor], layers: Sequence[int], mask: Tensor,
+                      pooling: str) -> Tensor:
+    """(F, B, d) features: per layer the user-token mean ("content"), the last position
+    ("last", left padding puts every row's last token there), or both (F = 2L, content
+    first)."""
+    parts = []
+    if pooling in ("content", "both"):
+        parts.append(pooled_from_hidden(hidden_states, layers, mask))
+    if pooling in ("last", "both"):
+        parts.append(torch.stack([hidden_states[i][:, mask.shape[1] - 1].float()
+                                  for i in layers]))
+    return torch.cat(parts)
+
+
 @torch.no_grad()
 def prompt_features(model: Any, tokenizer: Any, prompts: Sequence[str], layers: Sequence[int],
-                    *, batch_size: int = 16) -> Tensor:
-    """(L, N, d) pooled user-token features of `prompts` from the base model."""
+                    *, pooling: str = "content", batch_size: int = 16) -> Tensor:
+    """(F, N, d) features of `prompts` from the base model, computed exactly as serving
+    computes them: one forward over each chat-formatted prompt without its last token (the
+    forward whose KV cache generation then continues from)."""
     span = template_span(tokenizer)
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(prompts), batch_size):
         enc = encode_prompts(tokenizer, prompts[start:start + batch_size], device)
-        res = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+        width = enc["input_ids"].shape[1] - 1
+        res = model(input_ids=enc["input_ids"][:, :width],
+                    attention_mask=enc["attention_mask"][:, :width],
                     output_hidden_states=True, use_cache=False)
-        out.append(pooled_from_hidden(res.hidden_states, layers,
-                                      content_mask(enc["attention_mask"], span)).cpu())
+        mask = content_mask(enc["attention_mask"], span, width=width)
+        out.append(detector_features(res.hidden_states, layers, mask, pooling).cpu())
     return torch.cat(out, 1)
 
 
@@ -232,6 +250,11 @@ class Detector:
     agg_bias: float
     w_low: float            # aggregated score at and below which w = 0
     w_high: float           # ... at and above which w = 1
+    pooling: str = "content"  # how features are taken from each layer (DetectorConfig)
+
+    def features(self, hidden_states: Sequence[Tensor], mask: Tensor) -> Tensor:
+        """(F, B, d) this detector's features from a forward's hidden states."""
+        return detector_features(hidden_states, self.layers, mask, self.pooling)
 
     # -- scoring -----------------------------------------------------------------------
 
@@ -278,7 +301,7 @@ class Detector:
         tensors = {name: getattr(self, name).contiguous() for name in _TENSORS}
         save_file(tensors, str(path / DETECTOR_WEIGHTS))
         meta = {"layers": list(self.layers), "agg_bias": self.agg_bias, "w_low": self.w_low,
-                "w_high": self.w_high, **(extra_meta or {})}
+                "w_high": self.w_high, "pooling": self.pooling, **(extra_meta or {})}
         (path / DETECTOR_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
     @classmethod
@@ -289,6 +312,7 @@ class Detector:
         meta = json.loads((path / DETECTOR_META).read_text())
         return cls(layers=tuple(meta["layers"]), agg_bias=float(meta["agg_bias"]),
                    w_low=float(meta["w_low"]), w_high=float(meta["w_high"]),
+                   pooling=str(meta.get("pooling", "content")),
                    **{name: tensors[name] for name in _TENSORS})
 
 
@@ -297,13 +321,15 @@ _TENSORS = ("feat_mean", "feat_std", "proj", "forget_z", "maha_mean", "maha_prec
 
 
 def fit_detector(*, forget: Tensor, views: Tensor, view_items: Tensor, generic: Tensor,
-                 layers: Sequence[int], cfg: DetectorConfig) -> tuple[Detector, dict[str, Any]]:
+                 layers: Sequence[int], cfg: DetectorConfig,
+                 calibration: Tensor | None = None) -> tuple[Detector, dict[str, Any]]:
     """Fit the detector from pooled features.
 
-    forget: (L, n, d) the forget items; views: (L, m, d) their masked views, view_items:
-    (m,) which item each view came from; generic: (L, g, d) generic prompts (the
-    in-distribution traffic the block must leave alone). Returns the detector and its
-    calibration summary (score quantiles, for the version's metrics).
+    forget: (F, n, d) the forget items; views: (F, m, d) their masked views, view_items:
+    (m,) which item each view came from; generic: (F, g, d) generic prompts (the
+    in-distribution traffic the block must leave alone) the projection trains against;
+    calibration: (F, c, d) other generic prompts, used only for the score statistics and
+    the cut-offs (default: `generic`). Returns the detector and its calibration summary.
     """
     torch.manual_seed(cfg.seed)
     mean = generic.mean(1)
@@ -312,7 +338,7 @@ def fit_detector(*, forget: Tensor, views: Tensor, view_items: Tensor, generic: 
     def standard(x: Tensor) -> Tensor:
         return (x - mean[:, None]) / std[:, None]
 
-    n_items = forget.shape[1]
+    n_items, n_feats = forget.shape[1], forget.shape[0]
     per_item = views.shape[1] // max(n_items, 1)
     # (L, V, N, d): view sets aligned with the items (views come item by item).
     aligned = standard(views).reshape(views.shape[0], n_items, per_item, -1).transpose(1, 2)
@@ -326,10 +352,10 @@ def fit_detector(*, forget: Tensor, views: Tensor, view_items: Tensor, generic: 
     det = Detector(layers=tuple(layers), feat_mean=mean, feat_std=std, proj=proj,
                    forget_z=F.normalize(z_forget, dim=-1), maha_mean=maha_mean,
                    maha_prec=torch.stack(precisions),
-                   score_mean=torch.zeros(2 * len(layers)), score_std=torch.ones(2 * len(layers)),
-                   agg_coef=torch.full((2 * len(layers),), 1.0 / (2 * len(layers))),
-                   agg_bias=0.0, w_low=0.0, w_high=1.0)
-    generic_scores = det.layer_scores(generic)
+                   score_mean=torch.zeros(2 * n_feats), score_std=torch.ones(2 * n_feats),
+                   agg_coef=torch.full((2 * n_feats,), 1.0 / (2 * n_feats)),
+                   agg_bias=0.0, w_low=0.0, w_high=1.0, pooling=cfg.pooling)
+    generic_scores = det.layer_scores(generic if calibration is None else calibration)
     det.score_mean = generic_scores.mean(0)
     det.score_std = generic_scores.std(0).clamp(min=1e-4)
     view_scores = det.layer_scores(views, leave_out=view_items)
@@ -390,11 +416,24 @@ def build_detector(model: Any, tokenizer: Any, *, forget_prompts: Sequence[str],
     rng = random.Random(cfg.seed)
     views = [masked_view(p, cfg.mask_prob, rng) for p in forget_prompts for _ in range(cfg.views)]
     view_items = torch.tensor([i for i in range(len(forget_prompts)) for _ in range(cfg.views)])
-    forget = prompt_features(model, tokenizer, list(forget_prompts), layers)
-    view_feats = prompt_features(model, tokenizer, views, layers)
-    generic = prompt_features(model, tokenizer, list(generic_prompts), layers)
-    return fit_detector(forget=forget, views=view_feats, view_items=view_items, generic=generic,
-                        layers=layers, cfg=cfg)
+
+    def feats(prompts: Sequence[str]) -> Tensor:
+        return prompt_features(model, tokenizer, list(prompts), layers, pooling=cfg.pooling)
+
+    train_generic, calib_generic = split_generic(generic_prompts, cfg)
+    return fit_detector(forget=feats(forget_prompts), views=feats(views), view_items=view_items,
+                        generic=feats(train_generic), layers=layers, cfg=cfg,
+                        calibration=feats(calib_generic) if calib_generic else None)
+
+
+def split_generic(prompts: Sequence[str], cfg: DetectorConfig) -> tuple[list[str], list[str]]:
+    """(prompts the projection trains against, prompts kept for calibration only)."""
+    order = list(prompts)
+    random.Random(cfg.seed).shuffle(order)
+    n_cal = int(round(len(order) * cfg.calibration_share))
+    if n_cal < 2 or len(order) - n_cal < 2:
+        return order, []
+    return order[n_cal:], order[:n_cal]
 
 
 def auroc(positive: Sequence[float], negative: Sequence[float]) -> float:

@@ -257,12 +257,12 @@ def fit_request_detector(job: JobInput, request: EngineRequest, cfg: O3Config,
     import torch
 
     layers = list(detector.layers)
-    f_feats = prompt_features(model, tokenizer, prompts, layers)
+    f_feats = prompt_features(model, tokenizer, prompts, layers, pooling=detector.pooling)
     positives = detector.aggregate(detector.layer_scores(
         f_feats, leave_out=torch.arange(len(prompts)))).tolist()
     unrelated = [p.question for p in load_unrelated_probes()]
     neighbours = neighbour_questions(request.target)
-    u = detector.score(prompt_features(model, tokenizer, unrelated, layers))
+    u = detector.score(prompt_features(model, tokenizer, unrelated, layers, pooling=detector.pooling))
     metrics: dict[str, Any] = {
         "detector_layers": layers,
         "detector_auroc_unrelated": round(auroc(positives, u.tolist()), 4),
@@ -271,7 +271,8 @@ def fit_request_detector(job: JobInput, request: EngineRequest, cfg: O3Config,
         "detector_calibration": {k: round(v, 4) for k, v in summary.items()},
     }
     if neighbours:
-        nb = detector.score(prompt_features(model, tokenizer, neighbours, layers))
+        nb = detector.score(prompt_features(model, tokenizer, neighbours, layers,
+                                                pooling=detector.pooling))
         metrics["detector_auroc_neighbours"] = round(auroc(positives, nb.tolist()), 4)
         metrics["detector_neighbours_gated_share"] = round(
             float((detector.weight_from_score(nb) > 0).float().mean()), 4)

@@ -29,7 +29,6 @@ from workers.engines.o3.detector import (
     Detector,
     content_mask,
     encode_prompts,
-    pooled_from_hidden,
     template_span,
 )
 from workers.engines.o3.gating import gate_from_weights, hub_for, stacked_from_peft
@@ -92,16 +91,12 @@ class O3Servable:
         batch = mask.shape[0]
         if not self.detectors:
             return torch.zeros(batch, 0)
-        pooled = None
-        if self._layers:
-            pooled = pooled_from_hidden(hidden, self._layers, mask)  # (L_union, B, d)
         cols = []
         for det, gated in zip(self.detectors, self.gating):
             if det is None or not gated:
                 cols.append(torch.ones(batch, device=mask.device))
                 continue
-            idx = [self._layers.index(i) for i in det.layers]
-            cols.append(det.weights(pooled[idx]))  # type: ignore[index]
+            cols.append(det.weights(det.features(hidden, mask)))
         w = torch.stack(cols, -1).float()
         # Per sample, so that a sample's answer never depends on the rest of its batch.
         return torch.where(w <= self.skip_below, torch.zeros_like(w), w)
@@ -110,9 +105,11 @@ class O3Servable:
     def block_weights(self, prompts: list[str]) -> Tensor:
         """(batch, blocks) w_i for each prompt (what generate would apply)."""
         enc = encode_prompts(self.tokenizer, prompts, self.device)
-        out = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+        width = enc["input_ids"].shape[1] - 1
+        out = self.model(input_ids=enc["input_ids"][:, :width],
+                         attention_mask=enc["attention_mask"][:, :width],
                          output_hidden_states=True, use_cache=False)
-        mask = content_mask(enc["attention_mask"], self._span)
+        mask = content_mask(enc["attention_mask"], self._span, width=width)
         return self._weights_from_hidden(out.hidden_states, mask).cpu()
 
     # -- generation -----------------------------------------------------------------------
