@@ -70,10 +70,13 @@ def main() -> None:
     from workers.model import load_model_and_tokenizer, resolve_base_model
 
     torch.set_num_threads(2)
-    neighbours: dict[str, list[str]] = {}
-    for item in json.loads((REPO / "workers/engines/o3/data/people_questions.json")
-                           .read_text())["questions"]:
-        neighbours.setdefault(item["neighbour_of"], []).append(item["question"])
+    # Neighbours: the continual benchmark's (people near each target, disjoint from the
+    # engine's shipped bank of other-people questions, which the detector may train on).
+    neighbours = {p["name"]: [q["question"] for q in p.get("neighbours", [])]
+                  for p in json.loads((REPO / "benchmarks/data/continual_probes.json")
+                                      .read_text())["people"]}
+    bank = [q["question"] for q in json.loads(
+        (REPO / "workers/engines/o3/data/people_questions.json").read_text())["questions"]]
     people = available_forget_sets() if args.people == "all" else args.people.split(",")
     ref = resolve_base_model("bundled:smollm2-135m-instruct", REPO / ".cache/oblivio-data")
     model, tok = load_model_and_tokenizer(ref)
@@ -92,16 +95,22 @@ def main() -> None:
         # (2 * (L+1), N, d): content features of every layer, then last-token ones.
         return prompt_features(model, tok, prompts, all_layers, pooling="both")
 
+    train_h, calib_h = split_generic(bank, cfg)
     g_all, c_all = feats(train_g), feats(calib_g)
+    gh_all, ch_all = feats(train_g + train_h), feats(calib_g + calib_h)
     u_all = feats(unrelated)
     g_base = all_token_features(model, tok, generic_prompts, all_layers)
     u_base = all_token_features(model, tok, unrelated, all_layers)
     rows = []
+    cfg = replace(cfg, hard_negatives=False)
     variants = {"o3 content (ocsvm)": replace(cfg, pooling="content"),
                 "o3 last token (ocsvm)": replace(cfg, pooling="last"),
                 "o3 both (ocsvm)": replace(cfg, pooling="both"),
                 "o3 both (mean)": replace(cfg, pooling="both", aggregator="mean"),
-                "o3 both, no training": replace(cfg, pooling="both", epochs=0)}
+                "o3 both, no training": replace(cfg, pooling="both", epochs=0),
+                "o3 content + hard negatives": replace(cfg, pooling="content",
+                                                       hard_negatives=True),
+                "o3 both + hard negatives": replace(cfg, pooling="both", hard_negatives=True)}
     width = len(all_layers)
     for name in people:
         person = load_forget_set(name)
@@ -122,9 +131,10 @@ def main() -> None:
         for label, vcfg in variants.items():
             sel = ([*layers] if vcfg.pooling != "last" else []) + (
                 [width + i for i in layers] if vcfg.pooling != "content" else [])
+            neg, cal = (gh_all, ch_all) if vcfg.hard_negatives else (g_all, c_all)
             det, summary = fit_detector(forget=f_all[sel], views=v_all[sel], view_items=items,
-                                        generic=g_all[sel], layers=layers, cfg=vcfg,
-                                        calibration=c_all[sel])
+                                        generic=neg[sel], layers=layers, cfg=vcfg,
+                                        calibration=cal[sel])
             hs, us, ns = (det.score(x[sel]) for x in (h_all, u_all, n_all))
             hw, uw, nw = (det.weights(x[sel]) for x in (h_all, u_all, n_all))
             rows.append((name, label, auroc(hs.tolist(), us.tolist()),

@@ -48,6 +48,10 @@ class DetectorConfig:
         calibration_share: share of the generic prompts held out of the projection's
             training and used only to calibrate (scores of prompts the projection was
             trained against are optimistically low, which made unseen traffic gate on).
+        hard_negatives: also train and calibrate against questions about other well-known
+            people (shipped with the engine, workers/engines/o3/data): the generic prompts
+            are easy negatives, while questions about a neighbour of the target (another
+            founder, another author) are what the detector gets wrong without them.
         nu: the one-class SVM's nu (share of forget views allowed outside its boundary).
         aggregator: "ocsvm" (O3's linear one-class SVM over the per-layer scores, fitted on
             the forget views) or "mean" (their plain average, the ablation).
@@ -74,6 +78,7 @@ class DetectorConfig:
     recon_weight: float = 1.0
     shrinkage: float = 1e-3
     calibration_share: float = 0.5
+    hard_negatives: bool = True
     nu: float = 0.1
     aggregator: Literal["ocsvm", "mean"] = "ocsvm"
     w_low_quantile: float = 1.0

@@ -408,9 +408,15 @@ def _fit_linear_ocsvm(x: Tensor, nu: float) -> tuple[Tensor, float]:
 
 
 def build_detector(model: Any, tokenizer: Any, *, forget_prompts: Sequence[str],
-                   generic_prompts: Sequence[str], cfg: DetectorConfig
+                   generic_prompts: Sequence[str], cfg: DetectorConfig,
+                   hard_negative_prompts: Sequence[str] = ()
                    ) -> tuple[Detector, dict[str, Any]]:
-    """Features from the base `model`, masked views, fit: one request's detector."""
+    """Features from the base `model`, masked views, fit: one request's detector.
+
+    generic_prompts and hard_negative_prompts (questions about other entities, used when
+    cfg.hard_negatives) are each split into a part the projection trains against and a
+    part used only for calibration.
+    """
     n_hidden = int(getattr(model.config, "num_hidden_layers"))
     layers = cfg.layer_indices(n_hidden)
     rng = random.Random(cfg.seed)
@@ -421,6 +427,9 @@ def build_detector(model: Any, tokenizer: Any, *, forget_prompts: Sequence[str],
         return prompt_features(model, tokenizer, list(prompts), layers, pooling=cfg.pooling)
 
     train_generic, calib_generic = split_generic(generic_prompts, cfg)
+    if cfg.hard_negatives and hard_negative_prompts:
+        train_hard, calib_hard = split_generic(hard_negative_prompts, cfg)
+        train_generic, calib_generic = train_generic + train_hard, calib_generic + calib_hard
     return fit_detector(forget=feats(forget_prompts), views=feats(views), view_items=view_items,
                         generic=feats(train_generic), layers=layers, cfg=cfg,
                         calibration=feats(calib_generic) if calib_generic else None)

@@ -249,8 +249,10 @@ def fit_request_detector(job: JobInput, request: EngineRequest, cfg: O3Config,
     model, tokenizer = load_model_and_tokenizer(ref, device=job.config.device)
     prompts = forget_prompts(request, cfg)
     generic = list(load_retain_prompts())
+    hard, neighbours = neighbour_questions(request.target)
     detector, summary = build_detector(model, tokenizer, forget_prompts=prompts,
-                                       generic_prompts=generic, cfg=cfg.detector)
+                                       generic_prompts=generic, cfg=cfg.detector,
+                                       hard_negative_prompts=hard)
     # AUROC per version: leave-one-out scores of the forget items themselves (each scored
     # as if it were new) against the shipped utility questions and questions about other
     # people (the hard negatives); none of these were used to fit the detector.
@@ -261,7 +263,6 @@ def fit_request_detector(job: JobInput, request: EngineRequest, cfg: O3Config,
     positives = detector.aggregate(detector.layer_scores(
         f_feats, leave_out=torch.arange(len(prompts)))).tolist()
     unrelated = [p.question for p in load_unrelated_probes()]
-    neighbours = neighbour_questions(request.target)
     u = detector.score(prompt_features(model, tokenizer, unrelated, layers, pooling=detector.pooling))
     metrics: dict[str, Any] = {
         "detector_layers": layers,
@@ -289,21 +290,26 @@ def forget_prompts(request: EngineRequest, cfg: O3Config) -> list[str]:
     return list(dict.fromkeys(p for p in prompts if p.strip()))
 
 
-def neighbour_questions(target: str | None) -> list[str]:
-    """Shipped questions about well-known people other than `target`."""
+def neighbour_questions(target: str | None) -> tuple[list[str], list[str]]:
+    """Shipped questions about well-known people other than `target`, in two halves split
+    by person: (hard negatives for the detector, held out for its AUROC)."""
+    import hashlib
+
     from importlib import resources
 
     raw = json.loads(resources.files("workers.engines.o3").joinpath(
         "data/people_questions.json").read_text(encoding="utf-8"))
     names = {w.lower() for w in re.findall(r"\w+", target or "") if len(w) > 3}
-    out = []
+    train: list[str] = []
+    held: list[str] = []
     for item in raw["questions"]:
         about = {w.lower() for w in re.findall(r"\w+", item["about"])}
         text = item["question"].lower()
         if names & about or any(n in text for n in names):
             continue
-        out.append(item["question"])
-    return out
+        half = hashlib.sha256(item["about"].encode()).digest()[0] % 2
+        (train if half == 0 else held).append(item["question"])
+    return train, held
 
 
 def max_overlap_with_earlier(version_dir: Path) -> float:
