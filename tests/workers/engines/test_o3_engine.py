@@ -86,7 +86,10 @@ def test_two_requests_stack_with_detectors_and_orthogonality(ray_cluster, tiny_m
     terms = v2.metrics["blocks"][0]["orthogonal_terms"]
     assert terms and terms[-1] < terms[0]
     a_stack = {k: v for k, v in w2.items() if ".lora_A." in k}
-    assert block_overlap(a_stack, [8, 8], 0, 1) == v2.metrics["orthogonality_max_overlap"]
+    overlap = block_overlap(a_stack, [8, 8], 0, 1)
+    assert overlap == pytest.approx(v2.metrics["orthogonality_max_overlap"], abs=1e-5)
+    # Two independent random blocks overlap by about 1/sqrt(d_in) (0.09-0.125 here).
+    assert overlap < 0.06
 
     # The version serves: the detectors give one weight per block and sample.
     model, tokenizer = load_tiny(tiny_model_dir)
