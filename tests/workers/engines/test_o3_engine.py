@@ -97,3 +97,27 @@ def test_two_requests_stack_with_detectors_and_orthogonality(ray_cluster, tiny_m
     assert isinstance(servable, O3Servable)
     answers = servable.generate(["Where does Zorblat 1 live?", "What is 2 + 2?"], [6, 6])
     assert len(answers) == 2 and servable.last_weights.shape == (2, 2)
+
+
+def test_texts_become_prompts_whose_continuation_is_refused(tiny_model_dir: Path,
+                                                            tmp_path: Path) -> None:
+    from workers.engines import get_engine
+    from workers.engines.o3.config import make_config
+    from workers.engines.o3.engine import forget_prompts, text_to_prompt
+
+    text = "The secret recipe of Quimby cake uses three eggs, rye flour and a pinch of salt."
+    assert text_to_prompt(text, 5) == ("The secret recipe of Quimby",
+                                       "cake uses three eggs, rye flour and a pinch of salt.")
+    request = EngineRequest(kind="forget", engine="o3", target="Quimby cake",
+                            forget_texts=[text])
+    engine = get_engine("o3")
+    cfg = make_config({"text_prompt_words": 5})
+    spec = engine._spec(_job(tiny_model_dir, tmp_path / "v", request, "t", None), request,
+                        cfg, None, tmp_path / "v")
+    assert spec.forget_texts == [] and spec.forget_qa[0]["question"] == "The secret recipe of Quimby"
+    assert spec.forget_recipe().method == "idk" and spec.forget_recipe().retain_loss == "none"
+    # The detector learns both the opening (what a user would type) and the whole text.
+    assert forget_prompts(request, cfg) == ["The secret recipe of Quimby", text]
+    npo = engine._spec(_job(tiny_model_dir, tmp_path / "v", request, "t", None), request,
+                       make_config({"objective": "npo"}), None, tmp_path / "v")
+    assert npo.forget_texts == [text] and npo.forget_recipe().method == "npo"
