@@ -222,10 +222,14 @@ class O3Engine:
 
     # -- evaluation -----------------------------------------------------------------------
 
-    def evaluate(self, job: JobInput, *, before: Any, after: Any) -> dict[str, Any]:
-        from workers.engines.o3.evaluation import evaluate_forgetting
+    def evaluate(self, job: JobInput, *, before: Any, after: Any,
+                 parent: Any | None = None) -> dict[str, Any]:
+        """The forgetting engines' shared evaluation, through gated O3 servables."""
+        from workers.evaluation.version_eval import evaluate_forgetting
 
-        return evaluate_forgetting(job, before=before, after=after)
+        if parent is None:
+            return evaluate_forgetting(job, before=before, after=after)
+        return evaluate_forgetting(job, before=parent, after=after, base=before)
 
     # -- revocation -----------------------------------------------------------------------
 
