@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     )
     device: Literal["cpu", "cuda"] = "cpu"
     ray_address: str | None = Field(None, description="Join this Ray cluster instead of a local one.")
+    ray_dashboard_url: str | None = Field(
+        None, description="Ray dashboard URL the operator dashboard links to (default: the "
+        "one of the cluster `oblivio serve` started or joined).")
     num_workers: int = Field(2, description="Ray Train workers (DeepSpeed ranks) per job.")
     zero_stage: Literal[2, 3] = 2
     trainer: Literal["deepspeed", "plain"] = Field(
