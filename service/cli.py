@@ -140,9 +140,12 @@ def serve(
     from service.background import start_background_workers
     from service.startup import admin_token_path, is_embedded, prepare
 
+    from workers.logcontext import configure_logging
+
     settings = _settings()
     updates = {k: v for k, v in {"api_host": host, "api_port": port}.items() if v is not None}
     settings = settings.model_copy(update=updates)
+    configure_logging(settings.log_format, settings.log_level)
     api_app = create_app(settings)
     try:
         report = prepare(settings, api_app.state.sessions)
@@ -165,7 +168,9 @@ def serve(
         print("starting Ray, the dispatcher and the generation deployment...", flush=True)
     background = start_background_workers(settings, api_app) if workers else None
     try:
-        uvicorn.run(api_app, host=settings.api_host, port=settings.api_port, log_level="info")
+        # log_config=None: uvicorn's loggers go through the root handler (JSON or text).
+        uvicorn.run(api_app, host=settings.api_host, port=settings.api_port,
+                    log_level=settings.log_level.lower(), log_config=None)
     finally:
         if background is not None:
             background.stop()

@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1 << 20, description="Larger request bodies get 413.")
     readyz_timeout_seconds: float = Field(5.0, description="/readyz waits this long per check.")
 
+    log_format: Literal["text", "json"] = Field(
+        "text", description="json: one JSON object per log line, with ticket and job ids.")
+    log_level: str = Field("INFO", description="Root log level of the service and workers.")
+
     # --- ticket limits (validation) ------------------------------------------------
     max_forget_items: int = Field(200, description="Max texts + qa pairs in one ticket.")
     max_text_chars: int = Field(4000, description="Max characters of one text/question/answer.")

@@ -56,6 +56,7 @@ class DispatcherLoop:
         """Claim what is ready and run it; returns the number of jobs run."""
         from storage import queue
         from workers.jobs import JobContext, LeaseLost, run_job
+        from workers.logcontext import log_context
 
         started = time.perf_counter()
         first = queue.claim(self.sessions, owner=self.owner, limit=1,
@@ -81,7 +82,9 @@ class DispatcherLoop:
         ran = 0
         for tickets in groups.values():
             try:
-                run_job(ctx, tickets)
+                with log_context(ticket_ids=[t.id for t in tickets],
+                                 lineage=tickets[0].lineage_id):
+                    run_job(ctx, tickets)
             except LeaseLost:
                 log.warning("lost the lease on %s; another dispatcher has them", tickets)
             except Exception:
@@ -131,7 +134,9 @@ def start_dispatcher_actor(settings: Settings) -> Any:
     class DispatcherActor:
         # A thin shell: the loop runs in a thread so the actor still answers `status`.
         def __init__(self, settings: Settings) -> None:
-            logging.basicConfig(level=logging.INFO)
+            from workers.logcontext import configure_logging
+
+            configure_logging(settings.log_format, settings.log_level)
             self._loop = DispatcherLoop(settings, observe_claim=ray_claim_latency_observer())
             self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
             self._thread.start()

@@ -27,6 +27,8 @@ from storage.db import transaction
 from storage.models import Job, JobStatus, Lineage, Ticket, TicketStatus, utcnow
 from storage.objectstore import ObjectStore
 from storage.queue import ClaimedTicket
+from workers.logcontext import bind_log_context, unbind_log_context
+from workers.telemetry import merge_progress
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +111,7 @@ def run_job(ctx: JobContext, tickets: list[ClaimedTicket]) -> JobOutcome:
     lineage_id = tickets[0].lineage_id
     ids = [t.id for t in tickets]
     job_id = _create_job(ctx, tickets)
+    log_token = bind_log_context(job_id=job_id)  # every log line of this job carries its id
     workdir = Path(tempfile.mkdtemp(prefix="oblivio-job-", dir=_jobs_dir(ctx.settings)))
     try:
         with LeaseKeeper(ctx, ids) as keeper:
@@ -127,6 +130,7 @@ def run_job(ctx: JobContext, tickets: list[ClaimedTicket]) -> JobOutcome:
         raise
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        unbind_log_context(log_token)
 
 
 def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
@@ -290,7 +294,7 @@ def _set_progress(ctx: JobContext, job_id: uuid.UUID, ticket_ids: list[uuid.UUID
                   update: dict[str, Any]) -> None:
     with transaction(ctx.sessions) as s:
         job = s.get_one(Job, job_id)
-        job.progress = {**(job.progress or {}), **update}
+        job.progress = merge_progress(job.progress, update)
         if update.get("phase") == "evaluating":
             job.status = JobStatus.evaluating
     queue.set_progress(ctx.sessions, ticket_ids=ticket_ids, owner=ctx.owner, progress=update)
@@ -301,7 +305,7 @@ def _finish_job(ctx: JobContext, job_id: uuid.UUID, status: JobStatus,
     with transaction(ctx.sessions) as s:
         job = s.get_one(Job, job_id)
         job.status, job.error, job.finished_at = status, error, utcnow()
-        job.progress = {**(job.progress or {}), "phase": status.value}
+        job.progress = merge_progress(job.progress, {"phase": status.value})
 
 
 ProgressFn = Callable[[dict[str, Any]], None]
