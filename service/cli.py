@@ -24,6 +24,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from service import cli_render as render
+from service.cli_schedule import schedule_app
 from service.client import ApiError, ApiUnreachable, OblivioClient
 
 app = typer.Typer(name="oblivio", help="Continual machine unlearning for language models.",
@@ -41,6 +42,7 @@ app.add_typer(versions_app, name="versions")
 app.add_typer(lineage_app, name="lineage")
 app.add_typer(token_app, name="token")
 app.add_typer(db_app, name="db")
+app.add_typer(schedule_app, name="schedule")
 
 EXIT_REFUSED = 2
 EXIT_FAILED = 1

@@ -67,6 +67,10 @@ class Settings(BaseSettings):
         "deepspeed", description="deepspeed: Ray Train workers with DeepSpeed ZeRO (the "
         "product path); plain: one in-process PyTorch loop (benchmark baseline, debugging).")
     batch_window_seconds: float = Field(2.0, description="Wait this long to group tickets in one job.")
+    scheduler_enabled: bool = Field(True, description="Run schedules' windows in this "
+                                    "replica when it leads (needs the background workers).")
+    scheduler_poll_seconds: float = Field(15.0, description="How often the scheduler checks "
+                                          "for due windows and renews its leader lease.")
     auto_promote: bool = Field(True, description="Promote a version to live when its eval passes.")
     recipe: dict[str, Any] = Field(
         default_factory=dict,
