@@ -87,3 +87,32 @@ def schedule_remove(
         result = client._call("DELETE", f"/v1/schedules/{schedule_id}")
     render.out().print(f"removed schedule {schedule_id}; {result['released_tickets']} "
                        "ticket(s) back in the queue", markup=False)
+
+
+@schedule_app.command("run")
+def schedule_run() -> None:
+    """Run every due window once and exit (for a Kubernetes CronJob or RayJob; set
+    OBLIVIO_SCHEDULER_ENABLED=false on the API replicas when using this form)."""
+    from service.cli import EXIT_FAILED, _fail, _settings
+    from service.scheduler import SchedulerLoop
+    from storage.db import make_engine, make_session_factory
+    from workers.runtime import connect_ray
+
+    settings = _settings()
+    sessions = make_session_factory(make_engine(settings.resolved_database_url))
+    started = connect_ray(settings, include_dashboard=False)
+    try:
+        loop = SchedulerLoop(settings, sessions)
+        windows = loop.run_once()
+    except Exception as exc:
+        _fail(f"scheduled run failed: {type(exc).__name__}: {exc}", EXIT_FAILED)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    for w in windows:
+        what = w.skipped or f"{len(w.tickets)} ticket(s) in {loop.jobs_run} job(s)"
+        render.out().print(f"schedule {w.schedule_id} ({w.lineage}): {what}", markup=False)
+    if not windows:
+        render.out().print("no window due (or another replica leads)", markup=False)
