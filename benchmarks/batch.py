@@ -98,7 +98,7 @@ def run_mode(mode: str, n: int, model: str, steps: int, workdir: Path) -> dict[s
                          "retain": None}), requester="bench")
     started = time.perf_counter()
     if mode == "per-ticket":
-        loop = DispatcherLoop(settings, max_batch=1)
+        loop = DispatcherLoop(settings.worker_config(), max_batch=1)
         while loop.run_once():
             pass
     else:
@@ -123,21 +123,20 @@ def evaluate_final(settings: Any, qa: list[dict[str, str]], key: str | None,
     from datetime import datetime, timezone
 
     from storage.models import TicketKind
-    from storage.objectstore import object_store_from_settings
     from storage.queue import ClaimedTicket
-    from workers import job_training
+    from workers import job_compute
 
     if key is None:
         return {"forget_ratio": None, "utility_ratio": None}
-    object_store_from_settings(settings).fetch_directory(key, dest)
+    settings.store_config().open().fetch_directory(key, dest)
     now = datetime.now(timezone.utc)
     fake = [ClaimedTicket(id=uuid.uuid4(), lineage_id=uuid.uuid4(), kind=TicketKind.forget,
                           engine="npo", target=None,
                           payload={"forget": {"texts": [], "qa": qa}, "retain": None},
                           payload_sha256="0" * 64, priority=0, attempts=1, requester="bench",
                           created_at=now, lease_owner="bench", lease_expires_at=now)]
-    base = job_training.resolve_base(settings)
-    metrics = job_training.evaluate(settings, base=base, tickets=fake, adapter_dir=dest,
+    base = job_compute.resolve_base(settings.worker_config())
+    metrics = job_compute.evaluate(settings.worker_config(), base=base, tickets=fake, adapter_dir=dest,
                                     parent_dir=None)
     return {"forget_ratio": metrics.get("forget_ratio"),
             "utility_ratio": metrics.get("utility_ratio")}

@@ -96,21 +96,19 @@ def schedule_run() -> None:
     from service.cli import EXIT_FAILED, _fail, _settings
     from service.scheduler import SchedulerLoop
     from storage.db import make_engine, make_session_factory
-    from workers.runtime import connect_ray
+    from workers.runtime import start_runtime
 
     settings = _settings()
     sessions = make_session_factory(make_engine(settings.resolved_database_url))
-    started = connect_ray(settings, include_dashboard=False)
+    # Ray only (joined, or local): the job runner's training runs on it.
+    runtime = start_runtime(settings.worker_config(), dispatcher=False, serving=False)
     try:
         loop = SchedulerLoop(settings, sessions)
         windows = loop.run_once()
     except Exception as exc:
         _fail(f"scheduled run failed: {type(exc).__name__}: {exc}", EXIT_FAILED)
     finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+        runtime.stop()
     for w in windows:
         what = w.skipped or f"{len(w.tickets)} ticket(s) in {loop.jobs_run} job(s)"
         render.out().print(f"schedule {w.schedule_id} ({w.lineage}): {what}", markup=False)

@@ -77,11 +77,10 @@ class SchedulerLoop:
         return windows
 
     def _run_job(self, tickets: list[ClaimedTicket]) -> Any:
-        from storage.objectstore import object_store_from_settings
-        from workers.jobs import JobContext, run_job
+        from workers.job_runner import JobContext, run_job
 
-        ctx = JobContext(settings=self.settings, sessions=self.sessions,
-                         store=object_store_from_settings(self.settings), owner=self.owner)
+        ctx = JobContext(config=self.settings.worker_config(), sessions=self.sessions,
+                         store=self.settings.store_config().open(), owner=self.owner)
         return run_job(ctx, tickets)
 
     def _forever(self) -> None:

@@ -1,4 +1,4 @@
-"""What operators read and do beyond the ticket API: timelines, retries, an overview.
+"""What operators read and do beyond the ticket API: retries and the overview's queries.
 
 Functions never commit: the caller owns the transaction (as in storage.registry).
 """
@@ -9,55 +9,39 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from storage import audit
 from storage.errors import Conflict, NotFound
-from storage.models import AuditEvent, Job, Lineage, Ticket, TicketStatus, utcnow
+from storage.models import Job, Lineage, Ticket, TicketStatus, utcnow
 
-# Tickets an operator may send back to the queue: they ended without a result and still
-# hold their forget set (done and cancelled tickets have had it purged).
-RETRYABLE = (TicketStatus.failed, TicketStatus.rejected)
-
-
-def ticket_timeline(session: Session, ticket_id: uuid.UUID) -> list[dict[str, Any]]:
-    """Every audit event of a ticket, oldest first, plus those of the versions it made."""
-    ticket = session.get(Ticket, ticket_id)
-    if ticket is None:
-        raise NotFound(f"unknown ticket {ticket_id}")
-    subjects = [("ticket", str(ticket_id))]
-    if ticket.result_version_id is not None:
-        subjects.append(("version", str(ticket.result_version_id)))
-    events = session.scalars(
-        select(AuditEvent)
-        .where(or_(*[(AuditEvent.subject_type == kind) & (AuditEvent.subject_id == sid)
-                     for kind, sid in subjects]))
-        .order_by(AuditEvent.at, AuditEvent.id))
-    timeline = [{"at": ticket.created_at.isoformat(), "action": "ticket.submitted",
-                 "actor": ticket.requester, "detail": None}]
-    timeline += [{"at": e.at.isoformat(), "action": e.action, "actor": e.actor,
-                  "detail": e.detail} for e in events if e.action != "ticket.submitted"]
-    return timeline
+# A final ticket has had its forget set deleted (data minimisation), so it cannot be trained
+# again; what an operator can retry is a queued ticket whose last attempt failed and that
+# waits out its back-off (or its attempt budget): "retry now, with a fresh budget".
 
 
 def retry_ticket(session: Session, *, ticket_id: uuid.UUID, actor: str) -> Ticket:
-    """Put a failed or rejected ticket back in the queue with a fresh attempt budget."""
+    """Retry a queued ticket whose last attempt failed: now, with a fresh attempt budget."""
+    from storage.schedules import HOLD_UNTIL
+
     ticket = session.get(Ticket, ticket_id)
     if ticket is None:
         raise NotFound(f"unknown ticket {ticket_id}")
-    if ticket.status not in RETRYABLE:
-        raise Conflict(f"ticket {ticket_id} is {ticket.status.value}; only failed or rejected "
-                       "tickets can be retried")
-    if ticket.payload is None:
-        raise Conflict(f"ticket {ticket_id} no longer holds its request (purged); file a new "
-                       "ticket instead")
-    previous = {"from": ticket.status.value, "attempts": ticket.attempts, "error": ticket.error}
-    # Conditional: a concurrent retry (or anything else) that moved it first wins.
+    if ticket.status.is_final:
+        raise Conflict(f"ticket {ticket_id} is {ticket.status.value}: its forget set was "
+                       "deleted when it ended, so it cannot be retried; file the request "
+                       "again")
+    if ticket.status is not TicketStatus.queued or not (ticket.error or ticket.attempts):
+        raise Conflict(f"ticket {ticket_id} is {ticket.status.value} with no failed attempt; "
+                       "only a queued ticket whose last attempt failed can be retried")
+    previous = {"attempts": ticket.attempts, "error": ticket.error,
+                "not_before": ticket.not_before.isoformat() if ticket.not_before else None}
+    held = ticket.not_before == HOLD_UNTIL  # waiting for a schedule: keep it waiting
+    # Conditional: a dispatcher that claims it at this moment wins, and we report that.
     changed = session.execute(
-        update(Ticket).where(Ticket.id == ticket_id, Ticket.status.in_(RETRYABLE))
-        .values(status=TicketStatus.queued, attempts=0, error=None, progress=None,
-                lease_owner=None, lease_expires_at=None, not_before=None, job_id=None,
+        update(Ticket).where(Ticket.id == ticket_id, Ticket.status == TicketStatus.queued)
+        .values(attempts=0, error=None, not_before=HOLD_UNTIL if held else None,
                 updated_at=utcnow())
         .execution_options(synchronize_session=False)).rowcount
     session.refresh(ticket)

@@ -2,8 +2,8 @@
 
 The page (service/dashboard/index.html, no build step, no CDN) asks for an operator token,
 keeps it in the browser tab's sessionStorage, and reads and acts only through the API:
-`GET /v1/dashboard/overview` (this module), `/v1/tickets`, the timeline and retry routes
-below, and the existing promote / rollback / revoke / cancel routes. So everything the page
+`GET /v1/dashboard/overview` (this module), `/v1/tickets` (a ticket's timeline comes with
+`GET /v1/tickets/{id}`), the retry route below, and the existing promote / rollback / revoke / cancel routes. So everything the page
 shows or does is also what an API client sees, with the same permissions and audit trail.
 """
 
@@ -96,17 +96,9 @@ def _numeric(metrics: dict[str, Any] | None) -> dict[str, Any]:
             if isinstance(v, (int, float, str, bool)) or v is None}
 
 
-@router.get("/v1/tickets/{ticket_id}/timeline")
-def timeline(ticket_id: uuid.UUID, session: SessionDep,
-             _caller: OperatorDep) -> dict[str, Any]:
-    """A ticket with every event of its life (claims, retries, versions, aliases)."""
-    ticket = tickets.get_ticket(session, ticket_id)
-    return {"ticket": TicketOut.from_view(tickets.describe(session, [ticket])[0]),
-            "events": operations.ticket_timeline(session, ticket_id)}
-
-
 @router.post("/v1/tickets/{ticket_id}/retry", response_model=TicketOut)
 def retry(ticket_id: uuid.UUID, session: SessionDep, caller: OperatorDep) -> TicketOut:
-    """Send a failed or rejected ticket back to the queue (operators)."""
+    """Retry now, with a fresh attempt budget, a queued ticket whose last attempt failed
+    (final tickets have had their forget set deleted and cannot be retried)."""
     ticket = operations.retry_ticket(session, ticket_id=ticket_id, actor=caller.principal)
     return TicketOut.from_view(tickets.describe(session, [ticket])[0])

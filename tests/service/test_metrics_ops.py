@@ -10,7 +10,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from storage.db import transaction
 from storage.models import Job, JobStatus, Lineage, utcnow
-from storage.objectstore import object_store_from_settings
 from tests.fixtures.versions import add_version
 from tests.service.conftest import Api
 from workers.logcontext import JsonFormatter, log_context
@@ -31,7 +30,7 @@ def test_metrics_expose_queue_jobs_versions_and_live_eval(api: Api) -> None:
     c, op = api.client, api.headers("operator")
     for _ in range(2):
         assert c.post("/v1/tickets", headers=op, json=TICKET).status_code == 202
-    store = object_store_from_settings(api.settings)
+    store = api.settings.store_config().open()
     add_version(api.db.sessions, store, lineage="default", adapter_dir=None, promote=True,
                 metrics={"forget_ratio": 0.1, "utility_ratio": 0.93, "verdict": "pass"})
     add_version(api.db.sessions, store, lineage="default", adapter_dir=None, candidate=True)

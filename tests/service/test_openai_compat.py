@@ -20,7 +20,6 @@ from service.app import create_app
 from service.settings import Settings
 from storage import tokens
 from storage.db import transaction
-from storage.objectstore import object_store_from_settings
 from tests.fixtures.versions import add_version, random_adapter
 from tests.service.conftest import free_socket
 
@@ -79,7 +78,7 @@ def served(tmp_path: Path, tiny_model_dir: Path, ray_cluster) -> Iterator[Served
 
     settings = _settings(tmp_path, str(tiny_model_dir))
     for client, secret in _start(settings):
-        client.app.state.generator = deploy(serving_config(settings))
+        client.app.state.generator = deploy(serving_config(settings.worker_config()))
         try:
             for url in _uvicorn(client.app):
                 yield Served(url=url, secret=secret, client=client, settings=settings)
@@ -98,7 +97,7 @@ def _generate(served: Served, version: str | None, prompt: str) -> dict:
 def test_openai_client_chats_with_the_live_version(served: Served, tmp_path: Path,
                                                    tiny_model_dir: Path) -> None:
     app = served.client.app
-    store = object_store_from_settings(served.settings)
+    store = served.settings.store_config().open()
     v1 = add_version(app.state.sessions, store, lineage="default", promote=True,
                      adapter_dir=random_adapter(tiny_model_dir, tmp_path / "a1", seed=1),
                      metrics={"forget_ratio": 0.1, "utility_ratio": 0.95})
