@@ -63,7 +63,7 @@ class SchedulerLoop:
                          window.lineage, window.due_at.isoformat(), window.skipped)
                 continue
             by_engine: dict[str, list[ClaimedTicket]] = defaultdict(list)
-            for ticket in window.tickets:
+            for ticket in self._open_payloads(window.tickets):
                 by_engine[ticket.engine].append(ticket)
             for tickets in by_engine.values():
                 log.info("schedule %s (%s): one job for %d ticket(s)", window.schedule_id,
@@ -75,6 +75,28 @@ class SchedulerLoop:
                 except Exception:  # the job runner already put the tickets back
                     log.exception("scheduled job for %d ticket(s) failed", len(tickets))
         return windows
+
+    def _open_payloads(self, claimed: list[ClaimedTicket]) -> list[ClaimedTicket]:
+        """Decrypt the claimed tickets' sealed forget sets in memory, as the dispatcher does;
+        one that cannot be opened (another key, tampered) fails for good with the reason."""
+        import dataclasses
+
+        from storage import queue
+        from storage.sealing import PayloadUnreadable, cipher_from_config
+
+        config = self.settings.worker_config()
+        cipher = cipher_from_config(config.payload_key, config.data_dir / "payload-key")
+        opened = []
+        for ticket in claimed:
+            try:
+                payload = cipher.open(ticket.payload, expected_sha256=ticket.payload_sha256)
+            except PayloadUnreadable as exc:
+                log.error("ticket %s: %s", ticket.id, exc)
+                queue.fail(self.sessions, ticket_id=ticket.id, owner=self.owner,
+                           error=str(exc), retry=False, max_attempts=config.max_attempts)
+                continue
+            opened.append(dataclasses.replace(ticket, payload=payload))
+        return opened
 
     def _run_job(self, tickets: list[ClaimedTicket]) -> Any:
         from workers.job_runner import JobContext, run_job

@@ -37,9 +37,11 @@ def _submit(api: Api, n: int, tag: str = "") -> list[str]:
 class Recorder:
     def __init__(self) -> None:
         self.batches: list[list[uuid.UUID]] = []
+        self.payloads: list[dict] = []
 
     def __call__(self, tickets: list[queue.ClaimedTicket]) -> None:
         self.batches.append(sorted(t.id for t in tickets))
+        self.payloads += [t.payload for t in tickets]
 
 
 def _next(api: Api) -> datetime:
@@ -72,6 +74,8 @@ def test_tickets_wait_for_the_window_and_go_in_one_batch(api: Api) -> None:
     assert len(taken) == 1 and len(rec.batches) == 1
     # max_tickets 3, oldest first: the early one and two of the later ones, in ONE batch.
     assert rec.batches[0] == sorted(uuid.UUID(i) for i in early + later[:2])
+    # The job gets the forget sets opened (they are sealed at rest).
+    assert all(p["forget"]["qa"] == FORGET_QA for p in rec.payloads)
     listed = api.client.get("/v1/schedules", headers=api.headers("operator")).json()
     assert listed[0]["waiting_tickets"] == 1 and listed[0]["last_run_at"] is not None
 
