@@ -159,6 +159,7 @@ def serve(
     print(f"oblivio API:     {url}", flush=True)
     print(f"OpenAPI docs:    {url}/docs", flush=True)
     print(f"metrics:         {url}/metrics", flush=True)
+    print(f"dashboard:       {url}/dashboard", flush=True)
     token_file = admin_token_path(settings).resolve()
     if report.admin_token_file is not None:
         print(f"admin token written to {report.admin_token_file}", flush=True)
