@@ -97,6 +97,21 @@ def _browser() -> object:
     return webdriver.Chrome(service=Service(executable_path=driver), options=options)
 
 
+def _retry_stale(action: object, tries: int = 5) -> None:
+    """Run a find-and-act on the page; the page re-renders every few seconds, so an
+    element found a moment ago may be replaced between finding and clicking it."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    for attempt in range(tries):
+        try:
+            action()  # type: ignore[operator]
+            return
+        except StaleElementReferenceException:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.2)
+
+
 def _uvicorn(app: object) -> Iterator[str]:
     import uvicorn
 
@@ -171,6 +186,9 @@ def test_dashboard_in_a_browser_shows_a_run_and_promotes(real_run: tuple) -> Non
         browser.find_element(By.ID, "login-button").click()
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "tr.ticket-row")) == 2)
         wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "svg.forget-utility circle"))
+        # Hold the page still while checking it (actions still refresh what they change).
+        browser.find_element(By.ID, "live-updates").click()
+        time.sleep(0.3)  # let a refresh already in flight land
 
         rows = browser.find_elements(By.CSS_SELECTOR, "tr.ticket-row")
         statuses = sorted(r.find_elements(By.TAG_NAME, "td")[4].text for r in rows)
@@ -189,21 +207,22 @@ def test_dashboard_in_a_browser_shows_a_run_and_promotes(real_run: tuple) -> Non
         assert job.find_element(By.TAG_NAME, "a").get_attribute("href").startswith(
             "http://127.0.0.1:8265")
 
-        # A ticket's timeline.
-        done_row = next(r for r in rows if "done" in r.text)
-        done_row.click()
+        # A ticket's timeline. (The page re-renders every few seconds: find, then act.)
+        _retry_stale(lambda: next(r for r in browser.find_elements(By.CSS_SELECTOR,
+                                                                   "tr.ticket-row")
+                                  if "done" in r.text).click())
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#timeline tr.event")) >= 3)
         events = browser.find_element(By.ID, "timeline").text
         assert "claimed" in events and "done" in events, events
         browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))
 
         # Promote v2, cancel the first confirmation, then confirm.
-        v2.find_element(By.CSS_SELECTOR, "button.promote").click()
+        promote = 'li.version[data-label="default@v2"] > .node button.promote'
+        _retry_stale(lambda: browser.find_element(By.CSS_SELECTOR, promote).click())
         wait.until(ec.visibility_of_element_located((By.ID, "confirm-cancel"))).click()
         live = client.get("/v1/lineages/default", headers=auth).json()["aliases"]["live"]
         assert live == "default@v1", "cancelling the confirmation must change nothing"
-        browser.find_element(By.CSS_SELECTOR,
-                             'li.version[data-label="default@v2"] button.promote').click()
+        _retry_stale(lambda: browser.find_element(By.CSS_SELECTOR, promote).click())
         assert "default@v2" in wait.until(
             ec.visibility_of_element_located((By.ID, "confirm-text"))).text
         browser.find_element(By.ID, "confirm-ok").click()
