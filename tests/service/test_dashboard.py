@@ -173,7 +173,9 @@ def test_dashboard_in_a_browser_shows_a_run_and_promotes(real_run: tuple) -> Non
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     browser = _browser()
     try:
-        wait = WebDriverWait(browser, 20)
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        wait = WebDriverWait(browser, 30, ignored_exceptions=(StaleElementReferenceException,))
         browser.get(f"{url}/dashboard")
         # A submitter token is refused with a reason.
         wait.until(ec.visibility_of_element_located((By.ID, "token"))).send_keys(submitter)
@@ -188,7 +190,7 @@ def test_dashboard_in_a_browser_shows_a_run_and_promotes(real_run: tuple) -> Non
         wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "svg.forget-utility circle"))
         # Hold the page still while checking it (actions still refresh what they change).
         browser.find_element(By.ID, "live-updates").click()
-        time.sleep(0.3)  # let a refresh already in flight land
+        time.sleep(1.0)  # let a refresh already in flight land
 
         rows = browser.find_elements(By.CSS_SELECTOR, "tr.ticket-row")
         statuses = sorted(r.find_elements(By.TAG_NAME, "td")[4].text for r in rows)
