@@ -164,12 +164,60 @@ def real_run(tmp_path: Path, tiny_model_dir: Path, ray_cluster) -> Iterator[tupl
             yield url, operator, submitter, client, auth
 
 
+@pytest.fixture
+def registered_run(tmp_path: Path) -> Iterator[tuple]:
+    """The same shape as `real_run` (v1 live from a finished job, a queued ticket, a
+    candidate v2), written through the queue and registry instead of trained."""
+    from storage.models import Job, JobStatus, Lineage, utcnow
+
+    settings = Settings(
+        data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+        object_store=f"file://{tmp_path / 'objects'}", base_model="tiny-test-model",
+        ray_dashboard_url="http://127.0.0.1:8265")
+    app = create_app(settings)
+    with TestClient(app) as client:
+        with transaction(app.state.sessions) as s:
+            operator = tokens.create_token(s, role="operator", name="dash-op")[1]
+            submitter = tokens.create_token(s, role="submitter", name="dash-sub")[1]
+        auth = {"Authorization": f"Bearer {operator}"}
+        first = client.post("/v1/tickets", headers=auth, json=TICKET).json()
+        claimed = queue.claim(app.state.sessions, owner="w", lease_seconds=60, max_attempts=3)
+        store = settings.store_config().open()
+        with transaction(app.state.sessions) as s:
+            job = Job(lineage_id=s.query(Lineage.id).scalar(), engine="npo",
+                      status=JobStatus.succeeded, ray_job_id="raytrain_1",
+                      ticket_ids=[first["id"]], started_at=utcnow(), finished_at=utcnow())
+            s.add(job)
+            s.flush()
+            job_id = job.id
+        v1 = add_version(app.state.sessions, store, lineage="default", adapter_dir=None,
+                         promote=True, ticket_ids=[uuid.UUID(first["id"])], job_id=job_id,
+                         metrics={"forget_ratio": 0.0, "utility_ratio": 1.0})
+        queue.complete(app.state.sessions, ticket_id=claimed[0].id, owner="w",
+                       version_id=v1.id, receipt={})
+        client.post("/v1/tickets", headers=auth, json={**TICKET, "target": "Quimby"})
+        add_version(app.state.sessions, store, lineage="default", adapter_dir=None,
+                    candidate=True, metrics={"forget_ratio": 0.35, "utility_ratio": 0.8})
+        for url in _uvicorn(app):
+            yield url, operator, submitter, client, auth
+
+
 def test_dashboard_in_a_browser_shows_a_run_and_promotes(real_run: tuple) -> None:
+    """The real job path's run (Ray Train + DeepSpeed), seen and acted on in the browser."""
+    check_dashboard_in_browser(real_run, "dashboard")
+
+
+def test_dashboard_in_a_browser_without_ray(registered_run: tuple) -> None:
+    """The same page checks on versions registered directly (fast; no Ray needed)."""
+    check_dashboard_in_browser(registered_run, "dashboard-registered")
+
+
+def check_dashboard_in_browser(run: tuple, name: str) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    url, operator, submitter, client, auth = real_run
+    url, operator, submitter, client, auth = run
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     browser = _browser()
     try:
@@ -216,7 +264,7 @@ def test_dashboard_in_a_browser_shows_a_run_and_promotes(real_run: tuple) -> Non
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#timeline tr.event")) >= 3)
         events = browser.find_element(By.ID, "timeline").text
         assert "claimed" in events and "done" in events, events
-        browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))
+        browser.save_screenshot(str(ARTIFACTS / f"{name}.png"))
 
         # Promote v2, cancel the first confirmation, then confirm.
         promote = 'li.version[data-label="default@v2"] > .node button.promote'
@@ -232,7 +280,7 @@ def test_dashboard_in_a_browser_shows_a_run_and_promotes(real_run: tuple) -> Non
             By.CSS_SELECTOR, 'li.version[data-label="default@v2"] > .node').text)
         live = client.get("/v1/lineages/default", headers=auth).json()["aliases"]["live"]
         assert live == "default@v2"
-        browser.save_screenshot(str(ARTIFACTS / "dashboard-after-promote.png"))
+        browser.save_screenshot(str(ARTIFACTS / f"{name}-after-promote.png"))
     finally:
         browser.quit()
-    assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
+    assert (ARTIFACTS / f"{name}.png").stat().st_size > 10_000
