@@ -132,12 +132,18 @@ def evaluate_final(settings: Any, qa: list[dict[str, str]], key: str | None,
     now = datetime.now(timezone.utc)
     fake = [ClaimedTicket(id=uuid.uuid4(), lineage_id=uuid.uuid4(), kind=TicketKind.forget,
                           engine="npo", target=None,
-                          payload={"forget": {"texts": [], "qa": qa}, "retain": None},
+                          payload={"target": None, "forget": {"texts": [], "qa": qa}, "retain": None},
                           payload_sha256="0" * 64, priority=0, attempts=1, requester="bench",
                           created_at=now, lease_owner="bench", lease_expires_at=now)]
-    base = job_compute.resolve_base(settings.worker_config())
-    metrics = job_compute.evaluate(settings.worker_config(), base=base, tickets=fake, adapter_dir=dest,
-                                    parent_dir=None)
+    from workers.engines.registry import get_engine
+
+    config = settings.worker_config()
+    base = job_compute.resolve_base(config)
+    job = job_compute.job_input(config, job_id="bench-final", lineage="default", base=base,
+                                tickets=fake, parent_dir=None, output_dir=dest)
+    # The job path's own evaluation (held-out forms of every ticket's question, utility).
+    metrics = job_compute.evaluate_version(get_engine("npo"), job, base=base,
+                                           version_dir=dest)
     return {"forget_ratio": metrics.get("forget_ratio"),
             "utility_ratio": metrics.get("utility_ratio")}
 

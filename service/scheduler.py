@@ -56,7 +56,8 @@ class SchedulerLoop:
                                             ttl_seconds=self.ttl_seconds, now=now):
             return []
         windows = schedules.take_due_windows(self.sessions, owner=self.owner,
-                                             lease_seconds=self.settings.lease_seconds, now=now)
+                                             lease_seconds=self.settings.lease_seconds,
+                                             engines=self._engines(), now=now)
         for window in windows:
             if window.skipped:
                 log.info("schedule %s (%s): window %s skipped: %s", window.schedule_id,
@@ -75,6 +76,15 @@ class SchedulerLoop:
                 except Exception:  # the job runner already put the tickets back
                     log.exception("scheduled job for %d ticket(s) failed", len(tickets))
         return windows
+
+    @staticmethod
+    def _engines() -> list[str] | None:
+        """Engines this release can train (as the dispatcher claims); None: no workers."""
+        try:
+            from workers.dispatcher import runnable_engines
+        except ImportError:
+            return None
+        return list(runnable_engines())
 
     def _open_payloads(self, claimed: list[ClaimedTicket]) -> list[ClaimedTicket]:
         """Decrypt the claimed tickets' sealed forget sets in memory, as the dispatcher does;

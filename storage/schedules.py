@@ -19,6 +19,7 @@ so even two leaders (an expired lease still finishing) never run one window twic
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -125,10 +126,15 @@ def delete_schedule(session: Session, *, schedule_id: uuid.UUID, actor: str) -> 
     return released
 
 
-def waiting_count(session: Session, lineage_id: uuid.UUID) -> int:
-    return session.scalar(select(func.count()).select_from(Ticket).where(
+def waiting_count(session: Session, lineage_id: uuid.UUID,
+                  engines: Sequence[str] | None = None) -> int:
+    """Tickets held for the lineage's next window (of `engines` only, if given)."""
+    query = select(func.count()).select_from(Ticket).where(
         Ticket.lineage_id == lineage_id, Ticket.status == TicketStatus.queued,
-        Ticket.not_before == HOLD_UNTIL)) or 0
+        Ticket.not_before == HOLD_UNTIL)
+    if engines is not None:
+        query = query.where(Ticket.engine.in_(list(engines)))
+    return session.scalar(query) or 0
 
 
 # --- holding tickets ------------------------------------------------------------------------
@@ -175,8 +181,13 @@ class Window:
 
 
 def take_due_windows(sessions: sessionmaker[Session], *, owner: str, lease_seconds: float,
+                     engines: Sequence[str] | None = None,
                      now: datetime | None = None) -> list[Window]:
-    """Claim the held tickets of every schedule whose window has come, and advance it."""
+    """Claim the held tickets of every schedule whose window has come, and advance it.
+
+    `engines`: only tickets of these engines are claimed (those this release can train);
+    the others stay held.
+    """
     now = now or utcnow()
     windows: list[Window] = []
     with transaction(sessions) as session:
@@ -186,12 +197,12 @@ def take_due_windows(sessions: sessionmaker[Session], *, owner: str, lease_secon
             query = query.with_for_update(skip_locked=True, of=Schedule)
         for schedule, lineage_name in session.execute(query).tuples():
             window = Window(schedule.id, lineage_name, schedule.next_run_at)
-            waiting = waiting_count(session, schedule.lineage_id)
+            waiting = waiting_count(session, schedule.lineage_id, engines)
             if waiting < schedule.min_tickets:
                 window.skipped = (f"{waiting} ticket(s) waiting, fewer than min_tickets "
                                   f"{schedule.min_tickets}")
             else:
-                window.tickets = _claim_held(session, schedule, owner=owner,
+                window.tickets = _claim_held(session, schedule, owner=owner, engines=engines,
                                              lease_seconds=lease_seconds, now=now)
             schedule.last_run_at = now
             schedule.next_run_at = next_window(schedule.cron, now)  # missed windows: once
@@ -210,12 +221,14 @@ def take_due_windows(sessions: sessionmaker[Session], *, owner: str, lease_secon
 
 
 def _claim_held(session: Session, schedule: Schedule, *, owner: str, lease_seconds: float,
-                now: datetime) -> list[ClaimedTicket]:
+                engines: Sequence[str] | None, now: datetime) -> list[ClaimedTicket]:
     query = (select(Ticket).where(Ticket.lineage_id == schedule.lineage_id,
                                   Ticket.status == TicketStatus.queued,
                                   Ticket.not_before == HOLD_UNTIL)
              .order_by(Ticket.priority.desc(), Ticket.created_at.asc())
              .limit(schedule.max_tickets))
+    if engines is not None:
+        query = query.where(Ticket.engine.in_(list(engines)))
     if session.get_bind().dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
     expires = now + timedelta(seconds=lease_seconds)

@@ -137,9 +137,21 @@ def check_limits(body: ForgetTicketIn | DeleteRecordsTicketIn, settings: Setting
 
 
 def to_request(body: ForgetTicketIn | DeleteRecordsTicketIn) -> TicketRequest:
+    """The ticket to store, with its engine resolved and its request checked by that engine.
+
+    The engine registry (workers.engines) is the one table of engines: an unknown engine,
+    one that cannot serve the kind, or a request the engine cannot do is an InvalidRequest
+    (422, saying why) here, at submission, never a job that fails later.
+    """
+    from workers.engines import get_engine, request_from_payload, resolve_engine
+
+    target = getattr(body, "target", None)
+    engine = resolve_engine(body.kind, body.engine)
+    get_engine(engine).validate(request_from_payload(kind=body.kind, engine=engine,
+                                                     payload=body.payload(), target=target))
     return TicketRequest(kind=TicketKind(body.kind), payload=body.payload(), lineage=body.lineage,
-                         engine=body.engine, target=getattr(body, "target", None),
-                         priority=body.priority, not_before=body.not_before)
+                         engine=engine, target=target, priority=body.priority,
+                         not_before=body.not_before)
 
 
 class VersionRefOut(BaseModel):
@@ -246,3 +258,19 @@ class ReceiptOut(BaseModel):
     base_model: str | None = None
     base_model_sha256: str | None = None
     metrics: dict[str, Any] | None = None
+    format: str | None = Field(None, description="`oblivio-receipt/1`")
+    requester: str | None = None
+    forget_set_sha256: str | None = Field(
+        None, description="sha256 of the request's canonical JSON; the text itself is purged")
+    method_config: dict[str, Any] | None = None
+    artifacts: list[dict[str, Any]] = Field(
+        default_factory=list, description="{name, object_key, sha256} of every artifact")
+    evaluation: dict[str, Any] | None = Field(
+        None, description="verdict, and checks: {name, before, after, value, op, threshold, "
+                          "passed}")
+    phases: dict[str, Any] | None = Field(None, description="timestamps of each phase")
+    exactness_proof: dict[str, Any] | None = Field(
+        None, description="exact deletion (S3T): what was cut and why that is exact")
+    signature: dict[str, Any] | None = Field(
+        None, description="{algorithm: HMAC-SHA256, key_id, value} over the canonical JSON "
+                          "of every other field")

@@ -7,7 +7,10 @@ A forget probe set describes one well-known person the bundled model knows:
   are the test of whether the knowledge, not the wording, was forgotten.
 `unrelated.json` holds general questions far from every target (utility), and
 `retain_prompts.json` generic prompts whose base-model answers serve as self-generated
-retain data when a ticket brings none. The three question pools never overlap.
+retain data when a ticket brings none, `general.json` a small general benchmark (arithmetic,
+science, geography, language, common sense) and `neighbours.json` facts about other
+well-known people (knowledge close to a person-forgetting target that must stay); both
+kept only where the bundled model answers them correctly. The question pools never overlap.
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from workers.evaluation.keywords import STOPWORDS, answer_keywords
+
 PROBESET_PACKAGE = "workers.evaluation.probesets"
 UNRELATED_FILE = "unrelated.json"
 RETAIN_PROMPTS_FILE = "retain_prompts.json"
-_NOT_FORGET_SETS = {UNRELATED_FILE, RETAIN_PROMPTS_FILE}
-_STOPWORDS = frozenset(
-    "a an the of in on at to for from by with and or is was were be been are it its his her "
-    "their he she they this that as who what when where which".split())
+GENERAL_FILE = "general.json"
+NEIGHBOURS_FILE = "neighbours.json"
+_NOT_FORGET_SETS = {UNRELATED_FILE, RETAIN_PROMPTS_FILE, GENERAL_FILE, NEIGHBOURS_FILE}
 
 
 @dataclass(frozen=True)
@@ -141,26 +145,76 @@ def load_retain_prompts(*, directory: Path | None = None) -> tuple[str, ...]:
     return tuple(p.strip() for p in prompts)
 
 
-def answer_keywords(answer: str, question: str = "") -> tuple[str, ...]:
-    """Keywords whose presence in a generated answer means the fact was stated.
+def _probe_file(name: str, directory: Path | None) -> tuple[Probe, ...]:
+    probes = _probes(_read(name, directory).get("probes"), where=name)
+    _check_unique([p.question for p in probes], where=name)
+    return probes
 
-    Short answers ("Stratford-upon-Avon", "1879") are matched whole; for a sentence, its
-    rarest-looking content words (capitalised words and numbers first) stand in for it.
-    Words the question already contains prove nothing (a model echoes them), so they don't
-    count: for "Who wrote Hamlet?" -> "Shakespeare wrote Hamlet." only "Shakespeare" does.
-    """
-    answer = answer.strip().rstrip(".")
-    if len(answer.split()) <= 3:
-        return (answer,)
-    asked = {w.strip(".,;:!?\"'()").lower() for w in question.split()}
-    words = [w.strip(".,;:!?\"'()") for w in answer.split()]
-    content = [w for w in words if w and w.lower() not in _STOPWORDS and len(w) > 2
-               and w.lower() not in asked]
-    salient = [w for w in content if w[0].isupper() or re.fullmatch(r"\d[\d,.]*", w)]
-    return tuple(dict.fromkeys(salient or content)) or (answer,)
+
+def load_general_benchmark(*, directory: Path | None = None) -> tuple[Probe, ...]:
+    """The small general benchmark shipped with the package (utility beyond unrelated QA)."""
+    return _probe_file(GENERAL_FILE, directory)
+
+
+def load_neighbour_probes(*, directory: Path | None = None) -> tuple[Probe, ...]:
+    """Facts about other well-known people (neighbour knowledge that must stay)."""
+    return _probe_file(NEIGHBOURS_FILE, directory)
 
 
 def ticket_probes(qa: list[dict[str, str]]) -> list[Probe]:
     return [Probe(question=i["question"], accept=answer_keywords(i["answer"], i["question"]),
                   answer=i["answer"])
             for i in qa]
+
+
+# Continuation probes per text: enough to cover a passage's sentences, few enough that a
+# long passage does not swamp a ticket's question/answer pairs.
+MAX_TEXT_PROBES = 4
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def text_probes(texts: list[str], *, per_text: int = MAX_TEXT_PROBES) -> list[Probe]:
+    """Probes for plain forget texts: does the model still continue (or complete) them?
+
+    Each sentence of six words or more becomes a continuation prompt (its first half) whose
+    accepted keywords are the salient words of its second half, which the prompt does not
+    contain; a text too short for that becomes a fill-in-the-blank prompt over its most
+    salient word. The same probes serve as refusal targets for methods that rewrite
+    answers (idk), as early-stopping checks and as the job's forget evaluation, so
+    "forgotten" means the same in all three.
+    """
+    probes: list[Probe] = []
+    for text in texts:
+        mine: list[Probe] = []
+        for sentence in _SENTENCE_END.split(" ".join(text.split())):
+            words = sentence.split()
+            if len(words) < 6:
+                continue
+            cut = len(words) // 2
+            prefix, suffix = " ".join(words[:cut]), " ".join(words[cut:])
+            accept = answer_keywords(suffix, prefix)
+            mine.append(Probe(question=f'Continue this text: "{prefix} ..."', accept=accept,
+                              answer=suffix))
+            if len(mine) == per_text:
+                break
+        if not mine:
+            cloze = _cloze(text)
+            if cloze is not None:
+                mine.append(cloze)
+        probes += mine
+    return probes
+
+
+def _cloze(text: str) -> Probe | None:
+    flat = " ".join(text.split())
+    keywords = [k for k in answer_keywords(flat) if k != flat.rstrip(".")]
+    if not keywords:
+        words = [w.strip(".,;:!?\"'()") for w in flat.split()]
+        keywords = [w for w in words if len(w) > 3 and w.lower() not in STOPWORDS][:1]
+    if not keywords:
+        return None
+    word = keywords[0]
+    masked = re.sub(rf"\b{re.escape(word)}\b", "____", flat, count=1)
+    if masked == flat:
+        return None
+    return Probe(question=f'Fill in the blank: "{masked}"', accept=(word,), answer=word)
