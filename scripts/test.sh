@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh test
 bash .ci/postgres.sh
+bash .ci/browser.sh   # chromium + chromedriver for the dashboard's browser test
 export RAY_AUTH_MODE=disabled
 export HF_HUB_OFFLINE=1
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from service.api import generate, health, jobs, lineages, system, tickets, tokens, versions
-from service.api import openai_compat
+from service.api import dashboard, openai_compat, schedules
 from service.api.errors import install_error_handlers
 from service.body_limit import BodySizeLimitMiddleware
 from service.metrics import AppMetrics, RequestCounterMiddleware
@@ -70,6 +70,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (health, tickets, jobs, lineages, versions, tokens, generate, system):
         app.include_router(module.router)
     app.include_router(openai_compat.router)  # /v1/chat/completions, /v1/models
+    app.include_router(dashboard.router)  # /dashboard and the JSON it reads
+    app.include_router(schedules.router)  # /v1/schedules
     # Added last = outermost: the counter also sees the 413s of the size limit.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestCounterMiddleware, metrics=app.state.metrics)

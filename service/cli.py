@@ -24,6 +24,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from service import cli_render as render
+from service.cli_schedule import schedule_app
 from service.cli_bench import bench
 from service.cli_receipts import receipt_app
 from service.client import ApiError, ApiUnreachable, OblivioClient
@@ -43,6 +44,7 @@ app.add_typer(versions_app, name="versions")
 app.add_typer(lineage_app, name="lineage")
 app.add_typer(token_app, name="token")
 app.add_typer(db_app, name="db")
+app.add_typer(schedule_app, name="schedule")
 app.add_typer(receipt_app, name="receipt")
 app.command("bench")(bench)
 
@@ -144,9 +146,12 @@ def serve(
     from service.background import start_background_workers
     from service.startup import admin_token_path, is_embedded, prepare
 
+    from workers.logcontext import configure_logging
+
     settings = _settings()
     updates = {k: v for k, v in {"api_host": host, "api_port": port}.items() if v is not None}
     settings = settings.model_copy(update=updates)
+    configure_logging(settings.log_format, settings.log_level)
     api_app = create_app(settings)
     try:
         report = prepare(settings, api_app.state.sessions)
@@ -158,6 +163,7 @@ def serve(
     print(f"oblivio API:     {url}", flush=True)
     print(f"OpenAPI docs:    {url}/docs", flush=True)
     print(f"metrics:         {url}/metrics", flush=True)
+    print(f"dashboard:       {url}/dashboard", flush=True)
     token_file = admin_token_path(settings).resolve()
     if report.admin_token_file is not None:
         print(f"admin token written to {report.admin_token_file}", flush=True)
@@ -169,7 +175,9 @@ def serve(
         print("starting Ray, the dispatcher and the generation deployment...", flush=True)
     background = start_background_workers(settings, api_app) if workers else None
     try:
-        uvicorn.run(api_app, host=settings.api_host, port=settings.api_port, log_level="info")
+        # log_config=None: uvicorn's loggers go through the root handler (JSON or text).
+        uvicorn.run(api_app, host=settings.api_host, port=settings.api_port,
+                    log_level=settings.log_level.lower(), log_config=None)
     finally:
         if background is not None:
             background.stop()

@@ -53,6 +53,10 @@ class Settings(BaseSettings):
         "urlsafe base64. Unset: generated once into <data_dir>/payload-key (mode 0600). "
         "Every API and worker process of one deployment needs the same key.")
 
+    log_format: Literal["text", "json"] = Field(
+        "text", description="json: one JSON object per log line, with ticket and job ids.")
+    log_level: str = Field("INFO", description="Root log level of the service and workers.")
+
     # --- ticket limits (validation) ------------------------------------------------
     max_forget_items: int = Field(200, description="Max texts + qa pairs in one ticket.")
     max_text_chars: int = Field(4000, description="Max characters of one text/question/answer.")
@@ -76,6 +80,9 @@ class Settings(BaseSettings):
     )
     device: Literal["cpu", "cuda"] = "cpu"
     ray_address: str | None = Field(None, description="Join this Ray cluster instead of a local one.")
+    ray_dashboard_url: str | None = Field(
+        None, description="Ray dashboard URL the operator dashboard links to (default: the "
+        "one of the cluster `oblivio serve` started or joined).")
     num_workers: int = Field(2, description="Ray Train workers (DeepSpeed ranks) per job.")
     zero_stage: Literal[2, 3] = 2
     trainer: Literal["deepspeed", "plain"] = Field(
@@ -86,6 +93,10 @@ class Settings(BaseSettings):
         "(workers/training/warm_pool.py) instead of new Ray Train workers each time, which "
         "spend tens of seconds importing libraries before the first step.")
     batch_window_seconds: float = Field(2.0, description="Wait this long to group tickets in one job.")
+    scheduler_enabled: bool = Field(True, description="Run schedules' windows in this "
+                                    "replica when it leads (needs the background workers).")
+    scheduler_poll_seconds: float = Field(15.0, description="How often the scheduler checks "
+                                          "for due windows and renews its leader lease.")
     auto_promote: bool = Field(True, description="Promote a version to live when its eval passes.")
     recipe: dict[str, Any] = Field(
         default_factory=dict,
@@ -137,7 +148,8 @@ class Settings(BaseSettings):
             recipe=dict(self.recipe), lease_seconds=self.lease_seconds,
             max_attempts=self.max_attempts, batch_window_seconds=self.batch_window_seconds,
             auto_promote=self.auto_promote, ray_address=self.ray_address,
-            payload_key=self._resolved_payload_key())
+            payload_key=self._resolved_payload_key(), log_format=self.log_format,
+            log_level=self.log_level)
 
     def _resolved_payload_key(self) -> str:
         # Workers run in other processes (Ray), maybe on other nodes: hand them the key

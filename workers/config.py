@@ -37,6 +37,8 @@ class WorkerConfig:
         ray_address: join this Ray cluster instead of starting a local one.
         payload_key: the key that opens sealed forget sets (storage.sealing); None -> the
             key file in data_dir. Never printed.
+        log_format: "text" or "json" (workers.logcontext) for the dispatcher's logs.
+        log_level: root log level there.
     """
 
     data_dir: Path
@@ -55,6 +57,8 @@ class WorkerConfig:
     auto_promote: bool = True
     ray_address: str | None = None
     payload_key: str | None = field(default=None, repr=False)
+    log_format: str = "text"
+    log_level: str = "INFO"
 
     def __post_init__(self) -> None:
         # Paths cross process boundaries (Ray workers, Ray Train storage): relative ones

@@ -28,6 +28,8 @@ from storage.models import Job, JobStatus, Lineage, Ticket, TicketStatus, utcnow
 from storage.objectstore import ObjectStore
 from storage.queue import ClaimedTicket
 from workers.config import WorkerConfig
+from workers.logcontext import bind_log_context, unbind_log_context
+from workers.telemetry import merge_progress
 from workers.engines.base import MANIFEST_FILE
 from workers.job_phases import PhaseClock
 
@@ -97,6 +99,7 @@ def run_job(ctx: JobContext, tickets: list[ClaimedTicket]) -> JobOutcome:
     ids = [t.id for t in tickets]
     clock = PhaseClock(submitted_at=min(t.created_at for t in tickets))
     job_id = _create_job(ctx, tickets)
+    log_token = bind_log_context(job_id=job_id)  # every log line of this job carries its id
     workdir = Path(tempfile.mkdtemp(prefix="oblivio-job-", dir=_jobs_dir(ctx.config)))
     try:
         with LeaseKeeper(ctx, ids) as keeper:
@@ -115,6 +118,7 @@ def run_job(ctx: JobContext, tickets: list[ClaimedTicket]) -> JobOutcome:
         raise
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        unbind_log_context(log_token)
 
 
 def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
@@ -304,7 +308,7 @@ def _set_progress(ctx: JobContext, job_id: uuid.UUID, ticket_ids: list[uuid.UUID
                   update: dict[str, Any]) -> None:
     with transaction(ctx.sessions) as s:
         job = s.get_one(Job, job_id)
-        job.progress = {**(job.progress or {}), **update}
+        job.progress = merge_progress(job.progress, update)
         if update.get("phase") == "evaluating":
             job.status = JobStatus.evaluating
     queue.set_progress(ctx.sessions, ticket_ids=ticket_ids, owner=ctx.owner, progress=update)
@@ -315,7 +319,7 @@ def _finish_job(ctx: JobContext, job_id: uuid.UUID, status: JobStatus,
     with transaction(ctx.sessions) as s:
         job = s.get_one(Job, job_id)
         job.status, job.error, job.finished_at = status, error, utcnow()
-        job.progress = {**(job.progress or {}), **(phases or {}), "phase": status.value}
+        job.progress = merge_progress(job.progress, {**(phases or {}), "phase": status.value})
     if phases:
         log.info("job %s phases (s): %s", job_id,
                  {name: p["seconds"] for name, p in phases["phases"].items()})
