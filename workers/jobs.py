@@ -25,7 +25,7 @@ from service.settings import Settings
 from storage import queue, registry
 from storage.db import transaction
 from storage.models import Job, JobStatus, Lineage, Ticket, TicketStatus, utcnow
-from storage.objectstore import ObjectStore
+from storage.objectstore import CorruptObject, ObjectStore
 from storage.queue import ClaimedTicket
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,18 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
     parent_dir = None
     if parent_key:
         parent_dir = workdir / "parent"
-        ctx.store.fetch_directory(parent_key, parent_dir)
+        try:
+            ctx.store.fetch_directory(parent_key, parent_dir)
+        except CorruptObject as exc:
+            # The live version's files fail their sha256: it must never be built on or
+            # served again. Live falls back to the version before it; this attempt fails
+            # and the retry stacks on that one instead.
+            with transaction(ctx.sessions) as s:
+                registry.mark_failed(s, version_id=version_id, actor=ctx.owner,
+                                     reason=f"parent adapter is corrupt: {exc}")
+                registry.mark_corrupt(s, version_id=parent_id, actor=ctx.owner,
+                                      reason=f"adapter failed its checksum at load: {exc}")
+            raise
 
     try:
         result = job_training.train(settings, base=base, tickets=tickets, parent_dir=parent_dir,
