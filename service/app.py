@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from service.api import generate, health, lineages, system, tickets, tokens, versions
 from service.api.errors import install_error_handlers
 from service.body_limit import BodySizeLimitMiddleware
+from service.concurrency import ConcurrencyLimitMiddleware
 from service.metrics import AppMetrics, RequestCounterMiddleware
 from service.rate_limit import RateLimiter
 from service.settings import Settings, get_settings
@@ -69,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (health, tickets, lineages, versions, tokens, generate, system):
         app.include_router(module.router)
     # Added last = outermost: the counter also sees the 413s of the size limit.
+    app.add_middleware(ConcurrencyLimitMiddleware, max_in_flight=settings.max_in_flight_requests)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestCounterMiddleware, metrics=app.state.metrics)
     return app

@@ -30,8 +30,10 @@ _SERVABLE = (VersionStatus.ready, VersionStatus.superseded)
 async def generate(body: GenerateIn, request: Request, session: SessionDep,
                    _caller: SubmitterDep) -> GenerateOut:
     backend = getattr(request.app.state, "generator", None)
-    version = _servable(session, body)
-    session.commit()  # release the DB before the (slow) generation
+    # Database work in a thread, never on the event loop: on SQLite it may wait for the
+    # write lock, and the request holding that lock needs the loop to finish.
+    version = await run_in_threadpool(_servable, session, body)
+    await run_in_threadpool(session.commit)  # release the DB before the (slow) generation
     if backend is None:
         raise HTTPException(status_code=503, detail="generation is not running in this process;"
                             " start the service with `oblivio serve`")
@@ -52,8 +54,8 @@ async def generate(body: GenerateIn, request: Request, session: SessionDep,
                       body.lineage, version.version, exc)
             await run_in_threadpool(_quarantine, request, version.id, str(exc))
             session.expire_all()
-            version = _servable(session, body)
-            session.commit()
+            version = await run_in_threadpool(_servable, session, body)
+            await run_in_threadpool(session.commit)
     else:
         raise Conflict("the stored adapters of this lineage keep failing their checksum; "
                        "an operator must look at the object store")
