@@ -13,7 +13,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from service.api import generate, health, lineages, system, tickets, tokens, versions
+from service.api import generate, health, jobs, lineages, system, tickets, tokens, versions
+from service.api import openai_compat
 from service.api.errors import install_error_handlers
 from service.body_limit import BodySizeLimitMiddleware
 from service.concurrency import ConcurrencyLimitMiddleware
@@ -67,8 +68,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.generator = None  # its Ray Serve handle for /v1/generate
 
     install_error_handlers(app)
-    for module in (health, tickets, lineages, versions, tokens, generate, system):
+    for module in (health, tickets, jobs, lineages, versions, tokens, generate, system):
         app.include_router(module.router)
+    app.include_router(openai_compat.router)  # /v1/chat/completions, /v1/models
     # Added last = outermost: the counter also sees the 413s of the size limit.
     app.add_middleware(ConcurrencyLimitMiddleware, max_in_flight=settings.max_in_flight_requests)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)

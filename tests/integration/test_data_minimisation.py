@@ -106,7 +106,7 @@ def test_a_canary_in_the_forget_set_is_gone_after_the_job(
         # At rest before any worker touched it: ciphertext only.
         assert canary not in _table_dump(db)
 
-        loop = DispatcherLoop(settings)
+        loop = DispatcherLoop(settings.worker_config())
         assert loop.run_once() == 1
         got = api.client.get(f"/v1/tickets/{ticket_id}", headers=api.headers("submitter"))
         assert got.json()["status"] == "done", got.text

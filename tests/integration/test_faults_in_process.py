@@ -38,7 +38,7 @@ def _settings(tmp_path: Path, db_url: str, model: Path, **over: Any) -> Settings
 
 def _submit(db: Any, loop: Any, n: int = 0) -> uuid.UUID:
     with transaction(db.sessions) as s:
-        registry.ensure_lineage(s, name="default", base_model=loop.settings.base_model)
+        registry.ensure_lineage(s, name="default", base_model=loop.config.base_model)
         request = tickets.TicketRequest(
             kind=TicketKind.forget, engine="npo", target=f"Zorblat {n}",
             payload={"target": f"Zorblat {n}", "retain": None,
@@ -108,7 +108,7 @@ def test_object_store_errors_during_upload_are_retried_and_nothing_is_lost(
         db: Any, tmp_path: Path, tiny_model_dir: Path) -> None:
     from workers.dispatcher import DispatcherLoop
 
-    loop = DispatcherLoop(_settings(tmp_path, db.url, tiny_model_dir))
+    loop = DispatcherLoop(_settings(tmp_path, db.url, tiny_model_dir).worker_config())
     loop.store = FlakyStore(loop.store, failures=2)
     ticket_id = _submit(db, loop)
     states = _run_until_final(db, loop, ticket_id)
@@ -134,7 +134,7 @@ def test_postgres_connections_terminated_mid_job_lose_nothing(
     from workers.dispatcher import DispatcherLoop
 
     loop = DispatcherLoop(_settings(tmp_path, db.url, tiny_model_dir,
-                                    recipe={**RECIPE, "max_steps": 12}))
+                                    recipe={**RECIPE, "max_steps": 12}).worker_config())
     ids = [_submit(db, loop, n) for n in range(2)]
     stop = threading.Event()
     terminated: list[int] = []
@@ -204,7 +204,7 @@ def test_a_full_data_dir_fails_the_attempt_clearly_reports_not_ready_and_recover
     settings = _settings(tmp_path, db.url, tiny_model_dir, data_dir=small_data_dir,
                          object_store=f"file://{small_data_dir / 'objects'}",
                          min_free_disk_bytes=1 << 20)
-    loop = DispatcherLoop(settings)
+    loop = DispatcherLoop(settings.worker_config())
     ticket_id = _submit(db, loop)
     filler = small_data_dir / "filler"
     app = create_app(settings)
@@ -245,7 +245,7 @@ def test_a_corrupted_adapter_is_detected_at_load_marked_failed_and_serving_falls
     from workers.dispatcher import DispatcherLoop
 
     settings = _settings(tmp_path, db.url, tiny_model_dir)
-    loop = DispatcherLoop(settings)
+    loop = DispatcherLoop(settings.worker_config())
     for n in range(2):
         assert _run_until_final(db, loop, _submit(db, loop, n))[-1].status is TicketStatus.done
     v1, v2 = _versions(db)
@@ -287,7 +287,7 @@ def test_a_corrupted_parent_fails_the_attempt_and_the_retry_stacks_on_the_previo
         db: Any, tmp_path: Path, tiny_model_dir: Path) -> None:
     from workers.dispatcher import DispatcherLoop
 
-    loop = DispatcherLoop(_settings(tmp_path, db.url, tiny_model_dir))
+    loop = DispatcherLoop(_settings(tmp_path, db.url, tiny_model_dir).worker_config())
     for n in range(2):
         assert _run_until_final(db, loop, _submit(db, loop, n))[-1].status is TicketStatus.done
     v1, v2 = _versions(db)

@@ -58,6 +58,11 @@ ROUTE_ROLES: dict[tuple[str, str], tuple[str, int]] = {
     ("GET", "/v1/versions/{version_id}"): ("operator", 404),
     ("POST", "/v1/versions/{version_id}/revoke"): ("operator", 422),
     ("GET", "/v1/system"): ("operator", 200),
+    ("GET", "/v1/jobs"): ("operator", 200),
+    ("GET", "/v1/jobs/{job_id}"): ("submitter", 404),
+    ("POST", "/v1/chat/completions"): ("submitter", 400),  # OpenAI: 400 for bad bodies
+    ("GET", "/v1/models"): ("submitter", 200),
+    ("GET", "/v1/models/{model}"): ("submitter", 404),
     ("POST", "/v1/tokens"): ("admin", 422),
     ("GET", "/v1/tokens"): ("admin", 200),
     ("DELETE", "/v1/tokens/{token_id}"): ("admin", 404),
@@ -71,11 +76,25 @@ def _body(message: str) -> dict[str, str]:
     return {"message": message, "detail": message}
 
 
+# The OpenAI-compatible routes answer errors in OpenAI's shape, so that its clients can
+# read them; the message is the same.
+OPENAI_ROUTES = ("/v1/chat/", "/v1/models")
+
+
+def _error_body(template: str, message: str, code: str) -> dict[str, Any]:
+    if template.startswith(OPENAI_ROUTES):
+        return {"error": {"message": message, "type": "authentication_error", "param": None,
+                          "code": code}}
+    return _body(message)
+
+
 def _concrete(template: str) -> str:
     """A request path for a route template: unknown ids, the `default` lineage."""
     return (template.replace("{ticket_id}", str(uuid.uuid4()))
             .replace("{version_id}", str(uuid.uuid4()))
             .replace("{token_id}", str(uuid.uuid4()))
+            .replace("{job_id}", str(uuid.uuid4()))
+            .replace("{model}", "no-such-model")
             .replace("{name}", "default"))
 
 
@@ -121,7 +140,7 @@ def test_every_private_route_answers_401_without_a_valid_token(
         api: Api, method: str, template: str, headers: dict[str, str], message: str) -> None:
     r = api.client.request(method, _concrete(template), headers=headers)
     assert r.status_code == 401, r.text
-    assert r.json() == _body(message)
+    assert r.json() == _error_body(template, message, "invalid_api_key")
     assert r.headers["WWW-Authenticate"] == "Bearer"
 
 

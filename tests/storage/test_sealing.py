@@ -126,7 +126,7 @@ def test_dispatcher_fails_a_ticket_it_cannot_decrypt_with_the_reason(db, tmp_pat
     settings = Settings(data_dir=tmp_path / "data", database_url=db.url,
                         object_store=f"file://{tmp_path / 'objects'}",
                         payload_key=sealing.encode_key(b"b" * 32), batch_window_seconds=0)
-    assert DispatcherLoop(settings).run_once() == 0
+    assert DispatcherLoop(settings.worker_config()).run_once() == 0
     with db.sessions() as s:
         row = s.get(Ticket, ticket_id)
         assert row.status is TicketStatus.failed and row.payload is None

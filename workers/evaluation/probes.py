@@ -7,7 +7,10 @@ A forget probe set describes one well-known person the bundled model knows:
   are the test of whether the knowledge, not the wording, was forgotten.
 `unrelated.json` holds general questions far from every target (utility), and
 `retain_prompts.json` generic prompts whose base-model answers serve as self-generated
-retain data when a ticket brings none. The three question pools never overlap.
+retain data when a ticket brings none, `general.json` a small general benchmark (arithmetic,
+science, geography, language, common sense) and `neighbours.json` facts about other
+well-known people (knowledge close to a person-forgetting target that must stay); both
+kept only where the bundled model answers them correctly. The question pools never overlap.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from typing import Any
 PROBESET_PACKAGE = "workers.evaluation.probesets"
 UNRELATED_FILE = "unrelated.json"
 RETAIN_PROMPTS_FILE = "retain_prompts.json"
-_NOT_FORGET_SETS = {UNRELATED_FILE, RETAIN_PROMPTS_FILE}
+GENERAL_FILE = "general.json"
+NEIGHBOURS_FILE = "neighbours.json"
+_NOT_FORGET_SETS = {UNRELATED_FILE, RETAIN_PROMPTS_FILE, GENERAL_FILE, NEIGHBOURS_FILE}
 
 
 @dataclass(frozen=True)
@@ -135,3 +140,19 @@ def load_retain_prompts(*, directory: Path | None = None) -> tuple[str, ...]:
         raise ValueError(f"{RETAIN_PROMPTS_FILE}: 'prompts' must be a non-empty list of strings")
     _check_unique(prompts, where=RETAIN_PROMPTS_FILE)
     return tuple(p.strip() for p in prompts)
+
+
+def _probe_file(name: str, directory: Path | None) -> tuple[Probe, ...]:
+    probes = _probes(_read(name, directory).get("probes"), where=name)
+    _check_unique([p.question for p in probes], where=name)
+    return probes
+
+
+def load_general_benchmark(*, directory: Path | None = None) -> tuple[Probe, ...]:
+    """The small general benchmark shipped with the package (utility beyond unrelated QA)."""
+    return _probe_file(GENERAL_FILE, directory)
+
+
+def load_neighbour_probes(*, directory: Path | None = None) -> tuple[Probe, ...]:
+    """Facts about other well-known people (neighbour knowledge that must stay)."""
+    return _probe_file(NEIGHBOURS_FILE, directory)
