@@ -109,12 +109,13 @@ class OperationsCollector(Collector):
             values = durations.get(phase, [])
             f["duration"].add_metric([phase], count_value=len(values), sum_value=sum(values))
 
+        # .all(): dict() of a Result would take it for a mapping (it has .keys()).
         counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status))
-                      .tuples())
+                      .tuples().all())
         for status in JobStatus:
             f["jobs"].add_metric([status.value], float(counts.get(status, 0)))
 
-        names = dict(session.execute(select(Lineage.id, Lineage.name)).tuples())
+        names = dict(session.execute(select(Lineage.id, Lineage.name)).tuples().all())
         latest_loss: dict[str, tuple[Any, float]] = {}
         for lineage_id, created, progress in session.execute(
                 select(Job.lineage_id, Job.created_at, Job.progress)
