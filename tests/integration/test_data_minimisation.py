@@ -113,8 +113,8 @@ def test_a_canary_in_the_forget_set_is_gone_after_the_job(
         receipt = api.client.get(f"/v1/tickets/{ticket_id}/receipt",
                                  headers=api.headers("submitter"))
         assert receipt.status_code == 200
-        # The job really trained on the opened forget set (2 questions became probes).
-        assert receipt.json()["metrics"]["forget_probes"] == 2
+        # The job really trained on the opened forget set (its 2 questions were probed).
+        assert receipt.json()["metrics"]["forget_trained_probes"] == 2
         assert receipt.json()["payload_sha256"] == r.json()["payload_sha256"]
         answers = [r.text, got.text, receipt.text,
                    api.client.get("/v1/tickets", headers=api.headers("admin")).text,
