@@ -85,7 +85,9 @@ def test_sigkill_of_the_whole_service_loses_no_ticket_and_leaves_no_half_version
         "OBLIVIO_MAX_ATTEMPTS": str(KILLS + 3), "OBLIVIO_RATE_LIMIT_PER_SECOND": "0",
         "OBLIVIO_RECIPE": json.dumps({"max_steps": 40, "eval_every": 0, "retain_prompts": 4,
                                       "retain_max_new_tokens": 8}),
-        "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH"))
+                                      if p),
+        "OMP_NUM_THREADS": "1",
     })
     log = tmp_path / "service.log"
     engine = make_engine(db_url)
