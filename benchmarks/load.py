@@ -132,8 +132,12 @@ async def run_phase(client: httpx.AsyncClient, phase: Phase, *, generate: bool) 
                 task.add_done_callback(pending.discard)
                 next_at[fn] += 1.0 / rate
         await asyncio.sleep(0.002)
-    if pending:
-        await asyncio.wait(pending, timeout=60)
+    if pending:  # answers still on their way: wait (bounded), then give up on the rest
+        _done, late = await asyncio.wait(pending, timeout=180)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+        phase.error("abandoned after the phase") if late else None
     phase.wall = time.monotonic() - started
 
 
