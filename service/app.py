@@ -17,6 +17,7 @@ from service.api import generate, health, jobs, lineages, system, tickets, token
 from service.api import dashboard, openai_compat, schedules
 from service.api.errors import install_error_handlers
 from service.body_limit import BodySizeLimitMiddleware
+from service.concurrency import ConcurrencyLimitMiddleware
 from service.metrics import AppMetrics, RequestCounterMiddleware
 from service.rate_limit import RateLimiter
 from service.settings import Settings, get_settings
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(dashboard.router)  # /dashboard and the JSON it reads
     app.include_router(schedules.router)  # /v1/schedules
     # Added last = outermost: the counter also sees the 413s of the size limit.
+    app.add_middleware(ConcurrencyLimitMiddleware, max_in_flight=settings.max_in_flight_requests)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestCounterMiddleware, metrics=app.state.metrics)
     return app

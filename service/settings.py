@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     api_port: int = 8000
     max_body_bytes: int = Field(1 << 20, description="Larger request bodies get 413.")
     readyz_timeout_seconds: float = Field(5.0, description="/readyz waits this long per check.")
+    max_in_flight_requests: int = Field(
+        16, description="Requests worked on at once; more wait their turn (must stay below "
+        "the 40 worker threads of the API, see service/concurrency.py). 0: no cap.")
+    min_free_disk_bytes: int = Field(
+        64 << 20, description="/readyz reports not ready when the data dir has less free.")
     rate_limit_per_second: float = Field(
         20.0, description="Requests per second allowed per API token on average (0: no "
         "limit); over it the API answers 429 with Retry-After.")

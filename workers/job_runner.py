@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage import queue, registry
 from storage.db import transaction
 from storage.models import Job, JobStatus, Lineage, Ticket, TicketStatus, utcnow
-from storage.objectstore import ObjectStore
+from storage.objectstore import CorruptObject, ObjectStore
 from storage.queue import ClaimedTicket
 from workers.config import WorkerConfig
 from workers.logcontext import bind_log_context, unbind_log_context
@@ -153,7 +153,18 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
     parent_dir = None
     if parent_key:
         parent_dir = workdir / "parent"
-        ctx.store.fetch_directory(parent_key, parent_dir)
+        try:
+            ctx.store.fetch_directory(parent_key, parent_dir)
+        except CorruptObject as exc:
+            # The live version's files fail their sha256: it must never be built on or
+            # served again. Live falls back to the version before it; this attempt fails
+            # and the retry stacks on that one instead.
+            with transaction(ctx.sessions) as s:
+                registry.mark_failed(s, version_id=version_id, actor=ctx.owner,
+                                     reason=f"parent adapter is corrupt: {exc}")
+                registry.mark_corrupt(s, version_id=parent_id, actor=ctx.owner,
+                                      reason=f"adapter failed its checksum at load: {exc}")
+            raise
 
     def fetch(key: str) -> Path:
         return ctx.store.fetch_directory(key, workdir / "fetched" / uuid.uuid4().hex)
