@@ -28,13 +28,16 @@ class EngineRequest:
     """What a ticket asks for, as `Engine.validate` sees it at submission time.
 
     Args:
-        kind: "forget" or "delete_records".
+        kind: "forget", "delete_records" or "finetune" (S3T: train a lineage on a
+            registered dataset; also its background retrain after deletions).
         engine: the engine's registry name.
         target: who or what is forgotten (forget tickets), or None.
         forget_qa: [{"question", "answer"}] to forget; forget_texts: passages to forget.
         retain_qa, retain_texts: optional retain data from the ticket.
         record_ids, subject_id: which records to delete (delete_records tickets).
-        options: engine/method options given by the ticket (may be empty).
+        options: engine/method options given by the ticket (may be empty); for finetune
+            the S3T plan (shards, slices, sequences_per_shard, ...).
+        dataset: the registered dataset (delete_records, finetune), or None.
     """
 
     kind: str
@@ -47,6 +50,7 @@ class EngineRequest:
     record_ids: list[str] = field(default_factory=list)
     subject_id: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    dataset: str | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,8 @@ class JobInput:
         fetch: fetches another stored directory by object key (S3T checkpoints).
         store_dir: stores a directory content-addressed, returns its object key (S3T
             checkpoints); None when the job runner offers no side storage.
+        sessions: a SQLAlchemy sessionmaker, for engines that keep state in their own
+            tables (S3T: records and checkpoints); None when the runner gives none.
     """
 
     job_id: str
@@ -105,6 +111,7 @@ class JobInput:
     config: WorkerConfig
     fetch: FetchFn | None = None
     store_dir: Callable[[Path], str] | None = None
+    sessions: Any = None
 
 
 @dataclass(frozen=True)
@@ -116,12 +123,18 @@ class Artifacts:
         metrics: training metrics (steps, losses, timings, ...), stored with the version.
         method_config: how it was made (recipe, options), recorded in manifest and receipt.
         peft_config: the adapter_config.json contents, when the version is a PEFT adapter.
+        receipt: engine-specific fields added to every ticket's receipt (S3T: deleted record
+            ids and the exactness evidence).
+        follow_up: tickets the job runner queues once this version is published, each
+            {"kind", "engine", "payload"} (S3T: the background retrain after a deletion).
     """
 
     version_dir: Path
     metrics: dict[str, Any] = field(default_factory=dict)
     method_config: dict[str, Any] = field(default_factory=dict)
     peft_config: dict[str, Any] | None = None
+    receipt: dict[str, Any] = field(default_factory=dict)
+    follow_up: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Servable(Protocol):

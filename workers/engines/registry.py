@@ -45,4 +45,4 @@ def list_engines() -> list[str]:
 def _load_builtin_engines() -> None:
     # Importing the engine packages runs their register_engine lines (once, cached).
     # Each engine package is added here when it lands: lora methods, o3, s3t.
-    return None
+    import workers.engines.s3t  # noqa: F401
