@@ -13,7 +13,17 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from service.api import generate, health, lineages, system, tickets, tokens, versions
+from service.api import (
+    datasets,
+    finetune,
+    generate,
+    health,
+    lineages,
+    system,
+    tickets,
+    tokens,
+    versions,
+)
 from service.api.errors import install_error_handlers
 from service.body_limit import BodySizeLimitMiddleware
 from service.metrics import AppMetrics, RequestCounterMiddleware
@@ -61,7 +71,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.generator = None  # its Ray Serve handle for /v1/generate
 
     install_error_handlers(app)
-    for module in (health, tickets, lineages, versions, tokens, generate, system):
+    for module in (health, tickets, lineages, versions, tokens, generate, system, datasets,
+                   finetune):
         app.include_router(module.router)
     # Added last = outermost: the counter also sees the 413s of the size limit.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)

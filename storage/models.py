@@ -61,6 +61,9 @@ class Base(DeclarativeBase):
 class TicketKind(str, enum.Enum):
     forget = "forget"
     delete_records = "delete_records"
+    # Internal (POST /v1/lineages/{name}/finetune, and S3T's retrain after a deletion):
+    # fine-tunes go through the same durable queue, leases and job runner as deletions.
+    finetune = "finetune"
 
 
 class TicketStatus(str, enum.Enum):
