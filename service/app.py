@@ -18,6 +18,7 @@ from service.api import (
     finetune,
     generate,
     health,
+    jobs,
     lineages,
     system,
     tickets,
@@ -71,8 +72,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.generator = None  # its Ray Serve handle for /v1/generate
 
     install_error_handlers(app)
-    for module in (health, tickets, lineages, versions, tokens, generate, system, datasets,
-                   finetune):
+    for module in (health, tickets, jobs, lineages, versions, tokens, generate, system,
+                   datasets, finetune):
         app.include_router(module.router)
     # Added last = outermost: the counter also sees the 413s of the size limit.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)

@@ -1,9 +1,8 @@
 """Prometheus metrics. Each app gets its own CollectorRegistry; nothing is registered globally.
 
-`CLAIM_LATENCY` is created unregistered at import (no global mutation): an in-process
-dispatcher observes it, and every app's registry includes it, so its claims show up on that
-app's `/metrics`. The dispatcher Ray actor records the same histogram as a Ray metric
-instead, exported by Ray's metrics agent as `ray_oblivio_claim_latency_seconds`.
+The workers own their metrics (workers.metrics): every app's registry includes the
+in-process claim-latency histogram, so an in-process dispatcher's claims show up on that
+app's `/metrics`; the dispatcher Ray actor exports the same series through Ray.
 """
 
 from __future__ import annotations
@@ -12,24 +11,16 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from storage.models import TicketStatus
+from workers.metrics import CLAIM_LATENCY
 
 log = logging.getLogger(__name__)
-
-CLAIM_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-CLAIM_LATENCY = Histogram(
-    "oblivio_claim_latency_seconds",
-    "Time one dispatcher claim query took (claim of ready tickets from the DB queue).",
-    buckets=CLAIM_LATENCY_BUCKETS,
-    registry=None,
-)
-
 
 class QueueCollector(Collector):
     """Ticket counts computed from the database at scrape time, so every replica agrees."""

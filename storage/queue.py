@@ -248,19 +248,15 @@ def complete(sessions: sessionmaker[Session], *, ticket_id: uuid.UUID, owner: st
 
 
 def fail(sessions: sessionmaker[Session], *, ticket_id: uuid.UUID, owner: str, error: str,
-         retry: bool, max_attempts: int | None = None, retry_delay_seconds: float = 0.0,
+         retry: bool, max_attempts: int, retry_delay_seconds: float = 0.0,
          now: datetime | None = None) -> bool:
     """Record a failed attempt of a ticket `owner` holds.
 
     With `retry`, the ticket goes back to `queued` (not before `retry_delay_seconds`) while
     it has attempts left, else it is `failed` for good; the error is kept either way.
-    `max_attempts` defaults to the service settings. Returns False, changing nothing, if
-    `owner` no longer holds the ticket.
+    `max_attempts` is the job's retry policy (the caller's configuration). Returns False,
+    changing nothing, if `owner` no longer holds the ticket.
     """
-    if max_attempts is None:
-        from service.settings import get_settings
-
-        max_attempts = get_settings().max_attempts
     now = now or utcnow()
     with transaction(sessions) as session:
         ticket = _owned(session, ticket_id, owner)

@@ -34,7 +34,7 @@ def test_real_model_tickets_become_versions_and_the_second_stacks_on_the_first(
         with transaction(app.state.sessions) as s:
             _, secret = tokens.create_token(s, role=Role.operator, name="real-model")
         headers = {"Authorization": f"Bearer {secret}"}
-        loop = DispatcherLoop(settings)
+        loop = DispatcherLoop(settings.worker_config())
 
         first = client.post("/v1/tickets", headers=headers, json=person_ticket("charles_darwin", 4))
         assert first.status_code == 202, first.text

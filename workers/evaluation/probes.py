@@ -13,6 +13,7 @@ retain data when a ticket brings none. The three question pools never overlap.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -22,6 +23,9 @@ PROBESET_PACKAGE = "workers.evaluation.probesets"
 UNRELATED_FILE = "unrelated.json"
 RETAIN_PROMPTS_FILE = "retain_prompts.json"
 _NOT_FORGET_SETS = {UNRELATED_FILE, RETAIN_PROMPTS_FILE}
+_STOPWORDS = frozenset(
+    "a an the of in on at to for from by with and or is was were be been are it its his her "
+    "their he she they this that as who what when where which".split())
 
 
 @dataclass(frozen=True)
@@ -135,3 +139,28 @@ def load_retain_prompts(*, directory: Path | None = None) -> tuple[str, ...]:
         raise ValueError(f"{RETAIN_PROMPTS_FILE}: 'prompts' must be a non-empty list of strings")
     _check_unique(prompts, where=RETAIN_PROMPTS_FILE)
     return tuple(p.strip() for p in prompts)
+
+
+def answer_keywords(answer: str, question: str = "") -> tuple[str, ...]:
+    """Keywords whose presence in a generated answer means the fact was stated.
+
+    Short answers ("Stratford-upon-Avon", "1879") are matched whole; for a sentence, its
+    rarest-looking content words (capitalised words and numbers first) stand in for it.
+    Words the question already contains prove nothing (a model echoes them), so they don't
+    count: for "Who wrote Hamlet?" -> "Shakespeare wrote Hamlet." only "Shakespeare" does.
+    """
+    answer = answer.strip().rstrip(".")
+    if len(answer.split()) <= 3:
+        return (answer,)
+    asked = {w.strip(".,;:!?\"'()").lower() for w in question.split()}
+    words = [w.strip(".,;:!?\"'()") for w in answer.split()]
+    content = [w for w in words if w and w.lower() not in _STOPWORDS and len(w) > 2
+               and w.lower() not in asked]
+    salient = [w for w in content if w[0].isupper() or re.fullmatch(r"\d[\d,.]*", w)]
+    return tuple(dict.fromkeys(salient or content)) or (answer,)
+
+
+def ticket_probes(qa: list[dict[str, str]]) -> list[Probe]:
+    return [Probe(question=i["question"], accept=answer_keywords(i["answer"], i["question"]),
+                  answer=i["answer"])
+            for i in qa]

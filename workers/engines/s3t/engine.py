@@ -304,7 +304,7 @@ class S3TEngine:
 def record_recall(servable: Any, qa: list[dict[str, str]], max_new_tokens: int = 24) -> float:
     """Share of QA records whose answer's keywords the servable states."""
     from workers.evaluation.metrics import is_correct
-    from workers.job_training import answer_keywords
+    from workers.evaluation.probes import answer_keywords
 
     if not qa:
         return 0.0

@@ -1,25 +1,19 @@
-"""The model side of a job: tickets -> training spec -> adapter, and the job's own evaluation.
+"""The model side of a job (compute): tickets -> training spec -> adapter, and its evaluation.
 
-`workers.jobs` owns the database side and calls only the three functions here, so the
+`workers.job_runner` owns the database side and calls only the functions here, so the
 orchestration can be read without knowing how training works and vice versa.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.settings import Settings
 from storage.queue import ClaimedTicket
-from workers.evaluation.probes import Probe
-
-_STOPWORDS = frozenset(
-    "a an the of in on at to for from by with and or is was were be been are it its his her "
-    "their he she they this that as who what when where which".split())
-
+from workers.config import WorkerConfig
+from workers.evaluation.probes import ticket_probes
 
 @dataclass(frozen=True)
 class TrainOutput:
@@ -29,11 +23,11 @@ class TrainOutput:
     peft_config: dict[str, Any]
 
 
-def resolve_base(settings: Settings) -> Any:
+def resolve_base(config: WorkerConfig) -> Any:
     """The configured base model, converted and hashed once (see workers.model)."""
     from workers.model import resolve_base_model
 
-    return resolve_base_model(settings.base_model, settings.data_dir)
+    return resolve_base_model(config.base_model, config.data_dir)
 
 
 def payload_items(tickets: list[ClaimedTicket], part: str = "forget"
@@ -48,32 +42,7 @@ def payload_items(tickets: list[ClaimedTicket], part: str = "forget"
     return qa, texts
 
 
-def answer_keywords(answer: str, question: str = "") -> tuple[str, ...]:
-    """Keywords whose presence in a generated answer means the fact was stated.
-
-    Short answers ("Stratford-upon-Avon", "1879") are matched whole; for a sentence, its
-    rarest-looking content words (capitalised words and numbers first) stand in for it.
-    Words the question already contains prove nothing (a model echoes them), so they don't
-    count: for "Who wrote Hamlet?" -> "Shakespeare wrote Hamlet." only "Shakespeare" does.
-    """
-    answer = answer.strip().rstrip(".")
-    if len(answer.split()) <= 3:
-        return (answer,)
-    asked = {w.strip(".,;:!?\"'()").lower() for w in question.split()}
-    words = [w.strip(".,;:!?\"'()") for w in answer.split()]
-    content = [w for w in words if w and w.lower() not in _STOPWORDS and len(w) > 2
-               and w.lower() not in asked]
-    salient = [w for w in content if w[0].isupper() or re.fullmatch(r"\d[\d,.]*", w)]
-    return tuple(dict.fromkeys(salient or content)) or (answer,)
-
-
-def ticket_probes(qa: list[dict[str, str]]) -> list[Probe]:
-    return [Probe(question=i["question"], accept=answer_keywords(i["answer"], i["question"]),
-                  answer=i["answer"])
-            for i in qa]
-
-
-def train(settings: Settings, *, base: Any, tickets: list[ClaimedTicket], parent_dir: Path | None,
+def train(config: WorkerConfig, *, base: Any, tickets: list[ClaimedTicket], parent_dir: Path | None,
           output_dir: Path, progress: Callable[[dict[str, Any]], None]) -> TrainOutput:
     """Train one adapter for `tickets` on Ray Train + DeepSpeed; returns where it was written."""
     from workers.training.runner import train_plain, train_unlearning_adapter
@@ -82,20 +51,20 @@ def train(settings: Settings, *, base: Any, tickets: list[ClaimedTicket], parent
     qa, texts = payload_items(tickets, "forget")
     retain_qa, retain_texts = payload_items(tickets, "retain")
     spec = TrainJobSpec.for_engine(
-        tickets[0].engine, overrides=settings.recipe, base_model_path=str(base.local_path), base_model_sha256=base.sha256,
-        output_dir=str(output_dir), data_dir=str(settings.data_dir.resolve()),
+        tickets[0].engine, overrides=config.recipe, base_model_path=str(base.local_path), base_model_sha256=base.sha256,
+        output_dir=str(output_dir), data_dir=str(config.data_dir),
         forget_qa=qa, forget_texts=texts, target=tickets[0].target,
         retain_qa=retain_qa or None, retain_texts=retain_texts or None,
         parent_adapter_dir=str(parent_dir) if parent_dir else None,
-        num_workers=settings.num_workers, zero_stage=settings.zero_stage,
-        device=settings.device)
-    run = train_plain if settings.trainer == "plain" else train_unlearning_adapter
+        num_workers=config.num_workers, zero_stage=config.zero_stage,
+        device=config.device)
+    run = train_plain if config.trainer == "plain" else train_unlearning_adapter
     result = run(spec, progress_cb=progress)
     return TrainOutput(adapter_dir=Path(result.adapter_dir), metrics=result.metrics,
                        method_config=spec.method_summary(), peft_config=result.peft_config)
 
 
-def evaluate(settings: Settings, *, base: Any, tickets: list[ClaimedTicket], adapter_dir: Path,
+def evaluate(config: WorkerConfig, *, base: Any, tickets: list[ClaimedTicket], adapter_dir: Path,
              parent_dir: Path | None) -> dict[str, Any]:
     """Forget and utility, each as the adapted model's correct-answer rate over the base's.
 
@@ -112,7 +81,7 @@ def evaluate(settings: Settings, *, base: Any, tickets: list[ClaimedTicket], ada
     qa, _texts = payload_items(tickets, "forget")
     forget = ticket_probes(qa)
     utility = list(load_unrelated_probes())
-    model, tokenizer = load_model_and_tokenizer(base, device=settings.device)
+    model, tokenizer = load_model_and_tokenizer(base, device=config.device)
     before_fn = hf_generate_fn(model, tokenizer)
     before = {"forget": answer_rate(before_fn, forget) if forget else None,
               "utility": answer_rate(before_fn, utility)}
