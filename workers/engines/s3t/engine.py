@@ -186,6 +186,7 @@ class S3TEngine:
                   "prefixes_to_train": len(todo), "prefixes_reused": reused})
         started = time.perf_counter()
         done_steps = 0
+        timings: list[dict[str, Any]] = []
         weights_cache: dict[str, dict[str, Any]] = {}
         for n, (shard, index, prefix, chain) in enumerate(todo):
             frozen = [self._group_weights(job, p.prefix_hash, known, weights_cache)
@@ -199,12 +200,16 @@ class S3TEngine:
             from workers.engines.s3t.training import train_prefix, write_group
             from workers.training.strategy import PlainStrategy
 
+            prefix_started = time.perf_counter()
             weights, model = train_prefix(
                 model, tokenizer, cfg=cfg, frozen=frozen, layers=prefix.layers,
                 records=[contents[i] for i in prefix.record_ids],
                 seed=cfg.seed + int(prefix.prefix_hash[:8], 16), strategy=PlainStrategy(lr=cfg.lr),
                 progress=on_step)
             done_steps += steps_for(cfg, len(prefix.record_ids))
+            timings.append({"shard": shard, "sequence": index, "position": prefix.position,
+                            "records": len(prefix.record_ids),
+                            "seconds": round(time.perf_counter() - prefix_started, 3)})
             weights_cache[prefix.prefix_hash] = weights
             with tempfile.TemporaryDirectory(prefix="s3t-group-") as tmp:
                 write_group(Path(tmp) / "group", weights,
@@ -244,7 +249,7 @@ class S3TEngine:
         metrics = {"prefixes_trained": len(todo), "prefixes_reused": reused,
                    "train_steps": total_steps, "train_seconds": train_seconds,
                    "records": len(records), "shards": len(shards),
-                   "sequences": [list(o) for o in orders],
+                   "sequences": [list(o) for o in orders], "prefix_timings": timings,
                    "retrain": bool((request.options or {}).get("retrain"))}
         return Artifacts(version_dir=job.output_dir, metrics=metrics,
                          method_config={"engine": self.name, "action": "finetune",
@@ -285,6 +290,8 @@ class S3TEngine:
         probes = self._record_probes(job, request.dataset or "", cfg.eval_records)
         if not probes:
             return {"verdict": "pass"}
+        from workers.engines.s3t.evaluation import record_recall
+
         recall = record_recall(after, probes, cfg.eval_max_new_tokens)
         return {"verdict": "pass", "record_recall": recall, "records_asked": len(probes)}
 
@@ -299,19 +306,6 @@ class S3TEngine:
                   and r.content.get("prompt")]
         step = max(1, len(qa) // max(1, limit))
         return qa[::step][:limit]
-
-
-def record_recall(servable: Any, qa: list[dict[str, str]], max_new_tokens: int = 24) -> float:
-    """Share of QA records whose answer's keywords the servable states."""
-    from workers.evaluation.metrics import is_correct
-    from workers.evaluation.probes import answer_keywords
-
-    if not qa:
-        return 0.0
-    answers = servable.generate([q["question"] for q in qa], [max_new_tokens] * len(qa))
-    hits = [is_correct(a, accepted=answer_keywords(q["answer"], q["question"]))
-            for a, q in zip(answers, qa)]
-    return sum(hits) / len(hits)
 
 
 def _train_record(record_id: str, content: dict[str, Any]) -> Any:

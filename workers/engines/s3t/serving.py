@@ -116,6 +116,20 @@ class S3TServable:
                 total = logits if total is None else total + logits
         return total / len(self._members())
 
+    def sequence_logits(self, input_ids: Any, attention_mask: Any) -> Any:
+        """(batch, seq, vocab) mean over the active shards (right-padded inputs)."""
+        import torch
+
+        total = None
+        with self._lock, torch.no_grad():
+            for shard in self._members():
+                with self._applied(shard):
+                    logits = self.model(input_ids=input_ids.to(self.device),
+                                        attention_mask=attention_mask.to(self.device),
+                                        use_cache=False).logits.float()
+                total = logits if total is None else total + logits
+        return total / len(self._members())
+
     def generate(self, prompts: list[str], max_new_tokens: list[int]) -> list[str]:
         import torch
 
