@@ -135,5 +135,9 @@ def test_layer_groups_go_top_down_and_must_fit() -> None:
         S3TConfig(slices=3, layers_per_group=11).group_size(30)
     with pytest.raises(InvalidRequest, match="orderings"):
         S3TConfig(slices=2, sequences_per_shard=3)
+    # prefixes trained on other layers never share a hash (so never a checkpoint)
+    assert S3TConfig(slices=2).training_key(8) != S3TConfig(slices=4).training_key(8)
+    assert (S3TConfig(slices=2, shards=3).training_key(30)
+            == S3TConfig(slices=2, shards=1, sequences_per_shard=1).training_key(30))
     with pytest.raises(InvalidRequest, match="unknown s3t option"):
         S3TConfig.from_options({"shard": 2})

@@ -102,13 +102,17 @@ class S3TConfig:
         top = num_layers - group * size
         return list(range(top - size, top))
 
-    def training_key(self) -> dict[str, Any]:
-        """The fields that change what a prefix's training produces (part of its hash)."""
+    def training_key(self, num_layers: int) -> dict[str, Any]:
+        """What changes the weights a prefix's training produces (part of its hash): the
+        training fields and the resolved layer layout (a prefix of depth k trains layers
+        `group_layers(num_layers, k - 1)`, which depends on the group size)."""
         data = asdict(self)
         for name in ("shards", "slices", "sequences_per_shard", "eval_records",
-                     "eval_max_new_tokens"):
+                     "eval_max_new_tokens", "layers_per_group"):
             data.pop(name)
         data["target_modules"] = list(self.target_modules)
+        data["num_layers"] = num_layers
+        data["group_size"] = self.group_size(num_layers)
         return data
 
     def to_dict(self) -> dict[str, Any]:

@@ -155,8 +155,7 @@ class S3TEngine:
         model, tokenizer = _load_base(job)
         num_layers = int(model.config.num_hidden_layers)
         cfg.group_size(num_layers)  # refuses a layout that does not fit the model
-        root = plans.root_hash(job.base_model_sha256,
-                               {**cfg.training_key(), "num_layers": num_layers})
+        root = plans.root_hash(job.base_model_sha256, cfg.training_key(num_layers))
         orders = select_sequences(cfg.slices, cfg.sequences_per_shard, seed=cfg.seed)
         shards: list[dict[str, Any]] = []
         todo: list[tuple[int, int, plans.Prefix, list[plans.Prefix]]] = []
