@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage import queue, registry
@@ -276,6 +276,12 @@ def _jobs_dir(config: WorkerConfig) -> Path:
 
 def _create_job(ctx: JobContext, tickets: list[ClaimedTicket]) -> uuid.UUID:
     with transaction(ctx.sessions) as s:
+        adopted = _pending_job(s, tickets)
+        if adopted is not None:
+            # Created with the ticket at submission (a fine-tune answers with its job id);
+            # its first attempt runs under that id. Retries get a job of their own.
+            adopted.status, adopted.started_at = JobStatus.running, utcnow()
+            return adopted.id
         job = Job(lineage_id=tickets[0].lineage_id, engine=tickets[0].engine,
                   ticket_ids=[str(t.id) for t in tickets], status=JobStatus.running,
                   started_at=utcnow(), progress={"phase": "queued"})
@@ -284,6 +290,18 @@ def _create_job(ctx: JobContext, tickets: list[ClaimedTicket]) -> uuid.UUID:
         s.execute(update(Ticket).where(Ticket.id.in_([t.id for t in tickets]))
                   .values(job_id=job.id))
         return job.id
+
+
+def _pending_job(session: Session, tickets: list[ClaimedTicket]) -> Job | None:
+    ids = {t.id for t in tickets}
+    job_ids = set(session.scalars(select(Ticket.job_id).where(Ticket.id.in_(ids))))
+    if len(job_ids) != 1 or None in job_ids:
+        return None
+    job = session.get(Job, job_ids.pop())
+    if (job is None or job.status is not JobStatus.pending
+            or {uuid.UUID(str(i)) for i in job.ticket_ids or []} != ids):
+        return None
+    return job
 
 
 def _set_progress(ctx: JobContext, job_id: uuid.UUID, ticket_ids: list[uuid.UUID],

@@ -34,6 +34,8 @@ class S3TConfig:
         batch_size: records per optimiser step.
         seed: LoRA initialisation and batch order (mixed with the prefix hash, so an
             identical prefix trains to identical weights).
+        aggregate: how serving combines the shards at each decoding step: "logits" (their
+            mean, the paper's) or "probs" (mean probability; see serving.combine).
         eval_records: how many QA records the fine-tune's evaluation asks (0: none).
         eval_max_new_tokens: answer length in that evaluation.
     """
@@ -49,6 +51,7 @@ class S3TConfig:
     epochs: int = 12
     batch_size: int = 8
     seed: int = 0
+    aggregate: str = "logits"
     eval_records: int = 32
     eval_max_new_tokens: int = 24
 
@@ -68,6 +71,8 @@ class S3TConfig:
         for name in ("lora_r", "lora_alpha", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise InvalidRequest(f"{name} must be at least 1")
+        if self.aggregate not in ("logits", "probs"):
+            raise InvalidRequest(f"aggregate must be 'logits' or 'probs', not {self.aggregate!r}")
         if not self.lr > 0:
             raise InvalidRequest("lr must be positive")
 
@@ -108,7 +113,7 @@ class S3TConfig:
         `group_layers(num_layers, k - 1)`, which depends on the group size)."""
         data = asdict(self)
         for name in ("shards", "slices", "sequences_per_shard", "eval_records",
-                     "eval_max_new_tokens", "layers_per_group"):
+                     "eval_max_new_tokens", "layers_per_group", "aggregate"):
             data.pop(name)
         data["target_modules"] = list(self.target_modules)
         data["num_layers"] = num_layers

@@ -276,7 +276,8 @@ class S3TEngine:
         manifest = plans.read_manifest(Path(version_dir))
         if fetch is None and plans.serving_choice(manifest):
             raise RuntimeError("serving an S3T version needs fetch for its checkpoints")
-        return S3TServable(model, tokenizer, device=device, shards=load_shards(manifest, fetch))
+        return S3TServable(model, tokenizer, device=device, shards=load_shards(manifest, fetch),
+                           aggregate=manifest["config"].get("aggregate", "logits"))
 
     def evaluate(self, job: JobInput, *, before: Any, after: Any) -> dict[str, Any]:
         """A deletion is exact by construction and must go live at once: no generation.

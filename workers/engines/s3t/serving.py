@@ -5,7 +5,7 @@ Each shard's LoRA groups are applied with forward hooks on the base model's proj
 removed right after; the base model itself is never modified, so one loaded base serves
 any number of versions and shards. Generation is batched and greedy: at every step each
 active shard runs one forward on its own KV cache, the next token is the argmax of the
-mean of their logits.
+mean of their logits (or of their probabilities: `aggregate`).
 """
 
 from __future__ import annotations
@@ -51,12 +51,38 @@ def load_shards(manifest: dict[str, Any], fetch: Any) -> list[ShardLoRA]:
     return out
 
 
+AGGREGATES = ("logits", "probs")
+
+
+def combine(per_shard: Sequence[Any], aggregate: str) -> Any:
+    """The ensemble's scores from each shard's logits (..., vocab); argmax is the answer.
+
+    "logits": the mean of the logits (= of the log-probabilities, up to a constant: a
+    geometric mean of the shards' distributions). "probs": the log of the mean of the
+    probabilities (an arithmetic mean), under which one shard that knows an answer
+    outvotes shards that merely guess.
+    """
+    import math
+
+    import torch
+
+    stacked = torch.stack(list(per_shard))
+    if aggregate == "logits":
+        return stacked.mean(0)
+    if aggregate == "probs":
+        return torch.logsumexp(torch.log_softmax(stacked, -1), 0) - math.log(len(per_shard))
+    raise ValueError(f"unknown aggregate {aggregate!r}; use one of {AGGREGATES}")
+
+
 class S3TServable:
     """Answers as the ensemble of `shards` (the base model alone when there are none)."""
 
     def __init__(self, model: Any, tokenizer: Any, *, device: str,
-                 shards: Sequence[ShardLoRA]) -> None:
+                 shards: Sequence[ShardLoRA], aggregate: str = "logits") -> None:
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"unknown aggregate {aggregate!r}; use one of {AGGREGATES}")
         self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.aggregate = aggregate
         self.shards = list(shards)
         param = next(model.parameters())
         for shard in self.shards:  # weights onto the model's device, once
@@ -105,30 +131,28 @@ class S3TServable:
 
         enc = self._encode(prompts)
         positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-        total = None
+        outs = []
         with self._lock, torch.no_grad():
             for shard in self._members():
                 with self._applied(shard):
                     out = self.model(input_ids=enc["input_ids"],
                                      attention_mask=enc["attention_mask"],
                                      position_ids=positions, use_cache=False)
-                logits = out.logits[:, -1].float()
-                total = logits if total is None else total + logits
-        return total / len(self._members())
+                outs.append(out.logits[:, -1].float())
+        return combine(outs, self.aggregate)
 
     def sequence_logits(self, input_ids: Any, attention_mask: Any) -> Any:
-        """(batch, seq, vocab) mean over the active shards (right-padded inputs)."""
+        """(batch, seq, vocab) ensemble scores over the active shards (right-padded)."""
         import torch
 
-        total = None
+        outs = []
         with self._lock, torch.no_grad():
             for shard in self._members():
                 with self._applied(shard):
-                    logits = self.model(input_ids=input_ids.to(self.device),
-                                        attention_mask=attention_mask.to(self.device),
-                                        use_cache=False).logits.float()
-                total = logits if total is None else total + logits
-        return total / len(self._members())
+                    outs.append(self.model(input_ids=input_ids.to(self.device),
+                                           attention_mask=attention_mask.to(self.device),
+                                           use_cache=False).logits.float())
+        return combine(outs, self.aggregate)
 
     def generate(self, prompts: list[str], max_new_tokens: list[int]) -> list[str]:
         import torch
@@ -148,16 +172,15 @@ class S3TServable:
         generated: list[Any] = []
         with self._lock, torch.no_grad():
             for _ in range(max(max_new_tokens)):
-                total = None
+                outs = []
                 for i, shard in enumerate(members):
                     with self._applied(shard):
                         out = self.model(input_ids=step_ids, attention_mask=mask,
                                          position_ids=positions, past_key_values=caches[i],
                                          use_cache=True)
                     caches[i] = out.past_key_values
-                    logits = out.logits[:, -1].float()
-                    total = logits if total is None else total + logits
-                next_ids = total.argmax(-1)
+                    outs.append(out.logits[:, -1].float())
+                next_ids = combine(outs, self.aggregate).argmax(-1)
                 next_ids = torch.where(done, torch.full_like(next_ids, pad), next_ids)
                 generated.append(next_ids)
                 done |= next_ids == eos
