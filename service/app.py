@@ -25,6 +25,7 @@ from service.api import (
     tokens,
     versions,
 )
+from service.api import openai_compat
 from service.api.errors import install_error_handlers
 from service.body_limit import BodySizeLimitMiddleware
 from service.metrics import AppMetrics, RequestCounterMiddleware
@@ -75,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (health, tickets, jobs, lineages, versions, tokens, generate, system,
                    datasets, finetune):
         app.include_router(module.router)
+    app.include_router(openai_compat.router)  # /v1/chat/completions, /v1/models
     # Added last = outermost: the counter also sees the 413s of the size limit.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestCounterMiddleware, metrics=app.state.metrics)
