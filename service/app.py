@@ -29,6 +29,7 @@ from service.api import openai_compat
 from service.api.errors import install_error_handlers
 from service.body_limit import BodySizeLimitMiddleware
 from service.metrics import AppMetrics, RequestCounterMiddleware
+from service.rate_limit import RateLimiter
 from service.settings import Settings, get_settings
 from service.startup import prepare
 from storage.db import make_engine, make_session_factory
@@ -68,7 +69,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.startup = None  # StartupReport once prepared
     app.state.object_store = None  # built on first /readyz, see service.api.health
     app.state.object_store_lock = threading.Lock()
+    app.state.payload_cipher = None  # service.deps.payload_cipher, made on first use
+    app.state.payload_cipher_lock = threading.Lock()
     app.state.metrics = AppMetrics(sessions)
+    app.state.rate_limiter = RateLimiter(rate=settings.rate_limit_per_second,
+                                         burst=settings.rate_limit_burst)
     app.state.runtime = None  # workers.runtime.Runtime when `oblivio serve` started Ray
     app.state.generator = None  # its Ray Serve handle for /v1/generate
 

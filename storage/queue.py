@@ -153,6 +153,7 @@ def _requeue_expired(session: Session, *, max_attempts: int, now: datetime) -> i
                        f"(last owner {last_owner})")
             ticket.error = f"{message}; previous error: {ticket.error}" if ticket.error else message
             ticket.status = TicketStatus.failed
+            ticket.payload = None  # final: the forget set is deleted (data minimisation)
             action = "ticket.failed"
             detail["error"] = ticket.error
         else:
@@ -277,6 +278,7 @@ def fail(sessions: sessionmaker[Session], *, ticket_id: uuid.UUID, owner: str, e
                 ticket.error = f"{error} (gave up after {ticket.attempts} attempt(s))"
                 detail["error"] = ticket.error
             ticket.status = TicketStatus.failed
+            ticket.payload = None  # final: the forget set is deleted (data minimisation)
             action = "ticket.failed"
         audit.record(session, actor=owner, action=action, subject_type="ticket",
                      subject_id=ticket.id, detail=detail)
@@ -297,6 +299,7 @@ def reject(sessions: sessionmaker[Session], *, ticket_id: uuid.UUID, owner: str,
         _clear_lease(ticket, now)
         ticket.status = TicketStatus.rejected
         ticket.error = error
+        ticket.payload = None  # final: the forget set is deleted (data minimisation)
         ticket.progress = {**(ticket.progress or {}), "phase": "rejected"}
         audit.record(session, actor=owner, action="ticket.rejected", subject_type="ticket",
                      subject_id=ticket.id, detail={"error": error, "attempts": ticket.attempts})

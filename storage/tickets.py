@@ -44,6 +44,7 @@ from storage.models import (
     TicketStatus,
     utcnow,
 )
+from storage.sealing import PayloadCipher
 
 # Engines a ticket may ask for, and which kinds of ticket each can serve.
 ENGINE_KINDS: dict[str, TicketKind] = {
@@ -153,19 +154,21 @@ def _lineage_by_name(session: Session, name: str) -> Lineage:
 
 
 def submit(session: Session, *, request: TicketRequest, requester: str,
-           idempotency_key: str | None = None) -> Ticket:
+           idempotency_key: str | None = None, cipher: PayloadCipher | None = None) -> Ticket:
     """Queue a ticket; see `submit_or_replay` for the idempotency rules."""
     return submit_or_replay(session, request=request, requester=requester,
-                            idempotency_key=idempotency_key).ticket
+                            idempotency_key=idempotency_key, cipher=cipher).ticket
 
 
 def submit_or_replay(session: Session, *, request: TicketRequest, requester: str,
-                     idempotency_key: str | None = None) -> SubmitResult:
+                     idempotency_key: str | None = None,
+                     cipher: PayloadCipher | None = None) -> SubmitResult:
     """Queue a ticket, or return the one an earlier call with the same idempotency key made.
 
     The same key with a different request (kind, lineage, engine or payload) raises
     Conflict; so does a key already used by another requester (without saying whose ticket
-    it is).
+    it is). With `cipher`, a forget ticket's payload is stored sealed (storage.sealing);
+    `payload_sha256` is always the hash of the plaintext.
     """
     kind = TicketKind(request.kind)
     lineage = _lineage_by_name(session, request.lineage)
@@ -196,8 +199,11 @@ def submit_or_replay(session: Session, *, request: TicketRequest, requester: str
         if not_before.tzinfo is None:
             raise InvalidRequest("not_before needs a time zone (e.g. 2030-01-01T00:00:00Z)")
         not_before = not_before.astimezone(timezone.utc)
+    stored = request.payload
+    if cipher is not None and kind is TicketKind.forget:
+        stored = cipher.seal(request.payload)
     ticket = Ticket(kind=kind, lineage_id=lineage.id, engine=engine, target=request.target,
-                    payload=request.payload, payload_sha256=digest, status=TicketStatus.queued,
+                    payload=stored, payload_sha256=digest, status=TicketStatus.queued,
                     priority=request.priority, not_before=not_before,
                     idempotency_key=idempotency_key, requester=requester)
     # A savepoint, so that losing the race for the idempotency key (another transaction

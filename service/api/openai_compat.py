@@ -45,11 +45,11 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
 
 
 def openai_error(status: int, message: str, *, param: str | None = None,
-                 code: str | None = None) -> JSONResponse:
+                 code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     """An error body as OpenAI's API sends it, which its clients turn into typed exceptions."""
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return JSONResponse({"error": {"message": message, "type": kind, "param": param,
-                                   "code": code}}, status_code=status)
+                                   "code": code}}, status_code=status, headers=headers)
 
 
 class OpenAIErrorRoute(APIRoute):
@@ -76,7 +76,9 @@ class OpenAIErrorRoute(APIRoute):
                                     param=".".join(loc) or None, code="invalid_request")
             except HTTPException as exc:
                 code = "invalid_api_key" if exc.status_code == 401 else None
-                return openai_error(exc.status_code, str(exc.detail), code=code)
+                # Headers too: a 401 says how to authenticate, a 429 when to come back.
+                return openai_error(exc.status_code, str(exc.detail), code=code,
+                                    headers=exc.headers)
             except NotFound as exc:
                 return openai_error(404, str(exc), param="model", code="model_not_found")
             except OblivioError as exc:

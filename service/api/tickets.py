@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
 
-from service.deps import SessionDep, SettingsDep, SubmitterDep
+from service.deps import CipherDep, SessionDep, SettingsDep, SubmitterDep
 from service.schemas.tickets import (
     ReceiptOut,
     TicketIn,
@@ -28,12 +28,16 @@ IdempotencyKey = Annotated[str | None, Header(
 
 @router.post("", status_code=202, response_model=TicketOut)
 def submit(body: TicketIn, session: SessionDep, settings: SettingsDep, caller: SubmitterDep,
-           response: Response, idempotency_key: IdempotencyKey = None) -> TicketOut:
-    """File a deletion ticket; it is queued and processed in the background."""
+           cipher: CipherDep, response: Response,
+           idempotency_key: IdempotencyKey = None) -> TicketOut:
+    """File a deletion ticket; it is queued and processed in the background.
+
+    The forget set is stored encrypted and deleted once the ticket is final; only its
+    sha256 and item counts stay."""
     check_limits(body, settings)
     result = tickets.submit_or_replay(session, request=to_request(body),
                                       requester=caller.principal,
-                                      idempotency_key=idempotency_key)
+                                      idempotency_key=idempotency_key, cipher=cipher)
     if not result.created:
         response.headers["Idempotent-Replayed"] = "true"
     return TicketOut.from_view(tickets.describe(session, [result.ticket])[0])

@@ -19,6 +19,7 @@ from pydantic import (
 from service.schemas.common import LineageName, NonBlank
 from service.settings import Settings
 from storage.models import TicketKind, TicketStatus
+from storage.sealing import payload_summary
 from storage.tickets import TicketRequest, TicketView
 
 # Hard caps independent of settings; the configurable limits are checked in `check_limits`.
@@ -209,24 +210,7 @@ class TicketOut(BaseModel):
             created_at=t.created_at, updated_at=t.updated_at, error=t.error,
             progress=t.progress, requester=t.requester, idempotency_key=t.idempotency_key,
             result_version=VersionRefOut(id=ref.id, label=ref.label) if ref else None,
-            payload_sha256=t.payload_sha256, summary=_summary(t.payload))
-
-
-def _summary(payload: dict[str, Any] | None) -> dict[str, Any] | None:
-    if not payload:
-        return None
-    if "forget" in payload:
-        out = {"forget_texts": len(payload["forget"].get("texts", [])),
-               "forget_qa": len(payload["forget"].get("qa", []))}
-        if payload.get("retain"):
-            out["retain_texts"] = len(payload["retain"].get("texts", []))
-            out["retain_qa"] = len(payload["retain"].get("qa", []))
-        return out
-    if "options" in payload:  # finetune (internal)
-        return {"dataset": payload.get("dataset"), "retrain": bool(payload.get("retrain"))}
-    return {"dataset": payload.get("dataset"),
-            "record_ids": len(payload["record_ids"]) if payload.get("record_ids") else 0,
-            "by_subject": payload.get("subject_id") is not None}
+            payload_sha256=t.payload_sha256, summary=payload_summary(t.payload))
 
 
 class TicketPageOut(BaseModel):

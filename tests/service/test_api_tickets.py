@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
+from service.deps import payload_cipher
 from storage import queue, registry, tickets
 from storage.db import transaction
 from storage.models import AuditEvent, Ticket, TicketKind
@@ -57,8 +58,13 @@ def test_submit_queues_a_ticket_that_can_be_read_back(api: Api) -> None:
 
     with api.db.sessions() as s:
         row = s.get(Ticket, uuid.UUID(ticket["id"]))
-        assert row.payload["forget"]["texts"] == FORGET["forget"]["texts"]
-        canonical = json.dumps(row.payload, sort_keys=True, separators=(",", ":"),
+        # Stored sealed (storage.sealing): no forget text in the row, only ciphertext.
+        assert row.payload["sealed"] == "aes-256-gcm"
+        assert FORGET["forget"]["texts"][0] not in json.dumps(row.payload)
+        plain = payload_cipher(api.client.app).open(row.payload,
+                                                    expected_sha256=row.payload_sha256)
+        assert plain["forget"]["texts"] == FORGET["forget"]["texts"]
+        canonical = json.dumps(plain, sort_keys=True, separators=(",", ":"),
                                ensure_ascii=False).encode()
         assert row.payload_sha256 == hashlib.sha256(canonical).hexdigest()
         assert ticket["payload_sha256"] == row.payload_sha256
