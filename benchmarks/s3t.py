@@ -94,6 +94,8 @@ def main() -> None:
                         help="slices in the sequential-deletion part (B <= slices!)")
     parser.add_argument("--max-deletions", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--aggregate", default="logits", choices=("logits", "probs"),
+                        help="how serving combines the shards (S3TConfig.aggregate)")
     parser.add_argument("--skip", default="", help="comma list of parts to skip: latency, "
                                                    "sequential")
     args = parser.parse_args()
@@ -107,12 +109,13 @@ def main() -> None:
     scorer = Scorer(h, base)
     records = people_records(args.people)
     qa = qa_of(records)
-    common = {"epochs": args.epochs, "eval_records": 0}
+    common = {"epochs": args.epochs, "eval_records": 0, "aggregate": args.aggregate}
     if args.layers_per_group:
         common["layers_per_group"] = args.layers_per_group
     skip = set(filter(None, args.skip.split(",")))
     print(f"# S3T benchmark: {args.people} people ({len(records)} records), "
-          f"{args.shards} shards, model {base.name}\n")
+          f"{args.shards} shards, {args.epochs} epochs, shards combined by mean "
+          f"{args.aggregate}, model {base.name}\n")
 
     if "latency" not in skip:
         _register(h, "bench", records)
