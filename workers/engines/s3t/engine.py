@@ -57,16 +57,15 @@ class S3TEngine:
             raise RuntimeError("the s3t engine needs the job runner's database sessions")
         deletions = [r for r in job.requests if r.kind == "delete_records"]
         finetunes = [r for r in job.requests if r.kind == "finetune"]
-        deleted_now: list[str] = []
         for request, ticket_id in zip(job.requests, job.ticket_ids):
             if request.kind == "delete_records":
-                deleted_now += self._mark_deleted(job, request, ticket_id)
+                self._mark_deleted(job, request, ticket_id)
         if finetunes:
             # A fine-tune reads the records after the deletions above: exact by construction.
             return self._finetune(job, finetunes[-1], progress)
         return self._deactivate(job, deletions, progress)
 
-    def _mark_deleted(self, job: JobInput, request: EngineRequest, ticket_id: str) -> list[str]:
+    def _mark_deleted(self, job: JobInput, request: EngineRequest, ticket_id: str) -> None:
         from storage import datasets
         from storage.db import transaction
 
@@ -76,7 +75,6 @@ class S3TEngine:
                                                  subject_id=request.subject_id)
             datasets.mark_deleted(s, dataset=selected.dataset, record_ids=selected.record_ids,
                                   ticket_id=ticket_id, actor=f"job:{job.job_id}")
-        return selected.record_ids
 
     def _deactivate(self, job: JobInput, deletions: list[EngineRequest],
                     progress: ProgressFn) -> Artifacts:
@@ -128,7 +126,7 @@ class S3TEngine:
         from storage import datasets
         from storage.db import transaction
         from workers.engines.s3t.sharding import RecordKey, assign
-        from workers.engines.s3t.training import TrainRecord, steps_for
+        from workers.engines.s3t.training import steps_for
 
         cfg = S3TConfig.from_options(request.options)
         progress({"phase": "planning"})
