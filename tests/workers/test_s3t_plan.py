@@ -141,3 +141,22 @@ def test_layer_groups_go_top_down_and_must_fit() -> None:
             == S3TConfig(slices=2, shards=1, sequences_per_shard=1).training_key(30))
     with pytest.raises(InvalidRequest, match="unknown s3t option"):
         S3TConfig.from_options({"shard": 2})
+
+
+def test_shard_combination_by_logits_and_by_probabilities() -> None:
+    import torch
+
+    from workers.engines.s3t.serving import combine
+
+    knows = torch.tensor([[10.0, 0.0, 0.0]])  # one shard is sure of token 0
+    guesses = torch.tensor([[-6.0, 3.0, 0.0]])  # the other leans to token 1, never token 0
+    assert torch.allclose(combine([knows, guesses], "logits"), torch.tensor([[2.0, 1.5, 0.0]]))
+    mean_p = (torch.softmax(knows, -1) + torch.softmax(guesses, -1)) / 2
+    probs = combine([knows, guesses], "probs")
+    assert torch.allclose(probs.exp(), mean_p, atol=1e-6)
+    assert int(probs.argmax()) == 0
+    # a very sure wrong shard wins under logits (a geometric mean punishes token 0's -6)
+    sure_wrong = torch.tensor([[-20.0, 12.0, 0.0]])
+    assert int(combine([knows, sure_wrong], "logits").argmax()) == 1
+    with pytest.raises(ValueError):
+        combine([knows], "max")
