@@ -287,12 +287,17 @@ def submit_finetune(session: Session, *, lineage_name: str, dataset: str, engine
     return FinetuneSubmission(ticket=ticket, job=job)
 
 
+FOLLOW_UP_PRIORITY = -10
+
+
 def submit_follow_up(session: Session, *, lineage_id: uuid.UUID, kind: str, engine: str,
                      payload: dict[str, Any], requester: str) -> Ticket:
-    """A ticket an engine asked for after publishing a version (S3T: the retrain)."""
+    """A ticket an engine asked for after publishing a version (S3T: the retrain). Queued
+    below the default priority, so requests that are waiting (deletions) run first."""
     ticket = Ticket(kind=TicketKind(kind), lineage_id=lineage_id, engine=engine, target=None,
                     payload=payload, payload_sha256=payload_sha256(payload),
-                    status=TicketStatus.queued, requester=requester)
+                    status=TicketStatus.queued, requester=requester,
+                    priority=FOLLOW_UP_PRIORITY)
     session.add(ticket)
     session.flush()
     audit.record(session, actor=requester, action="ticket.submitted", subject_type="ticket",
