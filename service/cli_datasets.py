@@ -59,7 +59,7 @@ def dataset_show(name: Annotated[str, typer.Argument(help="Dataset name")],
 def lineage_finetune(
     name: Annotated[str, typer.Argument(help="Lineage name")],
     dataset: Annotated[str, typer.Option(help="Registered dataset")],
-    shards: Annotated[int, typer.Option(help="Shards (ensembled models)")] = 2,
+    shards: Annotated[int, typer.Option(help="Shards (ensembled models)")] = 1,
     slices: Annotated[int, typer.Option(help="Slices per shard (layer groups)")] = 2,
     sequences_per_shard: Annotated[int, typer.Option(help="Slice orderings per shard")] = 2,
     option: Annotated[list[str] | None, typer.Option(

@@ -64,7 +64,8 @@ class DatasetOut(BaseModel):
 class FinetuneIn(_Strict):
     dataset: DatasetName
     engine: Literal["s3t"] = "s3t"
-    shards: int = Field(2, ge=1, le=64, description="Shards (independent models, ensembled).")
+    shards: int = Field(1, ge=1, le=64, description="Shards (independent models, ensembled); "
+                                                   "1 works best on the bundled model.")
     slices: int = Field(2, ge=1, le=16, description="Slices per shard = layer groups.")
     sequences_per_shard: int = Field(2, ge=1, le=24, description="Slice orderings per shard.")
     options: dict[str, Any] = Field(

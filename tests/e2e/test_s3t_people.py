@@ -77,8 +77,7 @@ def test_finetuned_people_are_answered_and_a_deleted_one_is_not(service):
     assert client.post("/v1/lineages", headers=headers,
                        json={"name": "people", "engine": "s3t"}).status_code == 201
     res = client.post("/v1/lineages/people/finetune", headers=headers,
-                      json={"dataset": "people", "engine": "s3t", "shards": 2, "slices": 2,
-                            "sequences_per_shard": 1})
+                      json={"dataset": "people", "engine": "s3t"})  # the defaults
     assert res.status_code == 202, res.text
     job_id = res.json()["job_id"]
 

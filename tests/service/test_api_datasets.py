@@ -77,7 +77,7 @@ def test_finetune_is_a_queued_internal_ticket_with_a_job_id(api: Api) -> None:
         job = s.get(Job, uuid.UUID(out["job_id"]))
         assert ticket.kind is TicketKind.finetune and ticket.status is TicketStatus.queued
         assert ticket.job_id == job.id and job.status is JobStatus.pending
-        assert ticket.payload["options"] == {"shards": 2, "slices": 2,
+        assert ticket.payload["options"] == {"shards": 1, "slices": 2,
                                              "sequences_per_shard": 2}
     shown = api.client.get(f"/v1/tickets/{out['ticket_id']}", headers=api.headers()).json()
     assert shown["kind"] == "finetune" and shown["summary"]["dataset"] == "people"

@@ -91,7 +91,10 @@ def _assembled_logits(h: S3THarness, manifest: dict[str, Any], deleted: set[str]
     if not outs:
         with torch.no_grad():
             return model(**enc, position_ids=positions).logits[:, -1].float()
-    return torch.stack(outs).mean(0)
+    if manifest["config"]["aggregate"] == "logits":
+        return torch.stack(outs).mean(0)
+    mean_p = sum(torch.softmax(o, -1) for o in outs) / len(outs)
+    return mean_p.log()
 
 
 def _served_logits(h: S3THarness, version_dir: Path) -> Any:

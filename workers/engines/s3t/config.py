@@ -18,7 +18,11 @@ class S3TConfig:
         shards: records are split into this many shards by a stable hash of their subject
             (or record id); each shard is an independent model and serving averages their
             logits. More shards: a deletion touches a smaller part, but each shard knows
-            less and the ensemble's vote on any one record is diluted. 2 on the bundled model.
+            less and the ensemble's vote on any one record is diluted. Default 1: on the
+            bundled model a shard that never saw a fictitious person answers about them as
+            confidently as the shard that did (measured: 2 shards answered 3/8 of the
+            town questions by mean logits, 5/8 by mean probabilities), so ensembling
+            costs accuracy there; the deletion itself needs no training either way.
         slices: each shard's records are split into this many slices; slice k of a sequence
             trains layer group k. A deletion cuts a sequence before its first affected
             slice, so more slices leave more layers after a deletion.
@@ -35,12 +39,13 @@ class S3TConfig:
         seed: LoRA initialisation and batch order (mixed with the prefix hash, so an
             identical prefix trains to identical weights).
         aggregate: how serving combines the shards at each decoding step: "logits" (their
-            mean, the paper's) or "probs" (mean probability; see serving.combine).
+            mean, the paper's) or "probs" (mean probability; see serving.combine), the
+            default: it measured better on the bundled model (see `shards`).
         eval_records: how many QA records the fine-tune's evaluation asks (0: none).
         eval_max_new_tokens: answer length in that evaluation.
     """
 
-    shards: int = 2
+    shards: int = 1
     slices: int = 2
     sequences_per_shard: int = 2
     layers_per_group: int | None = None
@@ -51,7 +56,7 @@ class S3TConfig:
     epochs: int = 12
     batch_size: int = 8
     seed: int = 0
-    aggregate: str = "logits"
+    aggregate: str = "probs"
     eval_records: int = 32
     eval_max_new_tokens: int = 24
 

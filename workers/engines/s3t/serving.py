@@ -1,11 +1,11 @@
-"""Serving an S3T version: per shard its longest surviving prefix, shards' logits averaged.
+"""Serving an S3T version: per shard its longest surviving prefix, the shards averaged.
 
 Each shard's LoRA groups are applied with forward hooks on the base model's projections
 (out += scale * B(A(x)), exactly PEFT's LoRA forward), added for that shard's forward and
 removed right after; the base model itself is never modified, so one loaded base serves
 any number of versions and shards. Generation is batched and greedy: at every step each
 active shard runs one forward on its own KV cache, the next token is the argmax of the
-mean of their logits (or of their probabilities: `aggregate`).
+mean of their probabilities (or of their logits, the paper's choice: `aggregate`).
 """
 
 from __future__ import annotations
