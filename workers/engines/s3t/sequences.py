@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 
 def select_sequences(slices: int, budget: int, *, seed: int = 0) -> list[tuple[int, ...]]:
-    """`budget` distinct orderings of range(slices); the first is always 0, 1, ..., L-1."""
+    """`budget` distinct orderings of range(slices) (a single one is 0, 1, ..., L-1)."""
     if slices < 1 or budget < 1:
         raise ValueError("slices and budget must be at least 1")
     total = 1
