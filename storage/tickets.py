@@ -46,23 +46,6 @@ from storage.models import (
 )
 from storage.sealing import PayloadCipher
 
-# Engines a ticket may ask for, and which kinds of ticket each can serve.
-ENGINE_KINDS: dict[str, TicketKind] = {
-    "o3": TicketKind.forget,
-    "ga": TicketKind.forget,
-    "graddiff": TicketKind.forget,
-    "npo": TicketKind.forget,
-    "idk": TicketKind.forget,
-    "s3t": TicketKind.delete_records,
-}
-# O3 gets its own engine in a later release; until then forget tickets default to "idk"
-# (refusal targets + retain KL), the recipe that met the forget/utility targets on the
-# bundled model (workers/evaluation/recipe.py). An explicit "o3" is accepted and waits queued.
-DEFAULT_ENGINE: dict[TicketKind, str] = {TicketKind.forget: "idk",
-                                         TicketKind.delete_records: "s3t",
-                                         TicketKind.finetune: "s3t"}
-# Engines that fine-tune a lineage on a registered dataset (internal finetune tickets).
-FINETUNE_ENGINES = ("s3t",)
 # Tickets in these states have not been claimed yet, so cancelling cannot race a job.
 CANCELLABLE = (TicketStatus.received, TicketStatus.queued)
 
@@ -75,7 +58,8 @@ class TicketRequest:
         kind: what to do: forget knowledge/text, or delete fine-tuning records.
         payload: the forget set or record selection, in the shape described above.
         lineage: name of the lineage (model + adapter chain) the request is for.
-        engine: unlearning engine; None picks the default for `kind`.
+        engine: the unlearning engine's registry name, already resolved and validated by
+            the caller (workers.engines: storage keeps no list of engines).
         target: who or what is forgotten (e.g. a person's name), for people and probes.
         priority: higher is claimed first (bounded by the API, -100..100).
         not_before: do not start before this (timezone-aware) instant.
@@ -127,25 +111,6 @@ def payload_sha256(payload: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(payload)).hexdigest()
 
 
-def resolve_engine(kind: TicketKind, engine: str | None) -> str:
-    """The engine a ticket runs on; raises InvalidRequest for unknown or mismatched engines."""
-    if engine is None:
-        return DEFAULT_ENGINE[kind]
-    if kind is TicketKind.finetune:
-        if engine not in FINETUNE_ENGINES:
-            raise InvalidRequest(f"engine {engine!r} cannot fine-tune; use one of "
-                                 f"{', '.join(FINETUNE_ENGINES)}")
-        return engine
-    if engine not in ENGINE_KINDS:
-        raise InvalidRequest(
-            f"unknown engine {engine!r}; choose one of {', '.join(sorted(ENGINE_KINDS))}")
-    if ENGINE_KINDS[engine] is not kind:
-        fits = sorted(e for e, k in ENGINE_KINDS.items() if k is kind)
-        raise InvalidRequest(
-            f"engine {engine!r} cannot serve a {kind.value!r} ticket; use one of {', '.join(fits)}")
-    return engine
-
-
 def _lineage_by_name(session: Session, name: str) -> Lineage:
     lineage = session.scalar(select(Lineage).where(Lineage.name == name))
     if lineage is None:
@@ -172,10 +137,12 @@ def submit_or_replay(session: Session, *, request: TicketRequest, requester: str
     """
     kind = TicketKind(request.kind)
     lineage = _lineage_by_name(session, request.lineage)
-    engine = resolve_engine(kind, request.engine)
+    engine = request.engine
+    if not engine:
+        raise InvalidRequest("a ticket needs an engine (the caller resolves the default)")
     digest = payload_sha256(request.payload)
     if kind is TicketKind.delete_records:
-        _check_deletion(session, lineage, request.payload)
+        _check_deletion(session, lineage, request.payload, engine)
 
     def replay(existing: Ticket) -> SubmitResult:
         # What was asked, not how it is scheduled: priority and not_before may have been
@@ -227,7 +194,8 @@ def submit_or_replay(session: Session, *, request: TicketRequest, requester: str
     return SubmitResult(ticket, created=True)
 
 
-def _check_deletion(session: Session, lineage: Lineage, payload: dict[str, Any]) -> None:
+def _check_deletion(session: Session, lineage: Lineage, payload: dict[str, Any],
+                    engine: str) -> None:
     """A delete_records ticket names registered records (422 naming the unknown ones) of a
     lineage that was fine-tuned with S3T."""
     from storage import datasets
@@ -235,9 +203,9 @@ def _check_deletion(session: Session, lineage: Lineage, payload: dict[str, Any])
     datasets.resolve_deletion(session, dataset=payload.get("dataset") or "",
                               record_ids=payload.get("record_ids"),
                               subject_id=payload.get("subject_id"))
-    if lineage.engine not in FINETUNE_ENGINES:
-        raise InvalidRequest(f"lineage {lineage.name!r} was not fine-tuned on a dataset "
-                             f"(engine {lineage.engine!r}); fine-tune it with "
+    if lineage.engine != engine:
+        raise InvalidRequest(f"lineage {lineage.name!r} was not fine-tuned on a dataset with "
+                             f"{engine} (its engine is {lineage.engine!r}); fine-tune it with "
                              f"POST /v1/lineages/{lineage.name}/finetune first")
 
 
@@ -249,7 +217,8 @@ class FinetuneSubmission:
 
 def submit_finetune(session: Session, *, lineage_name: str, dataset: str, engine: str,
                     options: dict[str, Any], requester: str) -> FinetuneSubmission:
-    """Queue a fine-tune of `lineage_name` on `dataset` as an internal `finetune` ticket,
+    """Queue a fine-tune of `lineage_name` on `dataset` as an internal `finetune` ticket
+    (`engine` already resolved and validated by the caller, as for every ticket),
     with its job row created now (status pending) so the caller gets a job id at once; the
     job runner adopts that job when it claims the ticket.
 
@@ -259,7 +228,6 @@ def submit_finetune(session: Session, *, lineage_name: str, dataset: str, engine
     from storage import datasets
 
     lineage = _lineage_by_name(session, lineage_name)
-    engine = resolve_engine(TicketKind.finetune, engine)
     has_versions = session.scalar(select(AdapterVersion.id).where(
         AdapterVersion.lineage_id == lineage.id).limit(1)) is not None
     if has_versions and lineage.engine != engine:
