@@ -13,8 +13,21 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from service.api import generate, health, jobs, lineages, system, tickets, tokens, versions
-from service.api import dashboard, openai_compat, schedules
+from service.api import (
+    dashboard,
+    datasets,
+    finetune,
+    generate,
+    health,
+    jobs,
+    lineages,
+    openai_compat,
+    schedules,
+    system,
+    tickets,
+    tokens,
+    versions,
+)
 from service.api.errors import install_error_handlers
 from service.body_limit import BodySizeLimitMiddleware
 from service.concurrency import ConcurrencyLimitMiddleware
@@ -68,7 +81,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.generator = None  # its Ray Serve handle for /v1/generate
 
     install_error_handlers(app)
-    for module in (health, tickets, jobs, lineages, versions, tokens, generate, system):
+    for module in (health, tickets, jobs, lineages, versions, tokens, generate, system,
+                   datasets, finetune):
         app.include_router(module.router)
     app.include_router(openai_compat.router)  # /v1/chat/completions, /v1/models
     app.include_router(dashboard.router)  # /dashboard and the JSON it reads

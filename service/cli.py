@@ -536,6 +536,13 @@ def revoke(version_id: Annotated[str, typer.Argument(help="Version id (UUID)")],
         render.out().print(f"{result['label']} revoked", markup=False)
 
 
+# Commands of other areas, in their own modules (imported here, after what they reuse).
+from service import cli_datasets  # noqa: E402
+
+app.add_typer(cli_datasets.dataset_app, name="dataset")
+lineage_app.command("finetune")(cli_datasets.lineage_finetune)
+
+
 def main() -> None:
     """Console entry point: never shows a traceback, whatever happens."""
     try:

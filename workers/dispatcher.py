@@ -77,13 +77,15 @@ class DispatcherLoop:
             return 0
         claimed = list(first)
         # Wait a moment for companions: one job for several tickets of a lineage costs
-        # about as much as one job for one ticket.
+        # about as much as one job for one ticket. Same kind only: an S3T deletion (seconds)
+        # must never wait inside a fine-tune/retrain job (minutes) of the same engine.
         if self.max_batch > 1 and self.config.batch_window_seconds > 0:
             self._stop.wait(self.config.batch_window_seconds)
             claimed += queue.claim(self.sessions, owner=self.owner, limit=self.max_batch - 1,
                                    lease_seconds=self.config.lease_seconds,
                                    max_attempts=self.config.max_attempts,
-                                   lineage_id=first[0].lineage_id, engines=(first[0].engine,))
+                                   lineage_id=first[0].lineage_id, engines=(first[0].engine,),
+                                   kinds=(first[0].kind,))
         claimed = self._open_payloads(claimed)
         groups: dict[tuple[Any, str], list[Any]] = defaultdict(list)
         for ticket in claimed:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage import queue, registry
@@ -175,7 +175,7 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
     job = job_compute.job_input(config, job_id=str(job_id), lineage=lineage_name, base=base,
                                 tickets=tickets, parent_dir=parent_dir,
                                 output_dir=workdir / "version", fetch=fetch,
-                                store_dir=store_dir)
+                                store_dir=store_dir, sessions=ctx.sessions)
     try:
         with clock.train_call():
             artifacts = engine.train(job, progress)
@@ -250,13 +250,31 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
         "method": artifacts.method_config,
         "metrics": metrics,
         "job_id": str(job_id),
+        # What the engine adds (S3T: deleted record ids and the exactness evidence).
+        **artifacts.receipt,
     }
     for ticket in tickets:
         queue.complete(ctx.sessions, ticket_id=ticket.id, owner=ctx.owner, version_id=version_id,
                        receipt={**receipt, "payload_sha256": ticket.payload_sha256})
     clock.add("promote", promote_started, time.time())
     _finish_job(ctx, job_id, JobStatus.succeeded, phases=clock.record(live=promoted))
+    _queue_follow_ups(ctx, lineage_id, artifacts.follow_up)
     return JobOutcome(job_id, version_id, version_no, promoted, metrics)
+
+
+def _queue_follow_ups(ctx: JobContext, lineage_id: uuid.UUID,
+                      follow_up: list[dict[str, Any]]) -> None:
+    """Tickets the engine asked for once its version is published (S3T: the background
+    retrain of the layers a deletion cut), into the same durable queue."""
+    if not follow_up:
+        return
+    from storage import tickets as ticket_store
+
+    with transaction(ctx.sessions) as s:
+        for item in follow_up:
+            ticket_store.submit_follow_up(s, lineage_id=lineage_id, kind=item["kind"],
+                                          engine=item["engine"], payload=item["payload"],
+                                          requester=ctx.owner)
 
 
 def _store_report(ctx: JobContext, version_dir: Path, metrics: dict[str, Any]) -> None:
@@ -305,6 +323,12 @@ def _jobs_dir(config: WorkerConfig) -> Path:
 
 def _create_job(ctx: JobContext, tickets: list[ClaimedTicket]) -> uuid.UUID:
     with transaction(ctx.sessions) as s:
+        adopted = _pending_job(s, tickets)
+        if adopted is not None:
+            # Created with the ticket at submission (a fine-tune answers with its job id);
+            # its first attempt runs under that id. Retries get a job of their own.
+            adopted.status, adopted.started_at = JobStatus.running, utcnow()
+            return adopted.id
         job = Job(lineage_id=tickets[0].lineage_id, engine=tickets[0].engine,
                   ticket_ids=[str(t.id) for t in tickets], status=JobStatus.running,
                   started_at=utcnow(), progress={"phase": "queued"})
@@ -313,6 +337,18 @@ def _create_job(ctx: JobContext, tickets: list[ClaimedTicket]) -> uuid.UUID:
         s.execute(update(Ticket).where(Ticket.id.in_([t.id for t in tickets]))
                   .values(job_id=job.id))
         return job.id
+
+
+def _pending_job(session: Session, tickets: list[ClaimedTicket]) -> Job | None:
+    ids = {t.id for t in tickets}
+    job_ids = set(session.scalars(select(Ticket.job_id).where(Ticket.id.in_(ids))))
+    if len(job_ids) != 1 or None in job_ids:
+        return None
+    job = session.get(Job, job_ids.pop())
+    if (job is None or job.status is not JobStatus.pending
+            or {uuid.UUID(str(i)) for i in job.ticket_ids or []} != ids):
+        return None
+    return job
 
 
 def _set_progress(ctx: JobContext, job_id: uuid.UUID, ticket_ids: list[uuid.UUID],

@@ -76,14 +76,19 @@ def test_submit_queues_a_ticket_that_can_be_read_back(api: Api) -> None:
 
 @BOTH
 def test_delete_records_defaults_to_the_s3t_engine(api: Api) -> None:
-    r = submit(api, {"kind": "delete_records", "dataset": "support-chats",
+    from tests.fixtures.datasets import register_s3t_lineage
+
+    register_s3t_lineage(api, dataset="support-chats", lineage="support", records=[
+        {"id": "r1", "text": "a"}, {"id": "r2", "text": "b"},
+        {"id": "r3", "subject_id": "u-7", "text": "c"}])
+    r = submit(api, {"kind": "delete_records", "dataset": "support-chats", "lineage": "support",
                      "record_ids": ["r1", "r2"]})
     assert r.status_code == 202, r.text
     assert r.json()["engine"] == "s3t"
     assert r.json()["summary"] == {"dataset": "support-chats", "record_ids": 2,
                                    "by_subject": False}
     r = submit(api, {"kind": "delete_records", "dataset": "support-chats", "subject_id": "u-7",
-                     "priority": 5, "not_before": "2030-01-01T00:00:00+02:00"})
+                     "lineage": "support", "priority": 5, "not_before": "2030-01-01T00:00:00+02:00"})
     assert r.status_code == 202, r.text
     assert r.json()["priority"] == 5
     assert r.json()["not_before"].startswith("2029-12-31T22:00:00")
