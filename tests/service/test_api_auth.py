@@ -57,7 +57,18 @@ def test_roles(api: Api, role: str, method: str, path: str, body: dict | None,
                allowed: bool) -> None:
     r = api.client.request(method, path, json=body, headers=api.headers(role))
     if allowed:
-        assert r.status_code < 400, r.text
+        # The exact answer, not just "not an error" (a redirect or an empty 204 would pass
+        # `< 400`): the listing the role asked for.
+        assert r.status_code == 200, r.text
+        listed = r.json()
+        if path == "/v1/lineages":
+            assert [x["name"] for x in listed] == ["default"]
+        elif path == "/v1/lineages/default/versions":
+            assert listed == []  # the default lineage has no versions yet
+        elif path == "/v1/tokens":
+            assert {t["role"] for t in listed} == {"submitter", "operator", "admin"}
+        else:
+            raise AssertionError(f"no expected answer written for {path}")
     else:
         assert r.status_code == 403, r.text
         assert f"needs the" in r.json()["message"]
