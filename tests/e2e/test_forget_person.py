@@ -20,6 +20,7 @@ from storage import tokens
 from storage.db import transaction
 from storage.models import Role
 from tests.fixtures.training import person_ticket
+from tests.fixtures.workers import serve_app_shut_down_after
 from workers.evaluation.metrics import is_correct
 from workers.evaluation.probes import Probe, load_forget_set, load_unrelated_probes
 
@@ -52,14 +53,11 @@ def service(tmp_path: Path, bundled_model, ray_cluster):
     settings = Settings(data_dir=tmp_path / "data", base_model=str(bundled_model.local_path),
                         num_workers=2, zero_stage=2, batch_window_seconds=0.0)
     app = create_app(settings)
-    with TestClient(app) as client:
+    with TestClient(app) as client, serve_app_shut_down_after():
         with transaction(app.state.sessions) as s:
             _, secret = tokens.create_token(s, role=Role.operator, name="e2e")
         app.state.generator = deploy(serving_config(settings.worker_config()))
         yield settings, client, {"Authorization": f"Bearer {secret}"}
-    from ray import serve
-
-    serve.shutdown()
 
 
 def test_a_ticket_makes_the_served_model_forget_a_person_and_keep_the_rest(service):

@@ -11,22 +11,20 @@ from service.app import create_app
 from storage import tokens
 from storage.db import transaction
 from storage.models import Role
+from tests.fixtures.workers import serve_app_shut_down_after
 
 
 @pytest.fixture
 def api(flow):
-    from ray import serve
-
     from workers.runtime import serving_config
     from workers.serving import deploy
 
     app = create_app(flow.settings)
-    with TestClient(app) as client:
+    with TestClient(app) as client, serve_app_shut_down_after():
         with transaction(app.state.sessions) as s:
             _, secret = tokens.create_token(s, role=Role.operator, name="serving-test")
         app.state.generator = deploy(serving_config(flow.settings.worker_config()))
         yield client, {"Authorization": f"Bearer {secret}"}
-    serve.shutdown()
 
 
 def test_generate_follows_live_and_refuses_a_revoked_pinned_version(flow, api):

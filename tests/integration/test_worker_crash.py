@@ -13,16 +13,30 @@ from sqlalchemy import select
 from storage.models import AdapterVersion, Job, JobStatus, Ticket, TicketStatus, VersionStatus
 
 
-def _train_worker_pids() -> list[int]:
-    """Ray titles its worker processes `ray::<Actor>...`: find the training ranks."""
+def _ray_actor_pids(*titles: str) -> list[int]:
+    """Ray titles its worker processes `ray::<Actor>...`: the live ones with these titles."""
     import psutil
 
     pids = []
-    for proc in psutil.process_iter(["cmdline"]):
+    for proc in psutil.process_iter(["cmdline", "status"]):
         cmdline = " ".join(proc.info.get("cmdline") or [])
-        if cmdline.startswith("ray::RayTrainWorker"):
+        if proc.info.get("status") != psutil.STATUS_ZOMBIE and cmdline.startswith(
+                tuple(f"ray::{t}" for t in titles)):
             pids.append(proc.pid)
     return pids
+
+
+def _train_worker_pids() -> list[int]:
+    return _ray_actor_pids("RayTrainWorker")
+
+
+def _wait_until_no_training_processes(timeout: float = 60.0) -> list[int]:
+    """The run's TrainController and its ranks (the killed one's peer too) must exit."""
+    deadline = time.monotonic() + timeout
+    while (left := _ray_actor_pids("RayTrainWorker", "TrainController")) and (
+            time.monotonic() < deadline):
+        time.sleep(0.5)
+    return left
 
 
 def _live_placement_groups() -> list[str]:
@@ -41,7 +55,8 @@ def test_killing_a_train_worker_mid_training_retries_the_ticket_to_done(flow):
     ticket_id = flow.submit(key="crash-1")
     loop = DispatcherLoop(settings.worker_config())
 
-    first = threading.Thread(target=loop.run_once)
+    # A daemon thread: should the job hang, the test fails without keeping pytest alive.
+    first = threading.Thread(target=loop.run_once, daemon=True)
     first.start()
     killed = None
     deadline = time.monotonic() + 120
@@ -56,6 +71,8 @@ def test_killing_a_train_worker_mid_training_retries_the_ticket_to_done(flow):
     first.join(timeout=180)
     assert killed is not None, "training never reached step 2"
     assert not first.is_alive()
+    # Nothing of the failed run survives it: not the controller, not the surviving rank.
+    assert _wait_until_no_training_processes() == []
 
     # The failed run holds no CPUs any more: its placement group is gone (else the retry
     # could wait forever on a small cluster).
@@ -74,3 +91,4 @@ def test_killing_a_train_worker_mid_training_retries_the_ticket_to_done(flow):
         ticket = s.get_one(Ticket, ticket_id)
         assert ticket.status == TicketStatus.done, ticket.error
         assert ticket.attempts == 2
+    assert _wait_until_no_training_processes() == []
