@@ -183,6 +183,7 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
     policy = EvalPolicy()
     verdict = _judge(metrics, policy)
     metrics["verdict"] = verdict
+    metrics.setdefault("checks", _checks(metrics, policy))
     with transaction(ctx.sessions) as s:
         if verdict == "reject":
             registry.mark_failed(s, version_id=version_id, actor=ctx.owner,
@@ -218,7 +219,9 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
         "object_key": stored.key,
         "base_model": base.name,
         "base_model_sha256": base.sha256,
-        "promoted": promoted,
+        # Whether this job promoted it; the ticket's status (and the receipt's `live`) is
+        # what says whether live contains it now: queue.complete reads live to decide.
+        "auto_promoted": promoted,
         "metrics": metrics,
         "job_id": str(job_id),
     }
@@ -240,6 +243,21 @@ def _judge(metrics: dict[str, Any], policy: EvalPolicy) -> str:
     if forget <= policy.max_forget_ratio and utility >= policy.min_utility_ratio:
         return "pass"
     return "hold"
+
+
+def _checks(metrics: dict[str, Any], policy: EvalPolicy) -> list[dict[str, Any]]:
+    """The two promotion checks with their figures (shown to reviewers of a held version)."""
+    out = []
+    for name, op, threshold in (("forget_ratio", "<=", policy.max_forget_ratio),
+                                ("utility_ratio", ">=", policy.min_utility_ratio)):
+        value = metrics.get(name)
+        base = name.removesuffix("_ratio")
+        passed = None if value is None else (value <= threshold if op == "<=" else
+                                             value >= threshold)
+        out.append({"name": name, "before": metrics.get(f"{base}_rate_before"),
+                    "after": metrics.get(f"{base}_rate_after"), "value": value, "op": op,
+                    "threshold": threshold, "passed": passed})
+    return out
 
 
 def _check_base_model(session: Session, lineage: Lineage, sha256: str) -> None:
