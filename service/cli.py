@@ -24,6 +24,8 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from service import cli_render as render
+from service.cli_bench import bench
+from service.cli_receipts import receipt_app
 from service.client import ApiError, ApiUnreachable, OblivioClient
 
 app = typer.Typer(name="oblivio", help="Continual machine unlearning for language models.",
@@ -41,6 +43,8 @@ app.add_typer(versions_app, name="versions")
 app.add_typer(lineage_app, name="lineage")
 app.add_typer(token_app, name="token")
 app.add_typer(db_app, name="db")
+app.add_typer(receipt_app, name="receipt")
+app.command("bench")(bench)
 
 EXIT_REFUSED = 2
 EXIT_FAILED = 1
@@ -413,14 +417,24 @@ def ticket_cancel(ticket_id: Annotated[str, typer.Argument(help="Ticket id")],
 
 @ticket_app.command("receipt")
 def ticket_receipt(ticket_id: Annotated[str, typer.Argument(help="Ticket id")],
+                   fmt: Annotated[str, typer.Option(
+                       "--format", help="md, html or json (the signed record)")] = "md",
                    api_url: ApiUrl = None, token: Token = None, as_json: Json = False) -> None:
-    """The receipt of a done ticket: versions, hashes, metrics, timestamps."""
+    """The signed receipt of a done ticket: versions, hashes, evaluation, timestamps."""
+    from service import receipt_render
+
+    fmt = "json" if as_json else fmt
+    if fmt not in ("md", "html", "json"):
+        _fail(f"--format must be md, html or json, not {fmt!r}", EXIT_REFUSED)
     with api(api_url, token) as client:
         receipt = client.receipt(ticket_id)
-    if as_json:
+    if fmt == "json":
+        # `oblivio receipt verify` re-canonicalises, so indentation does not matter.
         render.print_json(receipt)
+    elif fmt == "html":
+        print(receipt_render.to_html(receipt), end="")
     else:
-        render.out().print(render.mapping_detail(receipt))
+        print(receipt_render.to_markdown(receipt), end="")
 
 
 # --- lineages and versions ------------------------------------------------------------------

@@ -59,6 +59,12 @@ class Settings(BaseSettings):
     max_record_ids: int = Field(10_000, description="Max record ids in one delete_records ticket.")
     max_page_size: int = 500
 
+    # --- receipts ------------------------------------------------------------------
+    receipt_key: SecretStr | None = Field(
+        None, description="Secret that signs deletion receipts (HMAC-SHA256). Unset: a random "
+        "key is generated once into <data_dir>/receipt-key; set it explicitly when several "
+        "API replicas must sign (and verify) with the same key.")
+
     # --- queue ---------------------------------------------------------------------
     lease_seconds: float = Field(300.0, description="A claim is lost unless renewed within this.")
     max_attempts: int = Field(3, description="Claims before a ticket fails for good.")

@@ -13,7 +13,6 @@ from typing import Any
 
 from storage.queue import ClaimedTicket
 from workers.config import WorkerConfig
-from workers.evaluation.probes import ticket_probes
 
 @dataclass(frozen=True)
 class TrainOutput:
@@ -66,42 +65,13 @@ def train(config: WorkerConfig, *, base: Any, tickets: list[ClaimedTicket], pare
 
 def evaluate(config: WorkerConfig, *, base: Any, tickets: list[ClaimedTicket], adapter_dir: Path,
              parent_dir: Path | None) -> dict[str, Any]:
-    """Forget and utility, each as the adapted model's correct-answer rate over the base's.
+    """The version report (workers.evaluation.version_eval): held-out forms of the forget
+    set, neighbours, utility, general benchmark, memorisation, MIA and fluency, against the
+    base and the parent. The report is written into `adapter_dir` (stored with the
+    version); the returned summary becomes the version's metrics."""
+    from workers.evaluation.version_eval import evaluate_adapter
 
-    forget: the tickets' own questions (the only forget probes a job may know about).
-    utility: the shipped unrelated probe set, far from any target.
-    """
-    from peft import PeftModel
-
-    from workers.evaluation.generation import hf_generate_fn
-    from workers.evaluation.metrics import answer_rate
-    from workers.evaluation.probes import load_unrelated_probes
-    from workers.model import load_model_and_tokenizer
-
-    qa, _texts = payload_items(tickets, "forget")
-    forget = ticket_probes(qa)
-    utility = list(load_unrelated_probes())
-    model, tokenizer = load_model_and_tokenizer(base, device=config.device)
-    before_fn = hf_generate_fn(model, tokenizer)
-    before = {"forget": answer_rate(before_fn, forget) if forget else None,
-              "utility": answer_rate(before_fn, utility)}
-    adapted = PeftModel.from_pretrained(model, str(adapter_dir))
-    after_fn = hf_generate_fn(adapted, tokenizer)
-    after = {"forget": answer_rate(after_fn, forget) if forget else None,
-             "utility": answer_rate(after_fn, utility)}
-    return {
-        "forget_rate_before": before["forget"], "forget_rate_after": after["forget"],
-        "utility_rate_before": before["utility"], "utility_rate_after": after["utility"],
-        # A base that never answered had nothing to forget (ratio 0) and nothing to lose (1).
-        "forget_ratio": _ratio(after["forget"], before["forget"], if_base_zero=0.0),
-        "utility_ratio": _ratio(after["utility"], before["utility"], if_base_zero=1.0),
-        "forget_probes": len(forget), "utility_probes": len(utility),
-    }
-
-
-def _ratio(after: float | None, before: float | None, *, if_base_zero: float) -> float | None:
-    if after is None or before is None:
-        return None
-    return after / before if before > 0 else if_base_zero
-
-
+    qa, texts = payload_items(tickets, "forget")
+    return evaluate_adapter(base, device=config.device, qa=qa, texts=texts,
+                            targets=[t.target for t in tickets], adapter_dir=adapter_dir,
+                            parent_dir=parent_dir)

@@ -172,6 +172,7 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
                         method=result.method_config, parent_id=parent_id)
         progress({"phase": "uploading"})
         stored = ctx.store.put_directory_content_addressed(result.adapter_dir)
+        _store_report(ctx, result.adapter_dir, metrics)
     except LeaseLost:
         raise
     except Exception as exc:
@@ -222,6 +223,7 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
         # Whether this job promoted it; the ticket's status (and the receipt's `live`) is
         # what says whether live contains it now: queue.complete reads live to decide.
         "auto_promoted": promoted,
+        "method": result.method_config,
         "metrics": metrics,
         "job_id": str(job_id),
     }
@@ -258,6 +260,16 @@ def _checks(metrics: dict[str, Any], policy: EvalPolicy) -> list[dict[str, Any]]
                     "after": metrics.get(f"{base}_rate_after"), "value": value, "op": op,
                     "threshold": threshold, "passed": passed})
     return out
+
+
+def _store_report(ctx: JobContext, version_dir: Path, metrics: dict[str, Any]) -> None:
+    """The evaluation report as its own object too (it is also inside the version's tar),
+    content addressed, so receipts and auditors can fetch it by key and check its hash."""
+    ref = metrics.get("report")
+    if not isinstance(ref, dict) or not ref.get("path"):
+        return
+    stored = ctx.store.put_file(f"reports/{ref['sha256']}.json", version_dir / ref["path"])
+    ref["object_key"] = stored.key
 
 
 def _check_base_model(session: Session, lineage: Lineage, sha256: str) -> None:

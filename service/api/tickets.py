@@ -6,8 +6,10 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import JSONResponse
 
 from service.deps import CipherDep, SessionDep, SettingsDep, SubmitterDep
+from service.receipt_keys import receipt_key
 from service.schemas.tickets import (
     ReceiptOut,
     TicketIn,
@@ -16,7 +18,7 @@ from service.schemas.tickets import (
     check_limits,
     to_request,
 )
-from storage import tickets
+from storage import receipts, tickets
 from storage.models import TicketStatus
 
 router = APIRouter(prefix="/v1/tickets", tags=["tickets"])
@@ -78,8 +80,13 @@ def cancel(ticket_id: uuid.UUID, session: SessionDep, caller: SubmitterDep) -> T
 
 
 @router.get("/{ticket_id}/receipt", response_model=ReceiptOut)
-def receipt(ticket_id: uuid.UUID, session: SessionDep, caller: SubmitterDep) -> ReceiptOut:
-    """What was done: versions, hashes, metrics, timestamps, and whether it is live (409
-    until its job has finished)."""
-    return ReceiptOut.model_validate(
-        tickets.receipt(session, ticket_id=ticket_id, requester=caller.ticket_owner_filter))
+def receipt(ticket_id: uuid.UUID, session: SessionDep, settings: SettingsDep,
+            caller: SubmitterDep) -> JSONResponse:
+    """What was done, signed: versions and artifact hashes, evaluation with pass/fail,
+    phase timestamps. 409 until the ticket is done. Verify with `oblivio receipt verify`."""
+    body = receipts.build_receipt(session, ticket_id=ticket_id,
+                                  requester=caller.ticket_owner_filter)
+    ReceiptOut.model_validate(body)  # the documented shape, checked before it is signed
+    # Returned as signed, byte for byte: re-serialising through the model would reformat
+    # timestamps and break the signature.
+    return JSONResponse(receipts.sign_receipt(body, receipt_key(settings)))

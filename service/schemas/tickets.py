@@ -246,3 +246,19 @@ class ReceiptOut(BaseModel):
     base_model: str | None = None
     base_model_sha256: str | None = None
     metrics: dict[str, Any] | None = None
+    format: str | None = Field(None, description="`oblivio-receipt/1`")
+    requester: str | None = None
+    forget_set_sha256: str | None = Field(
+        None, description="sha256 of the request's canonical JSON; the text itself is purged")
+    method_config: dict[str, Any] | None = None
+    artifacts: list[dict[str, Any]] = Field(
+        default_factory=list, description="{name, object_key, sha256} of every artifact")
+    evaluation: dict[str, Any] | None = Field(
+        None, description="verdict, and checks: {name, before, after, value, op, threshold, "
+                          "passed}")
+    phases: dict[str, Any] | None = Field(None, description="timestamps of each phase")
+    exactness_proof: dict[str, Any] | None = Field(
+        None, description="exact deletion (S3T): what was cut and why that is exact")
+    signature: dict[str, Any] | None = Field(
+        None, description="{algorithm: HMAC-SHA256, key_id, value} over the canonical JSON "
+                          "of every other field")

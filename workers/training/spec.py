@@ -128,7 +128,7 @@ class TrainJobSpec:
 
 def default_stop_probes(forget_qa: list[dict[str, str]]) -> list[dict[str, Any]]:
     """One early-stopping probe per forget QA pair: its question, its answer's keywords."""
-    from workers.evaluation.probes import answer_keywords
+    from workers.evaluation.keywords import answer_keywords
 
     return [{"question": i["question"],
              "accept": list(i.get("accept") or answer_keywords(i["answer"], i["question"]))}  # type: ignore[arg-type]
