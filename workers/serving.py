@@ -86,6 +86,12 @@ class Generator:
                 if len(self._peft.peft_config) > 1:
                     self._peft.delete_adapter(name)
 
+    def loaded_adapters(self) -> list[str]:
+        """Names of the adapters this replica holds now (at most `max_adapters`; for tests
+        and operators: the multiplexer evicts the least recently used beyond that)."""
+        with self._lock:
+            return sorted(self._peft.peft_config) if self._peft is not None else []
+
     async def generate(self, prompt: str, max_new_tokens: int = 64) -> dict[str, Any]:
         adapter = await self._adapter(serve.get_multiplexed_model_id() or BASE_ONLY)
         text = await self._generate_batched(_Request(adapter.name, prompt, max_new_tokens))
