@@ -27,7 +27,12 @@ from sqlalchemy.orm import Session, sessionmaker  # noqa: E402
 
 from tests.fixtures.postgres import *  # noqa: E402,F401,F403
 from tests.fixtures.s3 import s3_server  # noqa: E402,F401
-from tests.fixtures.workers import bundled_model, ray_cluster, tiny_model_dir  # noqa: E402,F401
+from tests.fixtures.workers import (  # noqa: E402,F401
+    bundled_model,
+    ray_cluster,
+    taught_model_dir,
+    tiny_model_dir,
+)
 
 BACKENDS = ("sqlite", "postgresql")
 

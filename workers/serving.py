@@ -107,6 +107,12 @@ class Generator:
             self._store.fetch_directory(key, local)
         return local
 
+    def loaded_adapters(self) -> list[str]:
+        """Names of the adapters this replica holds now (at most `max_adapters`; for tests
+        and operators: the multiplexer evicts the least recently used beyond that)."""
+        with self._lock:
+            return sorted(self._peft.peft_config) if self._peft is not None else []
+
     async def generate(self, prompt: str, max_new_tokens: int = 64) -> dict[str, Any]:
         loaded = await self._servable(serve.get_multiplexed_model_id() or BASE_ONLY)
         text = await self._generate_batched(_Request(loaded, prompt, max_new_tokens))
