@@ -67,6 +67,12 @@ class Settings(BaseSettings):
         "product path); plain: one in-process PyTorch loop (benchmark baseline, debugging).")
     batch_window_seconds: float = Field(2.0, description="Wait this long to group tickets in one job.")
     auto_promote: bool = Field(True, description="Promote a version to live when its eval passes.")
+    evaluation: dict[str, Any] = Field(
+        default_factory=dict,
+        description='Overrides of a job\'s version report (workers/evaluation/report.py '
+                    'ReportConfig, plus relearn_steps / relearn_lr to run the relearning '
+                    'attack in every job), as JSON: e.g. OBLIVIO_EVALUATION=\'{"max_utility": '
+                    '30, "relearn_steps": 10}\'.')
     recipe: dict[str, Any] = Field(
         default_factory=dict,
         description='Overrides of the forget recipe (workers/evaluation/recipe.py), as JSON: '

@@ -78,9 +78,10 @@ def evaluate(settings: Settings, *, base: Any, tickets: list[ClaimedTicket], ada
     set, neighbours, utility, general benchmark, memorisation, MIA and fluency, against the
     base and the parent. The report is written into `adapter_dir` (stored with the
     version); the returned summary becomes the version's metrics."""
-    from workers.evaluation.version_eval import evaluate_adapter
+    from workers.evaluation.version_eval import configs_from, evaluate_adapter
 
     qa, texts = payload_items(tickets, "forget")
+    config, relearn = configs_from(settings.evaluation)
     return evaluate_adapter(base, device=settings.device, qa=qa, texts=texts,
                             targets=[t.target for t in tickets], adapter_dir=adapter_dir,
-                            parent_dir=parent_dir)
+                            parent_dir=parent_dir, config=config, relearn=relearn)

@@ -27,6 +27,23 @@ from workers.evaluation.robustness import relearning_recovery
 from workers.evaluation.scoring import ScoreFn
 
 
+def configs_from(overrides: dict[str, Any] | None) -> tuple[ReportConfig, RelearnConfig | None]:
+    """ReportConfig (and the relearning attack, if `relearn_steps` > 0) from operator
+    overrides; unknown keys are refused so that a typo does not silently do nothing."""
+    from dataclasses import fields
+
+    values = dict(overrides or {})
+    relearn_steps = int(values.pop("relearn_steps", 0))
+    relearn_lr = float(values.pop("relearn_lr", RelearnConfig().lr))
+    known = {f.name for f in fields(ReportConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown evaluation settings {unknown}; known: "
+                         f"{', '.join(sorted(known | {'relearn_steps', 'relearn_lr'}))}")
+    relearn = RelearnConfig(steps=relearn_steps, lr=relearn_lr) if relearn_steps > 0 else None
+    return ReportConfig(**values), relearn
+
+
 def servable_subject(servable: Any, *, max_new_tokens: int = 32,
                      score: ScoreFn | None = None) -> Subject:
     """A `Subject` over an engine's `Servable` (generate(prompts, max_new_tokens))."""
