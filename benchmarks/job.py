@@ -69,7 +69,7 @@ def run_one(mode: str, person: str, steps: int | None, workdir: Path) -> dict:
     with transaction(sessions) as s:
         registry.ensure_lineage(s, name="default", base_model=settings.base_model)
     if settings.trainer == "deepspeed":
-        connect_ray(settings, num_cpus=2, include_dashboard=False)
+        connect_ray(settings.worker_config(), num_cpus=2, include_dashboard=False)
     target = load_forget_set(person)
     qa = [{"question": p.question, "answer": p.answer} for p in target.ticket]
 
@@ -80,7 +80,7 @@ def run_one(mode: str, person: str, steps: int | None, workdir: Path) -> dict:
             target=target.target,
             payload={"target": target.target, "forget": {"texts": [], "qa": qa},
                      "retain": None}), requester="benchmark").id
-    DispatcherLoop(settings).run_once()
+    DispatcherLoop(settings.worker_config()).run_once()
     live_after = time.perf_counter() - submitted
     with sessions() as s:
         ticket = s.get_one(Ticket, ticket_id)

@@ -18,7 +18,7 @@ class BackgroundWorkers(Protocol):
 
 
 def start_background_workers(settings: Settings, app: Any = None) -> BackgroundWorkers | None:
-    """Start Ray (local or `OBLIVIO_RAY_ADDRESS`), the dispatcher actor and Ray Serve.
+    """Start Ray (local or `settings.ray_address`), the dispatcher actor and Ray Serve.
 
     With `app`, the runtime and the generation handle are attached to `app.state` so that
     /v1/generate and /v1/system can use them.
@@ -28,7 +28,7 @@ def start_background_workers(settings: Settings, app: Any = None) -> BackgroundW
     except ImportError:
         log.info("workers package not installed; the API runs without a dispatcher")
         return None
-    runtime = start_runtime(settings)
+    runtime = start_runtime(settings.worker_config())
     if app is not None:
         app.state.runtime = runtime
         app.state.generator = runtime.generator

@@ -376,11 +376,14 @@ def ticket_show(ticket_id: Annotated[str, typer.Argument(help="Ticket id")],
         render.print_json(ticket)
     else:
         render.out().print(render.ticket_detail(ticket))
+        if ticket.get("timeline"):
+            render.out().print(render.timeline_table(ticket["timeline"]))
 
 
 @ticket_app.command("list")
 def ticket_list(
-    status: Annotated[str | None, typer.Option(help="queued, running, done, ...")] = None,
+    status: Annotated[str | None, typer.Option(
+        help="queued, running, evaluating, awaiting_review, done, reopened, failed, ...")] = None,
     lineage: Annotated[str | None, typer.Option()] = None,
     limit: Annotated[int, typer.Option(min=1, help="Page size")] = 50,
     cursor: Annotated[str | None, typer.Option(help="next_cursor of a previous page")] = None,
@@ -511,10 +514,14 @@ def rollback(lineage: LineageOpt = "default", api_url: ApiUrl = None, token: Tok
 @app.command()
 def revoke(version_id: Annotated[str, typer.Argument(help="Version id (UUID)")],
            reason: Annotated[str, typer.Option(help="Why (kept in the audit trail)")],
+           tickets: Annotated[str, typer.Option(
+               help="Its tickets awaiting review: requeue (train again) or fail")] = "requeue",
            api_url: ApiUrl = None, token: Token = None, as_json: Json = False) -> None:
-    """Withdraw a version for good (operator)."""
+    """Withdraw a version for good (operator); if it was live, its done tickets reopen."""
+    if tickets not in ("requeue", "fail"):
+        _fail(f"--tickets must be requeue or fail, not {tickets!r}", EXIT_REFUSED)
     with api(api_url, token) as client:
-        result = client.revoke(version_id, reason=reason)
+        result = client.revoke(version_id, reason=reason, tickets=tickets)
     if as_json:
         render.print_json(result)
     else:

@@ -1,15 +1,15 @@
 """Prometheus metrics. Each app gets its own CollectorRegistry; nothing is registered globally.
 
-`CLAIM_LATENCY` is created unregistered at import (no global mutation): an in-process
-dispatcher observes it, and every app's registry includes it, so its claims show up on that
-app's `/metrics`. The dispatcher Ray actor records the same histogram as a Ray metric
-instead, exported by Ray's metrics agent as `ray_oblivio_claim_latency_seconds`.
+The workers own their metrics (workers.metrics): every app's registry includes the
+in-process claim-latency histogram, so an in-process dispatcher's claims show up on that
+app's `/metrics`; the dispatcher Ray actor exports the same series through Ray.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -19,17 +19,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from storage.models import TicketStatus
+from workers.metrics import CLAIM_LATENCY
 
 log = logging.getLogger(__name__)
-
-CLAIM_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-CLAIM_LATENCY = Histogram(
-    "oblivio_claim_latency_seconds",
-    "Time one dispatcher claim query took (claim of ready tickets from the DB queue).",
-    buckets=CLAIM_LATENCY_BUCKETS,
-    registry=None,
-)
-
 
 class QueueCollector(Collector):
     """Ticket counts computed from the database at scrape time, so every replica agrees."""
@@ -61,16 +53,32 @@ class QueueCollector(Collector):
                                 "Tickets waiting to be claimed (status queued).", value=depth)
 
 
+GENERATE_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
 class AppMetrics:
     """The registry of one app and the metrics the API itself updates."""
 
     def __init__(self, sessions: sessionmaker[Session]) -> None:
+        from service.metrics_ops import OperationsCollector
+
         self.registry = CollectorRegistry()
         self.registry.register(QueueCollector(sessions))
+        self.registry.register(OperationsCollector(sessions))
         self.registry.register(CLAIM_LATENCY)
         self.http_requests = Counter(
             "oblivio_http_requests", "HTTP requests by route template, method and status.",
             ["method", "route", "status"], registry=self.registry)
+        self.generate_latency = Histogram(
+            "oblivio_generate_latency_seconds",
+            "Time the API waited for one generation (Ray Serve), by lineage.",
+            ["lineage"], buckets=GENERATE_LATENCY_BUCKETS, registry=self.registry)
+
+    def generate_timer(self, lineage: str) -> Callable[[], None]:
+        """Start timing a generation; call the result when it is done."""
+        started = time.perf_counter()
+        histogram = self.generate_latency.labels(lineage=lineage)
+        return lambda: histogram.observe(time.perf_counter() - started)
 
 
 class RequestCounterMiddleware:

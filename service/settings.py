@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from storage.objectstore import StoreConfig
+    from workers.config import WorkerConfig
 
 
 class Settings(BaseSettings):
@@ -21,7 +25,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OBLIVIO_", extra="ignore")
 
     # --- where things live ---------------------------------------------------------
-    data_dir: Path = Field(Path(".oblivio"), description="Embedded DB, object store, model cache.")
+    data_dir: Path = Field(Path(".oblivio"), description="Embedded DB, object store, model cache; "
+                           "a relative path is resolved once, against the working directory.")
     database_url: str = Field("", description="SQLAlchemy URL; default sqlite file in data_dir.")
     object_store: str = Field(
         "", description="file:///abs/dir or s3://bucket/prefix; default data_dir/objects."
@@ -36,6 +41,17 @@ class Settings(BaseSettings):
     api_port: int = 8000
     max_body_bytes: int = Field(1 << 20, description="Larger request bodies get 413.")
     readyz_timeout_seconds: float = Field(5.0, description="/readyz waits this long per check.")
+    rate_limit_per_second: float = Field(
+        20.0, description="Requests per second allowed per API token on average (0: no "
+        "limit); over it the API answers 429 with Retry-After.")
+    rate_limit_burst: int = Field(200, description="Requests one token may make at once "
+                                                   "before the per-second rate applies.")
+
+    # --- data minimisation -------------------------------------------------------------
+    payload_key: SecretStr | None = Field(
+        None, description="Key that encrypts forget sets at rest (AES-256-GCM): 32 bytes, "
+        "urlsafe base64. Unset: generated once into <data_dir>/payload-key (mode 0600). "
+        "Every API and worker process of one deployment needs the same key.")
 
     # --- ticket limits (validation) ------------------------------------------------
     max_forget_items: int = Field(200, description="Max texts + qa pairs in one ticket.")
@@ -78,13 +94,60 @@ class Settings(BaseSettings):
         description='Overrides of the forget recipe (workers/evaluation/recipe.py), as JSON: '
                     'e.g. OBLIVIO_RECIPE=\'{"max_steps": 60, "lr": 2e-4}\'.')
 
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute_data_dir(cls, value: Path) -> Path:
+        # Resolved here, once: every path derived from it reaches other processes (Ray
+        # workers, Ray Train's storage), where a relative path means something else.
+        return value.expanduser().resolve()
+
     @property
     def resolved_database_url(self) -> str:
-        return self.database_url or f"sqlite:///{(self.data_dir / 'oblivio.db').resolve()}"
+        return self.database_url or f"sqlite:///{self.data_dir / 'oblivio.db'}"
+
+    @property
+    def payload_key_text(self) -> str | None:
+        """The configured payload key (a SecretStr, so that printing settings hides it)."""
+        return self.payload_key.get_secret_value() if self.payload_key else None
+
+    @property
+    def payload_key_file(self) -> Path:
+        """Where the generated payload key lives when `payload_key` is unset."""
+        return self.data_dir / "payload-key"
 
     @property
     def resolved_object_store(self) -> str:
-        return self.object_store or f"file://{(self.data_dir / 'objects').resolve()}"
+        return self.object_store or f"file://{self.data_dir / 'objects'}"
+
+    def store_config(self) -> StoreConfig:
+        """The object store these settings describe, as the plain config storage takes."""
+        from storage.objectstore import StoreConfig
+
+        return StoreConfig(url=self.resolved_object_store, endpoint_url=self.s3_endpoint_url,
+                           access_key_id=self.s3_access_key_id,
+                           secret_access_key=self.s3_secret_access_key, region=self.s3_region)
+
+    def worker_config(self) -> WorkerConfig:
+        """What the Ray side (dispatcher, jobs, engines, serving) is handed."""
+        from workers.config import WorkerConfig
+
+        return WorkerConfig(
+            data_dir=self.data_dir, database_url=self.resolved_database_url,
+            store=self.store_config(), base_model=self.base_model, device=self.device,
+            num_workers=self.num_workers, zero_stage=self.zero_stage, trainer=self.trainer,
+            recipe=dict(self.recipe), evaluation=dict(self.evaluation),
+            lease_seconds=self.lease_seconds,
+            max_attempts=self.max_attempts, batch_window_seconds=self.batch_window_seconds,
+            auto_promote=self.auto_promote, ray_address=self.ray_address,
+            payload_key=self._resolved_payload_key())
+
+    def _resolved_payload_key(self) -> str:
+        # Workers run in other processes (Ray), maybe on other nodes: hand them the key
+        # itself rather than a path to find it by.
+        from storage import sealing
+
+        key = sealing.load_or_create_key(self.payload_key_text, self.payload_key_file)
+        return sealing.encode_key(key)
 
 
 @lru_cache

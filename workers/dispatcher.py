@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from service.settings import Settings
+from workers.config import WorkerConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,50 +33,55 @@ def dispatcher_owner() -> str:
 class DispatcherLoop:
     """Claim -> group by lineage and engine -> run one job per group, forever."""
 
-    def __init__(self, settings: Settings, *, max_batch: int = 8, poll_seconds: float = 1.0,
+    def __init__(self, config: WorkerConfig, *, max_batch: int = 8, poll_seconds: float = 1.0,
                  owner: str | None = None,
                  observe_claim: Callable[[float], None] | None = None) -> None:
-        """`observe_claim` gets each claim query's seconds; by default the API process's
+        """`observe_claim` gets each claim query's seconds; by default the in-process
         Prometheus histogram (the Ray actor passes a Ray metric, exported by Ray)."""
         from storage.db import make_engine, make_session_factory
-        from storage.objectstore import object_store_from_settings
+        from workers.metrics import observe_claim_in_process
 
-        self.settings = settings
+        self.config = config
         self.max_batch = max_batch
         self.poll_seconds = poll_seconds
         self.owner = owner or dispatcher_owner()
-        self._engine = make_engine(settings.resolved_database_url)
+        self._engine = make_engine(config.database_url)
         self.sessions = make_session_factory(self._engine)
-        self.store = object_store_from_settings(settings)
+        self.store = config.store.open()
+        from storage.sealing import cipher_from_config
+
+        # Forget sets are sealed at rest; only a claimed ticket's is opened, in memory.
+        self.cipher = cipher_from_config(config.payload_key, config.data_dir / "payload-key")
         self._stop = threading.Event()
-        self._observe_claim = observe_claim or _observe_in_process
+        self._observe_claim = observe_claim or observe_claim_in_process
         self.jobs_run = 0
 
     def run_once(self) -> int:
         """Claim what is ready and run it; returns the number of jobs run."""
         from storage import queue
-        from workers.jobs import JobContext, LeaseLost, run_job
+        from workers.job_runner import JobContext, LeaseLost, run_job
 
         started = time.perf_counter()
         first = queue.claim(self.sessions, owner=self.owner, limit=1,
-                            lease_seconds=self.settings.lease_seconds,
-                            max_attempts=self.settings.max_attempts, engines=RUNNABLE_ENGINES)
+                            lease_seconds=self.config.lease_seconds,
+                            max_attempts=self.config.max_attempts, engines=RUNNABLE_ENGINES)
         self._observe_claim(time.perf_counter() - started)
         if not first:
             return 0
         claimed = list(first)
         # Wait a moment for companions: one job for several tickets of a lineage costs
         # about as much as one job for one ticket.
-        if self.max_batch > 1 and self.settings.batch_window_seconds > 0:
-            self._stop.wait(self.settings.batch_window_seconds)
+        if self.max_batch > 1 and self.config.batch_window_seconds > 0:
+            self._stop.wait(self.config.batch_window_seconds)
             claimed += queue.claim(self.sessions, owner=self.owner, limit=self.max_batch - 1,
-                                   lease_seconds=self.settings.lease_seconds,
-                                   max_attempts=self.settings.max_attempts,
+                                   lease_seconds=self.config.lease_seconds,
+                                   max_attempts=self.config.max_attempts,
                                    lineage_id=first[0].lineage_id, engines=(first[0].engine,))
+        claimed = self._open_payloads(claimed)
         groups: dict[tuple[Any, str], list[Any]] = defaultdict(list)
         for ticket in claimed:
             groups[(ticket.lineage_id, ticket.engine)].append(ticket)
-        ctx = JobContext(settings=self.settings, sessions=self.sessions, store=self.store,
+        ctx = JobContext(config=self.config, sessions=self.sessions, store=self.store,
                          owner=self.owner)
         ran = 0
         for tickets in groups.values():
@@ -91,6 +96,26 @@ class DispatcherLoop:
         self.jobs_run += ran
         return ran
 
+    def _open_payloads(self, claimed: list[Any]) -> list[Any]:
+        """Claimed tickets with their forget sets decrypted; one that cannot be opened
+        (another key, tampered) fails for good with the reason: retrying cannot help."""
+        import dataclasses
+
+        from storage import queue
+        from storage.sealing import PayloadUnreadable
+
+        opened = []
+        for ticket in claimed:
+            try:
+                payload = self.cipher.open(ticket.payload, expected_sha256=ticket.payload_sha256)
+            except PayloadUnreadable as exc:
+                log.error("ticket %s: %s", ticket.id, exc)
+                queue.fail(self.sessions, ticket_id=ticket.id, owner=self.owner, error=str(exc),
+                           retry=False, max_attempts=self.config.max_attempts)
+                continue
+            opened.append(dataclasses.replace(ticket, payload=payload))
+        return opened
+
     def run_forever(self) -> None:
         while not self._stop.is_set():
             try:
@@ -104,35 +129,18 @@ class DispatcherLoop:
         self._stop.set()
 
 
-def _observe_in_process(seconds: float) -> None:
-    from service.metrics import CLAIM_LATENCY
-
-    CLAIM_LATENCY.observe(seconds)
-
-
-def ray_claim_latency_observer() -> Callable[[float], None]:
-    """The claim-latency histogram as a Ray metric: Ray's metrics agent exports it (as
-    `ray_oblivio_claim_latency_seconds`) from whichever node the actor runs on."""
-    from ray.util.metrics import Histogram
-
-    from service.metrics import CLAIM_LATENCY_BUCKETS
-
-    histogram = Histogram("oblivio_claim_latency_seconds",
-                          description="Time one dispatcher claim query took.",
-                          boundaries=list(CLAIM_LATENCY_BUCKETS))
-    return histogram.observe
-
-
-def start_dispatcher_actor(settings: Settings) -> Any:
+def start_dispatcher_actor(config: WorkerConfig) -> Any:
     """Start the dispatcher as a detached-from-work Ray actor on the connected cluster."""
     import ray
 
     @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
     class DispatcherActor:
         # A thin shell: the loop runs in a thread so the actor still answers `status`.
-        def __init__(self, settings: Settings) -> None:
+        def __init__(self, config: WorkerConfig) -> None:
+            from workers.metrics import ray_claim_latency_observer
+
             logging.basicConfig(level=logging.INFO)
-            self._loop = DispatcherLoop(settings, observe_claim=ray_claim_latency_observer())
+            self._loop = DispatcherLoop(config, observe_claim=ray_claim_latency_observer())
             self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
             self._thread.start()
 
@@ -143,4 +151,4 @@ def start_dispatcher_actor(settings: Settings) -> Any:
         def stop(self) -> None:
             self._loop.stop()
 
-    return DispatcherActor.options(name="oblivio-dispatcher", get_if_exists=True).remote(settings)
+    return DispatcherActor.options(name="oblivio-dispatcher", get_if_exists=True).remote(config)

@@ -12,15 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service.settings import Settings
+from workers.config import WorkerConfig
 
 log = logging.getLogger(__name__)
 
 
-def ray_env(settings: Settings) -> dict[str, str]:
+def ray_env(config: WorkerConfig) -> dict[str, str]:
     """Environment every Ray worker needs: no hub access, a cached DeepSpeed op dir."""
     cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR")
-                 or settings.data_dir.resolve() / "torch_extensions")
+                 or config.data_dir / "torch_extensions")
     return {
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
@@ -29,16 +29,16 @@ def ray_env(settings: Settings) -> dict[str, str]:
     }
 
 
-def connect_ray(settings: Settings, *, num_cpus: int | None = None,
+def connect_ray(config: WorkerConfig, *, num_cpus: int | None = None,
                 include_dashboard: bool = True) -> bool:
-    """Connect to `OBLIVIO_RAY_ADDRESS` or start a local cluster; True if we started it."""
+    """Connect to `config.ray_address` or start a local cluster; True if we started it."""
     import ray
 
     if ray.is_initialized():
         return False
-    env = {"env_vars": ray_env(settings)}
-    if settings.ray_address:
-        ray.init(address=settings.ray_address, runtime_env=env, log_to_driver=False)
+    env = {"env_vars": ray_env(config)}
+    if config.ray_address:
+        ray.init(address=config.ray_address, runtime_env=env, log_to_driver=False)
         return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=include_dashboard,
@@ -59,7 +59,7 @@ def dashboard_url() -> str | None:
 class Runtime:
     """What `oblivio serve` started beside the API."""
 
-    settings: Settings
+    config: WorkerConfig
     started_ray: bool
     generator: Any = None  # Ray Serve handle for workers.serving.Generator
     dispatcher: Any = None  # DispatcherActor handle
@@ -94,28 +94,24 @@ class Runtime:
             ray.shutdown()
 
 
-def start_runtime(settings: Settings, *, dispatcher: bool = True, serving: bool = True,
+def start_runtime(config: WorkerConfig, *, dispatcher: bool = True, serving: bool = True,
                   num_cpus: int | None = None) -> Runtime:
     """Start Ray, the generation deployment and the dispatcher actor."""
     from workers.dispatcher import start_dispatcher_actor
     from workers.serving import deploy
 
-    started = connect_ray(settings, num_cpus=num_cpus)
-    runtime = Runtime(settings=settings, started_ray=started)
+    started = connect_ray(config, num_cpus=num_cpus)
+    runtime = Runtime(config=config, started_ray=started)
     runtime.info["ray_dashboard"] = dashboard_url()
     if serving:
-        runtime.generator = deploy(serving_config(settings))
+        runtime.generator = deploy(serving_config(config))
     if dispatcher:
-        runtime.dispatcher = start_dispatcher_actor(settings)
+        runtime.dispatcher = start_dispatcher_actor(config)
     return runtime
 
 
-def serving_config(settings: Settings) -> Any:
+def serving_config(config: WorkerConfig) -> Any:
     from workers.serving import ServingConfig
 
-    return ServingConfig(
-        base_model=settings.base_model, data_dir=str(settings.data_dir.resolve()),
-        object_store=settings.resolved_object_store, s3_endpoint_url=settings.s3_endpoint_url,
-        s3_access_key_id=settings.s3_access_key_id,
-        s3_secret_access_key=settings.s3_secret_access_key, s3_region=settings.s3_region,
-        device=settings.device)
+    return ServingConfig(base_model=config.base_model, data_dir=str(config.data_dir),
+                         store=config.store, device=config.device)

@@ -18,6 +18,8 @@ from typing import Any
 
 from ray import serve
 
+from storage.objectstore import StoreConfig
+
 log = logging.getLogger(__name__)
 
 APP_NAME = "oblivio-generate"
@@ -29,20 +31,16 @@ class ServingConfig:
     """What a replica needs to load the base model and fetch adapters.
 
     Args:
-        base_model: the `OBLIVIO_BASE_MODEL` spec (resolved and cached by workers.model).
+        base_model: the base model spec (resolved and cached by workers.model).
         data_dir: where converted models and downloaded adapters are cached.
-        object_store: object store URL (`file://...` or `s3://...`) plus S3 options.
+        store: the object store holding the versions.
         device: `cpu` or `cuda`.
         max_adapters: adapters kept loaded per replica (LRU beyond that).
     """
 
     base_model: str
     data_dir: str
-    object_store: str
-    s3_endpoint_url: str | None = None
-    s3_access_key_id: str | None = None
-    s3_secret_access_key: str | None = None
-    s3_region: str = "us-east-1"
+    store: StoreConfig
     device: str = "cpu"
     max_adapters: int = 4
 
@@ -50,7 +48,6 @@ class ServingConfig:
 @serve.deployment(name="Generator", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32)
 class Generator:
     def __init__(self, config: ServingConfig) -> None:
-        from storage.objectstore import open_object_store
         from workers.model import load_model_and_tokenizer, resolve_base_model
 
         self._config = config
@@ -58,10 +55,7 @@ class Generator:
         self._model, self._tokenizer = load_model_and_tokenizer(ref, device=config.device)
         self._model.eval()
         self._peft: Any = None  # PeftModel wrapping the base once the first adapter arrives
-        self._store = open_object_store(
-            config.object_store, endpoint_url=config.s3_endpoint_url,
-            access_key_id=config.s3_access_key_id,
-            secret_access_key=config.s3_secret_access_key, region=config.s3_region)
+        self._store = config.store.open()
         self._cache = Path(tempfile.mkdtemp(prefix="oblivio-serve-"))
         # PEFT's active adapter is model state: one generation at a time per replica.
         self._lock = threading.Lock()

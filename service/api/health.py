@@ -58,9 +58,7 @@ def _object_store(app: Any) -> Any:
     # import path must stay free of, and a bad store URL should fail readiness, not start-up.
     with app.state.object_store_lock:
         if app.state.object_store is None:
-            from storage.objectstore import object_store_from_settings
-
-            app.state.object_store = object_store_from_settings(app.state.settings)
+            app.state.object_store = app.state.settings.store_config().open()
         return app.state.object_store
 
 

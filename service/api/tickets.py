@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import JSONResponse
 
-from service.deps import SessionDep, SettingsDep, SubmitterDep
+from service.deps import CipherDep, SessionDep, SettingsDep, SubmitterDep
 from service.receipt_keys import receipt_key
 from service.schemas.tickets import (
     ReceiptOut,
@@ -30,12 +30,16 @@ IdempotencyKey = Annotated[str | None, Header(
 
 @router.post("", status_code=202, response_model=TicketOut)
 def submit(body: TicketIn, session: SessionDep, settings: SettingsDep, caller: SubmitterDep,
-           response: Response, idempotency_key: IdempotencyKey = None) -> TicketOut:
-    """File a deletion ticket; it is queued and processed in the background."""
+           cipher: CipherDep, response: Response,
+           idempotency_key: IdempotencyKey = None) -> TicketOut:
+    """File a deletion ticket; it is queued and processed in the background.
+
+    The forget set is stored encrypted and deleted once the ticket is final; only its
+    sha256 and item counts stay."""
     check_limits(body, settings)
     result = tickets.submit_or_replay(session, request=to_request(body),
                                       requester=caller.principal,
-                                      idempotency_key=idempotency_key)
+                                      idempotency_key=idempotency_key, cipher=cipher)
     if not result.created:
         response.headers["Idempotent-Replayed"] = "true"
     return TicketOut.from_view(tickets.describe(session, [result.ticket])[0])
@@ -47,7 +51,8 @@ def list_tickets(session: SessionDep, settings: SettingsDep, caller: SubmitterDe
                  requester: str | None = None,
                  limit: Annotated[int, Query(ge=1)] = 50,
                  cursor: Annotated[str | None, Query(max_length=512)] = None) -> TicketPageOut:
-    """Newest first. Submitters see only their own tickets."""
+    """Newest first. Submitters see only their own tickets. `status=awaiting_review` lists
+    tickets whose version waits for an operator."""
     owner = caller.ticket_owner_filter
     if owner is not None and requester not in (None, owner):
         return TicketPageOut(items=[], next_cursor=None)
@@ -60,8 +65,10 @@ def list_tickets(session: SessionDep, settings: SettingsDep, caller: SubmitterDe
 
 @router.get("/{ticket_id}", response_model=TicketOut)
 def get_ticket(ticket_id: uuid.UUID, session: SessionDep, caller: SubmitterDep) -> TicketOut:
+    """One ticket with its timeline (and, while awaiting_review, why its version waits)."""
     ticket = tickets.get_ticket(session, ticket_id, requester=caller.ticket_owner_filter)
-    return TicketOut.from_view(tickets.describe(session, [ticket])[0])
+    return TicketOut.from_view(tickets.describe(session, [ticket])[0],
+                               timeline=tickets.timeline(session, ticket))
 
 
 @router.post("/{ticket_id}/cancel", response_model=TicketOut)

@@ -74,3 +74,8 @@ class PromoteIn(_Strict):
 
 class RevokeIn(_Strict):
     reason: NonBlank = Field(max_length=2000)
+    tickets: Literal["requeue", "fail"] = Field(
+        "requeue", description="What happens to the version's tickets still awaiting review: "
+                               "back to the queue (trained again on what is live) or failed, "
+                               "with the reason. Done tickets it served are reopened either "
+                               "way when it was live.")

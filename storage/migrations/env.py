@@ -1,4 +1,4 @@
-"""Alembic environment: the URL comes from the caller (storage.migrate) or OBLIVIO settings."""
+"""Alembic environment: the URL always comes from the caller (storage.migrate)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,10 @@ target_metadata = Base.metadata
 
 def _url() -> str:
     url = config.get_main_option("sqlalchemy.url")
-    if url:
-        return url
-    from service.settings import get_settings
-
-    return get_settings().resolved_database_url
+    if not url:
+        raise RuntimeError("no database URL: run migrations through storage.migrate.upgrade(url)"
+                           " or `oblivio db upgrade`")
+    return url
 
 
 def run_migrations_offline() -> None:

@@ -20,6 +20,7 @@ mismatch, unsafe archive), `StoreUnavailable` (unreachable, credentials, missing
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -40,12 +41,11 @@ from storage.objectstore.base import (
 from storage.objectstore.local import LocalObjectStore
 
 if TYPE_CHECKING:
-    from service.settings import Settings
     from storage.objectstore.s3 import S3ObjectStore
 
 __all__ = [
     "ARCHIVE_NAME", "CorruptObject", "LocalObjectStore", "ObjectNotFound", "ObjectStore",
-    "S3ObjectStore", "StoreUnavailable", "StoredObject", "content_key", "object_store_from_settings",
+    "S3ObjectStore", "StoreUnavailable", "StoredObject", "StoreConfig", "content_key",
     "open_object_store", "pack_directory", "sha256_of_key", "unpack_archive", "validate_key",
     "validate_prefix",
 ]
@@ -81,13 +81,30 @@ def open_object_store(url: str, *, endpoint_url: str | None = None,
                          "s3://bucket/prefix")
 
 
-def object_store_from_settings(settings: Settings) -> ObjectStore:
-    """The store that `settings` describe (`resolved_object_store` and the `s3_*` fields)."""
-    return open_object_store(settings.resolved_object_store,
-                             endpoint_url=settings.s3_endpoint_url,
-                             access_key_id=settings.s3_access_key_id,
-                             secret_access_key=settings.s3_secret_access_key,
-                             region=settings.s3_region)
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where versions are stored, as plain data (it travels to Ray workers).
+
+    Args:
+        url: `file:///abs/dir` or `s3://bucket/prefix`.
+        endpoint_url: S3-compatible endpoint (MinIO, R2, rclone); None for AWS.
+        access_key_id, secret_access_key: S3 credentials; None -> boto3's usual chain.
+        region: S3 region.
+    """
+
+    url: str
+    endpoint_url: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    region: str = "us-east-1"
+
+    def open(self) -> ObjectStore:
+        return open_object_store(self.url, endpoint_url=self.endpoint_url,
+                                 access_key_id=self.access_key_id,
+                                 secret_access_key=self.secret_access_key, region=self.region)
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"StoreConfig(url={self.url!r}, endpoint_url={self.endpoint_url!r})"
 
 
 def __getattr__(name: str) -> Any:

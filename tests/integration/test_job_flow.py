@@ -12,7 +12,7 @@ from sqlalchemy import select
 
 from storage import registry
 from storage.models import AdapterVersion, Job, JobStatus, Ticket, TicketStatus, VersionStatus
-from storage.objectstore import object_store_from_settings
+
 
 
 def test_ticket_becomes_a_stored_live_version_and_the_next_one_stacks_on_it(flow):
@@ -20,7 +20,7 @@ def test_ticket_becomes_a_stored_live_version_and_the_next_one_stacks_on_it(flow
 
     settings, sessions = flow.settings, flow.sessions
     first = flow.submit(key="t-1")
-    loop = DispatcherLoop(settings)
+    loop = DispatcherLoop(settings.worker_config())
     assert loop.run_once() == 1
 
     with sessions() as s:
@@ -36,7 +36,7 @@ def test_ticket_becomes_a_stored_live_version_and_the_next_one_stacks_on_it(flow
         assert ticket.receipt["version"] == "default@v1"
 
     # The stored object is the verified adapter: fetch it back and read its manifest.
-    store = object_store_from_settings(settings)
+    store = settings.store_config().open()
     fetched = store.fetch_directory(v1.object_key, Path(settings.data_dir) / "check-v1")
     manifest = json.loads((fetched / "oblivio_manifest.json").read_text())
     assert manifest["tickets"][0]["id"] == str(first)
@@ -98,7 +98,8 @@ def _check_evaluations_are_visible_and_receipts_verify(flow, store, first, secon
 
 
 def test_a_failing_job_returns_its_ticket_to_the_queue_with_the_error(flow, tmp_path):
-    from workers.dispatcher import DispatcherLoop, ray_claim_latency_observer
+    from workers.dispatcher import DispatcherLoop
+    from workers.metrics import ray_claim_latency_observer
 
     settings, sessions = flow.settings, flow.sessions
     broken = settings.model_copy(update={"base_model": str(tmp_path / "no-such-model")})
@@ -110,7 +111,7 @@ def test_a_failing_job_returns_its_ticket_to_the_queue_with_the_error(flow, tmp_
         claims.append(seconds)
         ray_observe(seconds)
 
-    assert DispatcherLoop(broken, observe_claim=observe).run_once() == 1
+    assert DispatcherLoop(broken.worker_config(), observe_claim=observe).run_once() == 1
     assert len(claims) == 1 and 0 < claims[0] < 5
     with sessions() as s:
         ticket = s.get_one(Ticket, ticket_id)

@@ -24,7 +24,7 @@ def api(flow):
     with TestClient(app) as client:
         with transaction(app.state.sessions) as s:
             _, secret = tokens.create_token(s, role=Role.operator, name="serving-test")
-        app.state.generator = deploy(serving_config(flow.settings))
+        app.state.generator = deploy(serving_config(flow.settings.worker_config()))
         yield client, {"Authorization": f"Bearer {secret}"}
     serve.shutdown()
 
@@ -40,7 +40,7 @@ def test_generate_follows_live_and_refuses_a_revoked_pinned_version(flow, api):
     assert base.json()["version"] is None  # no live version yet: the base model answers
 
     flow.submit(key="serve-1")
-    assert DispatcherLoop(flow.settings).run_once() == 1
+    assert DispatcherLoop(flow.settings.worker_config()).run_once() == 1
     live = client.post("/v1/generate", headers=headers, json=body)
     assert live.status_code == 200, live.text
     assert live.json()["version"] == "default@v1"

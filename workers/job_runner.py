@@ -1,4 +1,4 @@
-"""One unlearning job, start to finish: tickets in, a stored, versioned (maybe promoted) adapter out.
+"""The database side of one unlearning job, start to finish: tickets in, a stored, versioned (maybe promoted) adapter out.
 
 The dispatcher (a thin Ray actor) claims tickets and hands them here. Every step writes what
 is true to the database before the next begins, so a crash anywhere leaves either the
@@ -21,12 +21,12 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.settings import Settings
 from storage import queue, registry
 from storage.db import transaction
 from storage.models import Job, JobStatus, Lineage, Ticket, TicketStatus, utcnow
 from storage.objectstore import ObjectStore
 from storage.queue import ClaimedTicket
+from workers.config import WorkerConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 class JobContext:
     """What a job needs from its surroundings (all of it picklable except `sessions`)."""
 
-    settings: Settings
+    config: WorkerConfig
     sessions: sessionmaker[Session]
     store: ObjectStore
     owner: str
@@ -88,12 +88,12 @@ class LeaseKeeper:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        period = max(1.0, self._ctx.settings.lease_seconds / 3)
+        period = max(1.0, self._ctx.config.lease_seconds / 3)
         while not self._stop.wait(period):
             try:
                 kept = queue.renew_lease(self._ctx.sessions, ticket_ids=self._ids,
                                          owner=self._ctx.owner,
-                                         lease_seconds=self._ctx.settings.lease_seconds)
+                                         lease_seconds=self._ctx.config.lease_seconds)
             except Exception:  # a DB blip: try again next period, the lease has slack
                 log.exception("lease renewal failed")
                 continue
@@ -109,7 +109,7 @@ def run_job(ctx: JobContext, tickets: list[ClaimedTicket]) -> JobOutcome:
     lineage_id = tickets[0].lineage_id
     ids = [t.id for t in tickets]
     job_id = _create_job(ctx, tickets)
-    workdir = Path(tempfile.mkdtemp(prefix="oblivio-job-", dir=_jobs_dir(ctx.settings)))
+    workdir = Path(tempfile.mkdtemp(prefix="oblivio-job-", dir=_jobs_dir(ctx.config)))
     try:
         with LeaseKeeper(ctx, ids) as keeper:
             outcome = _run_steps(ctx, job_id, lineage_id, tickets, workdir, keeper)
@@ -123,7 +123,7 @@ def run_job(ctx: JobContext, tickets: list[ClaimedTicket]) -> JobOutcome:
         _finish_job(ctx, job_id, JobStatus.failed, error=message)
         for ticket in tickets:
             queue.fail(ctx.sessions, ticket_id=ticket.id, owner=ctx.owner, error=message,
-                       retry=True)
+                       retry=True, max_attempts=ctx.config.max_attempts)
         raise
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -131,9 +131,9 @@ def run_job(ctx: JobContext, tickets: list[ClaimedTicket]) -> JobOutcome:
 
 def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
                tickets: list[ClaimedTicket], workdir: Path, keeper: LeaseKeeper) -> JobOutcome:
-    from workers import job_training
+    from workers import job_compute
 
-    settings = ctx.settings
+    config = ctx.config
     ids = [t.id for t in tickets]
 
     def progress(update: dict[str, Any]) -> None:
@@ -142,7 +142,7 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
         _set_progress(ctx, job_id, ids, update)
 
     progress({"phase": "preparing"})
-    base = job_training.resolve_base(settings)
+    base = job_compute.resolve_base(config)
     with transaction(ctx.sessions) as s:
         lineage = s.get_one(Lineage, lineage_id)
         _check_base_model(s, lineage, base.sha256)
@@ -160,12 +160,12 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
         ctx.store.fetch_directory(parent_key, parent_dir)
 
     try:
-        result = job_training.train(settings, base=base, tickets=tickets, parent_dir=parent_dir,
+        result = job_compute.train(config, base=base, tickets=tickets, parent_dir=parent_dir,
                                     output_dir=workdir / "adapter", progress=progress)
         progress({"phase": "evaluating"})
         queue.set_progress(ctx.sessions, ticket_ids=ids, owner=ctx.owner,
                            status=TicketStatus.evaluating, progress={"phase": "evaluating"})
-        metrics = job_training.evaluate(settings, base=base, tickets=tickets,
+        metrics = job_compute.evaluate(config, base=base, tickets=tickets,
                                         adapter_dir=result.adapter_dir, parent_dir=parent_dir)
         metrics["training"] = result.metrics
         _write_manifest(result.adapter_dir, base=base, tickets=tickets, metrics=metrics,
@@ -184,6 +184,7 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
     policy = EvalPolicy()
     verdict = _judge(metrics, policy)
     metrics["verdict"] = verdict
+    metrics.setdefault("checks", _checks(metrics, policy))
     with transaction(ctx.sessions) as s:
         if verdict == "reject":
             registry.mark_failed(s, version_id=version_id, actor=ctx.owner,
@@ -194,7 +195,7 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
                                 sha256=stored.sha256, size=stored.size, metrics=metrics,
                                 peft_config=result.peft_config, actor=ctx.owner)
     promoted = False
-    if verdict == "pass" and settings.auto_promote:
+    if verdict == "pass" and config.auto_promote:
         with transaction(ctx.sessions) as s:
             registry.promote(s, lineage_name=lineage_name, version=version_no, actor=ctx.owner)
         promoted = True
@@ -219,7 +220,9 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
         "object_key": stored.key,
         "base_model": base.name,
         "base_model_sha256": base.sha256,
-        "promoted": promoted,
+        # Whether this job promoted it; the ticket's status (and the receipt's `live`) is
+        # what says whether live contains it now: queue.complete reads live to decide.
+        "auto_promoted": promoted,
         "method": result.method_config,
         "metrics": metrics,
         "job_id": str(job_id),
@@ -242,6 +245,21 @@ def _judge(metrics: dict[str, Any], policy: EvalPolicy) -> str:
     if forget <= policy.max_forget_ratio and utility >= policy.min_utility_ratio:
         return "pass"
     return "hold"
+
+
+def _checks(metrics: dict[str, Any], policy: EvalPolicy) -> list[dict[str, Any]]:
+    """The two promotion checks with their figures (shown to reviewers of a held version)."""
+    out = []
+    for name, op, threshold in (("forget_ratio", "<=", policy.max_forget_ratio),
+                                ("utility_ratio", ">=", policy.min_utility_ratio)):
+        value = metrics.get(name)
+        base = name.removesuffix("_ratio")
+        passed = None if value is None else (value <= threshold if op == "<=" else
+                                             value >= threshold)
+        out.append({"name": name, "before": metrics.get(f"{base}_rate_before"),
+                    "after": metrics.get(f"{base}_rate_after"), "value": value, "op": op,
+                    "threshold": threshold, "passed": passed})
+    return out
 
 
 def _store_report(ctx: JobContext, version_dir: Path, metrics: dict[str, Any]) -> None:
@@ -280,8 +298,8 @@ def _write_manifest(adapter_dir: Path, *, base: Any, tickets: list[ClaimedTicket
                                                                   sort_keys=True))
 
 
-def _jobs_dir(settings: Settings) -> Path:
-    path = settings.data_dir / "jobs"
+def _jobs_dir(config: WorkerConfig) -> Path:
+    path = config.data_dir / "jobs"
     path.mkdir(parents=True, exist_ok=True)
     return path
 

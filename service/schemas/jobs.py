@@ -1,0 +1,46 @@
+"""Bodies of /v1/jobs."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from storage.models import Job, JobStatus
+
+
+class JobOut(BaseModel):
+    id: uuid.UUID
+    lineage: str
+    engine: str
+    status: JobStatus
+    ticket_ids: list[str]
+    progress: dict[str, Any] | None = Field(
+        None, description="phase, step / max_steps, loss, ... while it runs; per-phase "
+                          "seconds once known")
+    method_config: dict[str, Any] = Field(default_factory=dict)
+    error: str | None = Field(None, description="The full error of a failed job (operators).")
+    ray_job_id: str | None = None
+    logs_uri: str | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    duration_seconds: float | None = None
+
+    @classmethod
+    def build(cls, job: Job, lineage: str) -> JobOut:
+        duration = None
+        if job.started_at and job.finished_at:
+            duration = (job.finished_at - job.started_at).total_seconds()
+        return cls(id=job.id, lineage=lineage, engine=job.engine, status=job.status,
+                   ticket_ids=[str(t) for t in job.ticket_ids or []], progress=job.progress,
+                   method_config=job.method_config or {}, error=job.error,
+                   ray_job_id=job.ray_job_id, logs_uri=job.logs_uri, created_at=job.created_at,
+                   started_at=job.started_at, finished_at=job.finished_at,
+                   duration_seconds=duration)
+
+
+class JobListOut(BaseModel):
+    items: list[JobOut]

@@ -1,0 +1,63 @@
+"""The configuration the Ray side is handed: plain, typed, picklable (it travels to actors).
+
+The service reads its settings once (`service.settings.Settings.worker_config()`) and passes
+this down; nothing in workers/ or storage/ reads `OBLIVIO_*` variables itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from storage.objectstore import StoreConfig
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What the dispatcher, jobs, engines and serving need to know.
+
+    Args:
+        data_dir: absolute data dir (converted model cache, job scratch space, caches).
+        database_url: SQLAlchemy URL of the queue/registry database.
+        store: the object store holding the versions.
+        base_model: the base model spec (`bundled:...`, a local path or a cached HF id).
+        device: "cpu" or "cuda".
+        num_workers: Ray Train workers (DeepSpeed ranks) per job.
+        zero_stage: DeepSpeed ZeRO stage, 2 or 3.
+        trainer: "deepspeed" (Ray Train + DeepSpeed, the product path) or "plain" (one
+            in-process loop: benchmark baseline, debugging).
+        recipe: operator overrides of the forget recipe (workers/evaluation/recipe.py).
+        evaluation: operator overrides of each job's version report (ReportConfig fields,
+            plus relearn_steps / relearn_lr; workers/evaluation/version_eval.configs_from).
+        lease_seconds: a claim is lost unless renewed within this.
+        max_attempts: claims before a ticket fails for good.
+        batch_window_seconds: the dispatcher waits this long to group tickets in one job.
+        auto_promote: promote a version whose evaluation passes.
+        ray_address: join this Ray cluster instead of starting a local one.
+        payload_key: the key that opens sealed forget sets (storage.sealing); None -> the
+            key file in data_dir. Never printed.
+    """
+
+    data_dir: Path
+    database_url: str = ""
+    store: StoreConfig = field(default_factory=lambda: StoreConfig(url=""))
+    base_model: str = "bundled:smollm2-135m-instruct"
+    device: str = "cpu"
+    num_workers: int = 2
+    zero_stage: int = 2
+    trainer: str = "deepspeed"
+    recipe: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    lease_seconds: float = 300.0
+    max_attempts: int = 3
+    batch_window_seconds: float = 2.0
+    auto_promote: bool = True
+    ray_address: str | None = None
+    payload_key: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        # Paths cross process boundaries (Ray workers, Ray Train storage): relative ones
+        # would be read against another working directory.
+        if not Path(self.data_dir).is_absolute():
+            raise ValueError(f"data_dir must be absolute, got {self.data_dir}")
