@@ -10,7 +10,7 @@ inference, a relearning attack, fluency, and training time. One Markdown table, 
 Suites:
 - quick: a tiny random-weight Llama (the bundled tokenizer) that first *learns* a small
   world of fictitious people (their facts in the ticket's phrasing and in the held-out
-  forms), so that there is knowledge to forget and to keep; then 3 sequential requests.
+  forms), so that there is knowledge to forget and to keep; then 2 sequential requests.
   Seconds on a CPU: what CI runs.
 - small: the bundled SmolLM2-135M-Instruct forgetting 2 shipped people in turn (6
   questions each, 10 training steps: far from converged, a smoke test of the real model).
@@ -75,7 +75,7 @@ class BenchSuite:
 
 SUITES: dict[str, BenchSuite] = {
     "quick": BenchSuite(
-        name="quick", model="tiny", requests=3, report_after=(1, 3),
+        name="quick", model="tiny", requests=2, report_after=(1, 2),
         recipe={"max_steps": 8, "eval_every": 0, "lr": 3e-3, "retain_prompts": 4,
                 "retain_max_new_tokens": 8, "forget_batch_size": 4, "retain_batch_size": 4},
         report=ReportConfig(held_out_per_item=2, max_new_tokens=12),
