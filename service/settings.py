@@ -103,6 +103,12 @@ class Settings(BaseSettings):
     scheduler_poll_seconds: float = Field(15.0, description="How often the scheduler checks "
                                           "for due windows and renews its leader lease.")
     auto_promote: bool = Field(True, description="Promote a version to live when its eval passes.")
+    evaluation: dict[str, Any] = Field(
+        default_factory=dict,
+        description='Overrides of a job\'s version report (workers/evaluation/report.py '
+                    'ReportConfig, plus relearn_steps / relearn_lr to run the relearning '
+                    'attack in every job), as JSON: e.g. OBLIVIO_EVALUATION=\'{"max_utility": '
+                    '30, "relearn_steps": 10}\'.')
     recipe: dict[str, Any] = Field(
         default_factory=dict,
         description='Overrides of the forget recipe (workers/evaluation/recipe.py), as JSON: '
@@ -150,7 +156,8 @@ class Settings(BaseSettings):
             store=self.store_config(), base_model=self.base_model, device=self.device,
             num_workers=self.num_workers, zero_stage=self.zero_stage, trainer=self.trainer,
             warm_train_workers=self.warm_train_workers,
-            recipe=dict(self.recipe), lease_seconds=self.lease_seconds,
+            recipe=dict(self.recipe), evaluation=dict(self.evaluation),
+            lease_seconds=self.lease_seconds,
             max_attempts=self.max_attempts, batch_window_seconds=self.batch_window_seconds,
             auto_promote=self.auto_promote, ray_address=self.ray_address,
             payload_key=self._resolved_payload_key(), log_format=self.log_format,

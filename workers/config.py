@@ -30,6 +30,8 @@ class WorkerConfig:
         warm_train_workers: with trainer "deepspeed" on CPU, train on this process's warm
             DeepSpeed ranks (workers/training/warm_pool.py) instead of new Ray Train workers.
         recipe: operator overrides of the forget recipe (workers/evaluation/recipe.py).
+        evaluation: operator overrides of each job's version report (ReportConfig fields,
+            plus relearn_steps / relearn_lr; workers/evaluation/version_eval.configs_from).
         lease_seconds: a claim is lost unless renewed within this.
         max_attempts: claims before a ticket fails for good.
         batch_window_seconds: the dispatcher waits this long to group tickets in one job.
@@ -51,6 +53,7 @@ class WorkerConfig:
     trainer: str = "deepspeed"
     warm_train_workers: bool = True
     recipe: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
     lease_seconds: float = 300.0
     max_attempts: int = 3
     batch_window_seconds: float = 2.0
