@@ -50,7 +50,12 @@ class Settings(BaseSettings):
 
     # --- queue ---------------------------------------------------------------------
     lease_seconds: float = Field(300.0, description="A claim is lost unless renewed within this.")
-    max_attempts: int = Field(3, description="Claims before a ticket fails for good.")
+    max_attempts: int = Field(3, description="Claims before a ticket fails for good; only "
+                              "transient failures are retried, a permanent one fails at once.")
+    retry_backoff_seconds: float = Field(
+        10.0, ge=0, description="Wait before retrying a transiently failed ticket, doubled "
+                                "after each attempt (exponential backoff through not_before).")
+    retry_backoff_max_seconds: float = Field(600.0, ge=0, description="The longest such wait.")
 
     # --- models and training ---------------------------------------------------------
     base_model: str = Field(
@@ -103,7 +108,9 @@ class Settings(BaseSettings):
             store=self.store_config(), base_model=self.base_model, device=self.device,
             num_workers=self.num_workers, zero_stage=self.zero_stage, trainer=self.trainer,
             recipe=dict(self.recipe), lease_seconds=self.lease_seconds,
-            max_attempts=self.max_attempts, batch_window_seconds=self.batch_window_seconds,
+            max_attempts=self.max_attempts, retry_backoff_seconds=self.retry_backoff_seconds,
+            retry_backoff_max_seconds=self.retry_backoff_max_seconds,
+            batch_window_seconds=self.batch_window_seconds,
             auto_promote=self.auto_promote, ray_address=self.ray_address)
 
 

@@ -23,11 +23,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from storage import queue, registry
 from storage.db import transaction
+from storage.errors import InvalidRequest
 from storage.models import Job, JobStatus, Lineage, Ticket, TicketStatus, utcnow
 from storage.objectstore import ObjectStore
 from storage.queue import ClaimedTicket
 from workers.config import WorkerConfig
 from workers.engines.base import MANIFEST_FILE
+from workers.failures import full_trace, is_permanent, one_line_cause, retry_delay_seconds
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +104,20 @@ def run_job(ctx: JobContext, tickets: list[ClaimedTicket]) -> JobOutcome:
     except LeaseLost:
         _finish_job(ctx, job_id, JobStatus.failed, error="lease lost to another claimer")
         raise
-    except Exception as exc:  # keep the error on the job and the tickets; retry if allowed
+    except Exception as exc:
+        # The submitter's ticket gets one readable line; the job record keeps the whole
+        # trace for operators. Only a failure that may go away is retried, later each time.
         log.exception("job %s failed", job_id)
-        message = f"{type(exc).__name__}: {exc}"
-        _finish_job(ctx, job_id, JobStatus.failed, error=message)
+        cause = one_line_cause(exc)
+        permanent = is_permanent(exc)
+        _finish_job(ctx, job_id, JobStatus.failed, error=f"{cause}\n\n{full_trace(exc)}")
+        config = ctx.config
         for ticket in tickets:
-            queue.fail(ctx.sessions, ticket_id=ticket.id, owner=ctx.owner, error=message,
-                       retry=True, max_attempts=ctx.config.max_attempts)
+            delay = retry_delay_seconds(ticket.attempts, base=config.retry_backoff_seconds,
+                                        cap=config.retry_backoff_max_seconds)
+            queue.fail(ctx.sessions, ticket_id=ticket.id, owner=ctx.owner, error=cause,
+                       retry=not permanent, max_attempts=config.max_attempts,
+                       retry_delay_seconds=delay)
         raise
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -177,7 +186,7 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
     except Exception as exc:
         with transaction(ctx.sessions) as s:
             registry.mark_failed(s, version_id=version_id, actor=ctx.owner,
-                                 reason=f"{type(exc).__name__}: {exc}")
+                                 reason=one_line_cause(exc))
         raise
 
     reason = str(metrics.get("verdict_reason") or f"its evaluation said {verdict}")
@@ -232,7 +241,7 @@ def _check_base_model(session: Session, lineage: Lineage, sha256: str) -> None:
     if lineage.base_model_sha256 is None:
         lineage.base_model_sha256 = sha256
     elif lineage.base_model_sha256 != sha256:
-        raise RuntimeError(
+        raise InvalidRequest(
             f"lineage {lineage.name!r} was trained on base model {lineage.base_model_sha256[:12]}"
             f", but the configured base model is {sha256[:12]}; refusing to mix them")
 

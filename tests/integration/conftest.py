@@ -23,12 +23,12 @@ class Flow:
     settings: Settings
     sessions: sessionmaker[Session]
 
-    def submit(self, *, key: str, qa: list[dict[str, str]] = FORGET_QA, engine: str = "npo"
-               ) -> uuid.UUID:
+    def submit(self, *, key: str, qa: list[dict[str, str]] = FORGET_QA, engine: str = "npo",
+               texts: list[str] | None = None) -> uuid.UUID:
         with transaction(self.sessions) as s:
             request = tickets.TicketRequest(
                 kind=TicketKind.forget, lineage="default", engine=engine, target="Zorblat",
-                payload={"target": "Zorblat", "forget": {"texts": [], "qa": qa},
+                payload={"target": "Zorblat", "forget": {"texts": texts or [], "qa": qa},
                          "retain": None})
             return tickets.submit(s, request=request, requester="test",
                                   idempotency_key=key).id
@@ -40,6 +40,7 @@ def flow(tmp_path: Path, tiny_model_dir: Path, ray_cluster) -> Flow:
         data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
         object_store=f"file://{tmp_path / 'objects'}", base_model=str(tiny_model_dir),
         num_workers=2, zero_stage=2, batch_window_seconds=0.0, lease_seconds=120,
+        retry_backoff_seconds=1.0,
         recipe={"max_steps": 3, "eval_every": 0, "retain_prompts": 4,
                 "retain_max_new_tokens": 8})
     upgrade(settings.resolved_database_url)

@@ -10,7 +10,15 @@ import time
 import pytest
 from sqlalchemy import select
 
-from storage.models import AdapterVersion, Job, JobStatus, Ticket, TicketStatus, VersionStatus
+from storage.models import (
+    AdapterVersion,
+    Job,
+    JobStatus,
+    Ticket,
+    TicketStatus,
+    VersionStatus,
+    utcnow,
+)
 
 
 def _train_worker_pids() -> list[int]:
@@ -67,6 +75,12 @@ def test_killing_a_train_worker_mid_training_retries_the_ticket_to_done(flow):
         assert s.scalars(select(Job.status)).all() == [JobStatus.failed]
         failed = s.scalars(select(AdapterVersion)).all()
         assert [v.status for v in failed] == [VersionStatus.failed]  # never visible as ready
+
+        # A transient failure: retried, after the backoff (1 s in these settings).
+        assert ticket.not_before is not None
+        wait = (ticket.not_before.replace(tzinfo=None) - utcnow().replace(tzinfo=None))
+    assert 0 < wait.total_seconds() <= 1.5
+    time.sleep(wait.total_seconds() + 0.2)
 
     fast = settings.model_copy(update={"recipe": {**settings.recipe, "max_steps": 3}})
     assert DispatcherLoop(fast.worker_config()).run_once() == 1
