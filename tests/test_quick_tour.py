@@ -67,6 +67,20 @@ def _clean_copy(dest: Path) -> None:
     os.symlink(REPO / ".venv", dest / ".venv")
 
 
+def _check_installed(root: Path) -> None:
+    """`make run` must find the virtualenv installed (as `make test` leaves it): were it to
+    install here, it would point the shared .venv's editable install at this copy."""
+    import glob
+    import hashlib
+
+    digest = hashlib.sha256((root / "pyproject.toml").read_bytes()
+                            + (root / "scripts" / "bootstrap.sh").read_bytes()).hexdigest()
+    stamp = REPO / ".venv" / f".oblivio-installed-{digest[:16]}"
+    if not (stamp.exists() or glob.glob(f"{stamp}-*")):
+        pytest.fail("the virtualenv is not installed for this pyproject.toml: run "
+                    "`bash scripts/bootstrap.sh test` (make test-tour does) first")
+
+
 def _marked(marker: str) -> list[str]:
     import psutil
 
@@ -85,6 +99,7 @@ def test_the_readme_quick_tour_works_for_a_new_user(tmp_path: Path) -> None:
     root = tmp_path / "oblivio"
     root.mkdir()
     _clean_copy(root)
+    _check_installed(root)
     port = _free_port()
     blocks = [b.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
               for b in tour_blocks((REPO / "README.md").read_text())]
