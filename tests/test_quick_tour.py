@@ -125,7 +125,9 @@ def test_the_readme_quick_tour_works_for_a_new_user(tmp_path: Path) -> None:
         _check_outcome(root, port)
     finally:
         stop_started = time.monotonic()
-        os.killpg(service.pid, signal.SIGTERM)
+        # SIGTERM to the service process (`oblivio serve`, which `make run` execs through
+        # scripts/serve.sh), as a process manager stops it; make and bash end with it.
+        os.kill(_serve_pid(service.pid), signal.SIGTERM)
         try:
             service.wait(timeout=STOP_SECONDS)
         except subprocess.TimeoutExpired:
@@ -142,6 +144,19 @@ def test_the_readme_quick_tour_works_for_a_new_user(tmp_path: Path) -> None:
             os.kill(int(line.split()[0]), signal.SIGKILL)
     assert not left, f"processes left after the service stopped: {left}"
     print(f"\nquick tour: service up {up:.0f} s, tour {walked:.0f} s, stopped in {stopped:.1f} s")
+
+
+def _serve_pid(root_pid: int) -> int:
+    import psutil
+
+    try:
+        for proc in [psutil.Process(root_pid), *psutil.Process(root_pid).children(True)]:
+            cmdline = proc.cmdline()
+            if any(part.endswith("oblivio") for part in cmdline[:2]) and "serve" in cmdline:
+                return proc.pid
+    except psutil.NoSuchProcess:
+        pass
+    return root_pid
 
 
 def _wait_until_up(port: int, service: subprocess.Popen, log: Path) -> None:
