@@ -14,9 +14,11 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from service.api import generate, health, jobs, lineages, system, tickets, tokens, versions
+from service.api import openai_compat
 from service.api.errors import install_error_handlers
 from service.body_limit import BodySizeLimitMiddleware
 from service.metrics import AppMetrics, RequestCounterMiddleware
+from service.rate_limit import RateLimiter
 from service.settings import Settings, get_settings
 from service.startup import prepare
 from storage.db import make_engine, make_session_factory
@@ -56,13 +58,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.startup = None  # StartupReport once prepared
     app.state.object_store = None  # built on first /readyz, see service.api.health
     app.state.object_store_lock = threading.Lock()
+    app.state.payload_cipher = None  # service.deps.payload_cipher, made on first use
+    app.state.payload_cipher_lock = threading.Lock()
     app.state.metrics = AppMetrics(sessions)
+    app.state.rate_limiter = RateLimiter(rate=settings.rate_limit_per_second,
+                                         burst=settings.rate_limit_burst)
     app.state.runtime = None  # workers.runtime.Runtime when `oblivio serve` started Ray
     app.state.generator = None  # its Ray Serve handle for /v1/generate
 
     install_error_handlers(app)
     for module in (health, tickets, jobs, lineages, versions, tokens, generate, system):
         app.include_router(module.router)
+    app.include_router(openai_compat.router)  # /v1/chat/completions, /v1/models
     # Added last = outermost: the counter also sees the 413s of the size limit.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestCounterMiddleware, metrics=app.state.metrics)

@@ -25,6 +25,8 @@ import typer
 
 from service import cli_render as render
 from service import cli_watch
+from service.cli_bench import bench
+from service.cli_receipts import receipt_app
 from service.client import ApiError, ApiUnreachable, OblivioClient
 
 app = typer.Typer(name="oblivio", help="Continual machine unlearning for language models.",
@@ -42,6 +44,8 @@ app.add_typer(versions_app, name="versions")
 app.add_typer(lineage_app, name="lineage")
 app.add_typer(token_app, name="token")
 app.add_typer(db_app, name="db")
+app.add_typer(receipt_app, name="receipt")
+app.command("bench")(bench)
 
 EXIT_REFUSED = 2
 EXIT_FAILED = 1
@@ -399,11 +403,14 @@ def ticket_show(ticket_id: Annotated[str, typer.Argument(help="Ticket id")],
         render.print_json(ticket)
     else:
         render.out().print(render.ticket_detail(ticket))
+        if ticket.get("timeline"):
+            render.out().print(render.timeline_table(ticket["timeline"]))
 
 
 @ticket_app.command("list")
 def ticket_list(
-    status: Annotated[str | None, typer.Option(help="queued, running, done, ...")] = None,
+    status: Annotated[str | None, typer.Option(
+        help="queued, running, evaluating, awaiting_review, done, reopened, failed, ...")] = None,
     lineage: Annotated[str | None, typer.Option()] = None,
     limit: Annotated[int, typer.Option(min=1, help="Page size")] = 50,
     cursor: Annotated[str | None, typer.Option(help="next_cursor of a previous page")] = None,
@@ -437,14 +444,24 @@ def ticket_cancel(ticket_id: Annotated[str, typer.Argument(help="Ticket id")],
 
 @ticket_app.command("receipt")
 def ticket_receipt(ticket_id: Annotated[str, typer.Argument(help="Ticket id")],
+                   fmt: Annotated[str, typer.Option(
+                       "--format", help="md, html or json (the signed record)")] = "md",
                    api_url: ApiUrl = None, token: Token = None, as_json: Json = False) -> None:
-    """The receipt of a done ticket: versions, hashes, metrics, timestamps."""
+    """The signed receipt of a done ticket: versions, hashes, evaluation, timestamps."""
+    from service import receipt_render
+
+    fmt = "json" if as_json else fmt
+    if fmt not in ("md", "html", "json"):
+        _fail(f"--format must be md, html or json, not {fmt!r}", EXIT_REFUSED)
     with api(api_url, token) as client:
         receipt = client.receipt(ticket_id)
-    if as_json:
+    if fmt == "json":
+        # `oblivio receipt verify` re-canonicalises, so indentation does not matter.
         render.print_json(receipt)
+    elif fmt == "html":
+        print(receipt_render.to_html(receipt), end="")
     else:
-        render.out().print(render.mapping_detail(receipt))
+        print(receipt_render.to_markdown(receipt), end="")
 
 
 # --- lineages and versions ------------------------------------------------------------------
@@ -524,10 +541,14 @@ def rollback(lineage: LineageOpt = "default", api_url: ApiUrl = None, token: Tok
 @app.command()
 def revoke(version_id: Annotated[str, typer.Argument(help="Version id (UUID)")],
            reason: Annotated[str, typer.Option(help="Why (kept in the audit trail)")],
+           tickets: Annotated[str, typer.Option(
+               help="Its tickets awaiting review: requeue (train again) or fail")] = "requeue",
            api_url: ApiUrl = None, token: Token = None, as_json: Json = False) -> None:
-    """Withdraw a version for good (operator)."""
+    """Withdraw a version for good (operator); if it was live, its done tickets reopen."""
+    if tickets not in ("requeue", "fail"):
+        _fail(f"--tickets must be requeue or fail, not {tickets!r}", EXIT_REFUSED)
     with api(api_url, token) as client:
-        result = client.revoke(version_id, reason=reason)
+        result = client.revoke(version_id, reason=reason, tickets=tickets)
     if as_json:
         render.print_json(result)
     else:

@@ -60,9 +60,37 @@ def ticket_detail(t: dict[str, Any]) -> Table:
         ("result version", version.get("label", "")),
         ("error", t.get("error") or ""),
     ]
+    review = t.get("review") or {}
+    if review:
+        rows.append(("review", f"verdict {review.get('verdict') or '?'}: "
+                               f"{review.get('reason', '')}"))
+        for check in review.get("checks") or []:
+            rows.append((f"  {check.get('name')}", _check_figures(check)))
     for key, value in rows:
         if value:
             table.add_row(key, value)
+    return table
+
+
+def _check_figures(check: dict[str, Any]) -> str:
+    def num(value: Any) -> str:
+        return "n/a" if value is None else f"{value:.2f}"
+
+    verdict = {True: "passed", False: "FAILED", None: "not measured"}[check.get("passed")]
+    return (f"{num(check.get('value'))} (needs {check.get('op')} {check.get('threshold')}; "
+            f"before {num(check.get('before'))}, after {num(check.get('after'))}) {verdict}")
+
+
+def timeline_table(events: list[dict[str, Any]]) -> Table:
+    """A ticket's history, oldest first; the detail column says why (version, reason...)."""
+    table = Table(title="timeline", title_justify="left")
+    for name in ("at (UTC)", "event", "by", "detail"):
+        table.add_column(name)
+    for e in events:
+        detail = e.get("detail") or {}
+        shown = ", ".join(f"{k}={v}" for k, v in detail.items()
+                          if v not in (None, "", [], {}) and k not in ("payload_sha256",))
+        table.add_row(_short_time(e.get("at")), e.get("event", ""), e.get("actor", ""), shown)
     return table
 
 

@@ -93,8 +93,10 @@ class OblivioClient:
     def rollback(self, lineage: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/lineages/{lineage}/rollback")
 
-    def revoke(self, version_id: uuid.UUID | str, *, reason: str) -> dict[str, Any]:
-        return self._call("POST", f"/v1/versions/{version_id}/revoke", json={"reason": reason})
+    def revoke(self, version_id: uuid.UUID | str, *, reason: str,
+               tickets: str = "requeue") -> dict[str, Any]:
+        return self._call("POST", f"/v1/versions/{version_id}/revoke",
+                          json={"reason": reason, "tickets": tickets})
 
     # --- tokens -----------------------------------------------------------------------
     def create_token(self, *, role: str, name: str) -> dict[str, Any]:

@@ -5,15 +5,17 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from service.rate_limit import retry_after_header
 from service.settings import Settings
 from storage import tokens
 from storage.models import Role
+from storage.sealing import PayloadCipher, cipher_from_config
 
 
 def get_settings_from_app(request: Request) -> Settings:
@@ -21,6 +23,23 @@ def get_settings_from_app(request: Request) -> Settings:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_from_app)]
+
+
+def payload_cipher(app: Any) -> PayloadCipher:
+    """The app's forget-set cipher, made on first use (it may create the key file)."""
+    with app.state.payload_cipher_lock:
+        if app.state.payload_cipher is None:
+            settings = app.state.settings
+            app.state.payload_cipher = cipher_from_config(settings.payload_key,
+                                                          settings.payload_key_file)
+        return app.state.payload_cipher
+
+
+def get_payload_cipher(request: Request) -> PayloadCipher:
+    return payload_cipher(request.app)
+
+
+CipherDep = Annotated[PayloadCipher, Depends(get_payload_cipher)]
 
 
 def get_session(request: Request) -> Iterator[Session]:
@@ -71,14 +90,24 @@ def _unauthorized(message: str) -> HTTPException:
                          headers={"WWW-Authenticate": "Bearer"})
 
 
-def get_caller(session: SessionDep,
+def get_caller(request: Request, session: SessionDep,
                credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
                ) -> Caller:
+    """The authenticated caller, or 401; 429 once the token is over its rate limit.
+
+    The secret is never logged or echoed: error messages say only what kind of problem it is.
+    """
     if credentials is None:
         raise _unauthorized("missing bearer token: send `Authorization: Bearer <token>`")
     token = tokens.authenticate(session, credentials.credentials)
     if token is None:
         raise _unauthorized("invalid or revoked token")
+    limiter = getattr(request.app.state, "rate_limiter", None)
+    wait = limiter.acquire(str(token.id)) if limiter is not None else None
+    if wait is not None:
+        raise HTTPException(status_code=429, headers={"Retry-After": retry_after_header(wait)},
+                            detail=f"rate limit of {limiter.rate:g} requests per second for "
+                                   f"this token exceeded; retry in {retry_after_header(wait)} s")
     return Caller(token_id=token.id, name=token.name, role=token.role)
 
 

@@ -8,10 +8,11 @@ app's `/metrics`; the dispatcher Ray actor exports the same series through Ray.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session, sessionmaker
@@ -52,16 +53,32 @@ class QueueCollector(Collector):
                                 "Tickets waiting to be claimed (status queued).", value=depth)
 
 
+GENERATE_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
 class AppMetrics:
     """The registry of one app and the metrics the API itself updates."""
 
     def __init__(self, sessions: sessionmaker[Session]) -> None:
+        from service.metrics_ops import OperationsCollector
+
         self.registry = CollectorRegistry()
         self.registry.register(QueueCollector(sessions))
+        self.registry.register(OperationsCollector(sessions))
         self.registry.register(CLAIM_LATENCY)
         self.http_requests = Counter(
             "oblivio_http_requests", "HTTP requests by route template, method and status.",
             ["method", "route", "status"], registry=self.registry)
+        self.generate_latency = Histogram(
+            "oblivio_generate_latency_seconds",
+            "Time the API waited for one generation (Ray Serve), by lineage.",
+            ["lineage"], buckets=GENERATE_LATENCY_BUCKETS, registry=self.registry)
+
+    def generate_timer(self, lineage: str) -> Callable[[], None]:
+        """Start timing a generation; call the result when it is done."""
+        started = time.perf_counter()
+        histogram = self.generate_latency.labels(lineage=lineage)
+        return lambda: histogram.observe(time.perf_counter() - started)
 
 
 class RequestCounterMiddleware:

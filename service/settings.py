@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -41,12 +41,29 @@ class Settings(BaseSettings):
     api_port: int = 8000
     max_body_bytes: int = Field(1 << 20, description="Larger request bodies get 413.")
     readyz_timeout_seconds: float = Field(5.0, description="/readyz waits this long per check.")
+    rate_limit_per_second: float = Field(
+        20.0, description="Requests per second allowed per API token on average (0: no "
+        "limit); over it the API answers 429 with Retry-After.")
+    rate_limit_burst: int = Field(200, description="Requests one token may make at once "
+                                                   "before the per-second rate applies.")
+
+    # --- data minimisation -------------------------------------------------------------
+    payload_key: SecretStr | None = Field(
+        None, description="Key that encrypts forget sets at rest (AES-256-GCM): 32 bytes, "
+        "urlsafe base64. Unset: generated once into <data_dir>/payload-key (mode 0600). "
+        "Every API and worker process of one deployment needs the same key.")
 
     # --- ticket limits (validation) ------------------------------------------------
     max_forget_items: int = Field(200, description="Max texts + qa pairs in one ticket.")
     max_text_chars: int = Field(4000, description="Max characters of one text/question/answer.")
     max_record_ids: int = Field(10_000, description="Max record ids in one delete_records ticket.")
     max_page_size: int = 500
+
+    # --- receipts ------------------------------------------------------------------
+    receipt_key: SecretStr | None = Field(
+        None, description="Secret that signs deletion receipts (HMAC-SHA256). Unset: a random "
+        "key is generated once into <data_dir>/receipt-key; set it explicitly when several "
+        "API replicas must sign (and verify) with the same key.")
 
     # --- queue ---------------------------------------------------------------------
     lease_seconds: float = Field(300.0, description="A claim is lost unless renewed within this.")
@@ -88,6 +105,16 @@ class Settings(BaseSettings):
         return self.database_url or f"sqlite:///{self.data_dir / 'oblivio.db'}"
 
     @property
+    def payload_key_text(self) -> str | None:
+        """The configured payload key (a SecretStr, so that printing settings hides it)."""
+        return self.payload_key.get_secret_value() if self.payload_key else None
+
+    @property
+    def payload_key_file(self) -> Path:
+        """Where the generated payload key lives when `payload_key` is unset."""
+        return self.data_dir / "payload-key"
+
+    @property
     def resolved_object_store(self) -> str:
         return self.object_store or f"file://{self.data_dir / 'objects'}"
 
@@ -111,7 +138,16 @@ class Settings(BaseSettings):
             max_attempts=self.max_attempts, retry_backoff_seconds=self.retry_backoff_seconds,
             retry_backoff_max_seconds=self.retry_backoff_max_seconds,
             batch_window_seconds=self.batch_window_seconds,
-            auto_promote=self.auto_promote, ray_address=self.ray_address)
+            auto_promote=self.auto_promote, ray_address=self.ray_address,
+            payload_key=self._resolved_payload_key())
+
+    def _resolved_payload_key(self) -> str:
+        # Workers run in other processes (Ray), maybe on other nodes: hand them the key
+        # itself rather than a path to find it by.
+        from storage import sealing
+
+        key = sealing.load_or_create_key(self.payload_key_text, self.payload_key_file)
+        return sealing.encode_key(key)
 
 
 @lru_cache

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.settings import Settings
-from storage import migrate, registry, tokens
+from storage import migrate, registry, sealing, tokens
 from storage.db import transaction
 from storage.models import Lineage
 
@@ -35,6 +35,8 @@ def prepare(settings: Settings, sessions: sessionmaker[Session]) -> StartupRepor
     """Idempotent: migrate, make sure `default` exists, and on the embedded default create
     the first admin token (written to `<data_dir>/admin-token`, never logged)."""
     migrate.upgrade(settings.resolved_database_url)
+    # Before any worker starts: the key every process of this deployment must share.
+    sealing.load_or_create_key(settings.payload_key_text, settings.payload_key_file)
     admin_file = None
     with transaction(sessions) as session:
         _ensure_default_lineage(session, settings)

@@ -64,11 +64,27 @@ class TicketKind(str, enum.Enum):
 
 
 class TicketStatus(str, enum.Enum):
+    """Where a ticket stands; `done` means the live model no longer states what it asked.
+
+    received -> queued -> running -> evaluating, then:
+      done             a version containing the ticket's forgetting is `live`
+      awaiting_review  its version was held back by its evaluation (or auto-promotion is
+                       off): a `candidate` an operator may promote (-> done) or revoke
+                       (-> queued or failed)
+      reopened         it was done, but `live` no longer contains its version (rolled back
+                       past it, or the version was revoked); promoting a version that
+                       contains it makes it done again
+      failed, rejected, cancelled   final, with the reason in `error`
+    See storage/ticket_states.py for every move after a job.
+    """
+
     received = "received"
     queued = "queued"
     running = "running"
     evaluating = "evaluating"
+    awaiting_review = "awaiting_review"
     done = "done"
+    reopened = "reopened"
     failed = "failed"
     rejected = "rejected"
     cancelled = "cancelled"

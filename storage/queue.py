@@ -1,8 +1,9 @@
 """The durable ticket queue: claim with leases, heartbeat, finish. The database is the queue.
 
-A ticket moves received -> queued -> running -> evaluating -> done | failed | rejected |
-cancelled. A claimer owns a ticket through its *lease* (`lease_owner`, `lease_expires_at`),
-not through a lock: a claimer that dies simply stops renewing, the lease expires, and the
+A ticket moves received -> queued -> running -> evaluating -> done | awaiting_review |
+failed | rejected | cancelled (what happens after a job, and when `live` moves, is in
+storage/ticket_states.py). A claimer owns a ticket through its *lease* (`lease_owner`,
+`lease_expires_at`), not through a lock: a claimer that dies simply stops renewing, the lease expires, and the
 next `claim` (of anyone) puts the ticket back in the queue, or fails it for good once it
 has used up its attempts. Every operation of a claimer checks that it still owns the lease
 and changes nothing otherwise, so a slow worker that lost its tickets cannot overwrite the
@@ -30,10 +31,10 @@ from typing import Any
 from sqlalchemy import Select, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage import audit
+from storage import audit, ticket_states
 from storage.db import transaction
 from storage.errors import InvalidRequest
-from storage.models import Ticket, TicketKind, TicketStatus, utcnow
+from storage.models import Lineage, Ticket, TicketKind, TicketStatus, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ def _requeue_expired(session: Session, *, max_attempts: int, now: datetime) -> i
                        f"(last owner {last_owner})")
             ticket.error = f"{message}; previous error: {ticket.error}" if ticket.error else message
             ticket.status = TicketStatus.failed
+            ticket.payload = None  # final: the forget set is deleted (data minimisation)
             action = "ticket.failed"
             detail["error"] = ticket.error
         else:
@@ -223,27 +225,26 @@ def set_progress(sessions: sessionmaker[Session], *, ticket_ids: Sequence[uuid.U
 def complete(sessions: sessionmaker[Session], *, ticket_id: uuid.UUID, owner: str,
              version_id: uuid.UUID | None, receipt: dict[str, Any],
              now: datetime | None = None) -> bool:
-    """Mark a ticket `owner` holds done, with its result version and receipt.
+    """Finish a ticket `owner` holds with its result version and receipt.
 
-    The raw forget set (payload) is purged; `payload_sha256` stays as proof of what was
-    asked. Returns False, changing nothing, if `owner` no longer holds the ticket.
+    It becomes `done` only if that version is in the lineage's live chain (storage.
+    ticket_states), else `awaiting_review`; `done` purges the raw forget set (payload),
+    `payload_sha256` stays as proof of what was asked. Returns False, changing nothing, if
+    `owner` no longer holds the ticket.
     """
     now = now or utcnow()
     with transaction(sessions) as session:
         ticket = _owned(session, ticket_id, owner)
         if ticket is None:
             return False
+        # Lock the lineage (the lock every alias move takes) before reading `live`, so an
+        # operator's rollback cannot slip between our reading live and our writing done.
+        _lock_lineage(session, ticket.lineage_id)
         _clear_lease(ticket, now)
-        ticket.status = TicketStatus.done
         ticket.result_version_id = version_id
         ticket.receipt = receipt
-        ticket.payload = None
         ticket.error = None
-        ticket.progress = {**(ticket.progress or {}), "phase": "done"}
-        audit.record(session, actor=owner, action="ticket.done", subject_type="ticket",
-                     subject_id=ticket.id,
-                     detail={"version_id": str(version_id) if version_id else None,
-                             "attempts": ticket.attempts})
+        ticket_states.settle(session, ticket, version_id=version_id, actor=owner, now=now)
         return True
 
 
@@ -277,6 +278,7 @@ def fail(sessions: sessionmaker[Session], *, ticket_id: uuid.UUID, owner: str, e
                 ticket.error = f"{error} (gave up after {ticket.attempts} attempt(s))"
                 detail["error"] = ticket.error
             ticket.status = TicketStatus.failed
+            ticket.payload = None  # final: the forget set is deleted (data minimisation)
             action = "ticket.failed"
         audit.record(session, actor=owner, action=action, subject_type="ticket",
                      subject_id=ticket.id, detail=detail)
@@ -297,6 +299,7 @@ def reject(sessions: sessionmaker[Session], *, ticket_id: uuid.UUID, owner: str,
         _clear_lease(ticket, now)
         ticket.status = TicketStatus.rejected
         ticket.error = error
+        ticket.payload = None  # final: the forget set is deleted (data minimisation)
         ticket.progress = {**(ticket.progress or {}), "phase": "rejected"}
         audit.record(session, actor=owner, action="ticket.rejected", subject_type="ticket",
                      subject_id=ticket.id, detail={"error": error, "attempts": ticket.attempts})
@@ -349,6 +352,13 @@ def _owned(session: Session, ticket_id: uuid.UUID, owner: str) -> Ticket | None:
     if ticket is None:
         log.warning("%s no longer holds ticket %s; leaving it unchanged", owner, ticket_id)
     return ticket
+
+
+def _lock_lineage(session: Session, lineage_id: uuid.UUID) -> None:
+    query = select(Lineage.id).where(Lineage.id == lineage_id)
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(key_share=True)
+    session.execute(query)
 
 
 def _clear_lease(ticket: Ticket, now: datetime) -> None:

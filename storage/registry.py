@@ -9,7 +9,9 @@ version goes live, `revoked` when an operator withdraws it.
 Aliases (`live`, `candidate`) point at versions; serving follows `live`. They move only
 inside the caller's transaction, with the lineage row locked on PostgreSQL, so two
 operators promoting at once are serialised and never leave two versions marked live.
-A lineage with no `live` alias serves its base model.
+A lineage with no `live` alias serves its base model. Every move of `live` also moves the
+lineage's finished tickets between done / awaiting_review / reopened in the same
+transaction (storage.ticket_states): a ticket is done only while live contains it.
 
 Functions here never commit: the caller owns the transaction. Every change writes an audit
 event into that same transaction.
@@ -26,7 +28,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from storage import audit
+from storage import audit, ticket_states
 from storage.errors import Conflict, InvalidRequest, NotFound
 from storage.models import AdapterVersion, Alias, Lineage, VersionStatus, utcnow
 
@@ -241,11 +243,13 @@ def rollback(session: Session, *, lineage_name: str, actor: str) -> AdapterVersi
     return previous
 
 
-def revoke(session: Session, *, version_id: uuid.UUID, actor: str,
-           reason: str) -> AdapterVersion:
+def revoke(session: Session, *, version_id: uuid.UUID, actor: str, reason: str,
+           tickets: ticket_states.RevokedTickets = "requeue") -> AdapterVersion:
     """Withdraw a version for good. If it was live, live falls back to the nearest earlier
-    servable version, or is removed (the lineage then serves its base model). Revoking a
-    revoked version changes nothing.
+    servable version, or is removed (the lineage then serves its base model), and its done
+    tickets are reopened. Its tickets awaiting review go back to the queue
+    (`tickets="requeue"`) or fail (`"fail"`), with `reason`. Revoking a revoked version
+    changes nothing.
     """
     version = get_version(session, version_id)
     lineage = _locked_lineage_by_id(session, version.lineage_id)
@@ -272,6 +276,12 @@ def revoke(session: Session, *, version_id: uuid.UUID, actor: str,
                      subject_id=lineage.id,
                      detail={"alias": LIVE, "action": "revoke", "from": label,
                              "to": detail["live"]})
+        ticket_states.sync_with_live(session, lineage=lineage, actor=actor,
+                                     cause={"action": "revoke", "from": label,
+                                            "to": detail["live"], "reason": reason})
+    moved = ticket_states.after_revoke(session, version=version, label=label, actor=actor,
+                                       reason=reason, tickets=tickets)
+    detail["tickets"] = {k: [str(i) for i in v] for k, v in moved.items() if v}
     audit.record(session, actor=actor, action="version.revoked", subject_type="version",
                  subject_id=version.id, detail=detail)
     return version
@@ -397,3 +407,7 @@ def _move_alias(session: Session, lineage: Lineage, alias: str, target: AdapterV
             detail["candidate_cleared"] = True
     audit.record(session, actor=actor, action="alias.moved", subject_type="lineage",
                  subject_id=lineage.id, detail=detail)
+    if alias == LIVE:
+        ticket_states.sync_with_live(session, lineage=lineage, actor=actor,
+                                     cause={"action": action, "from": detail["from"],
+                                            "to": detail["to"]})

@@ -30,7 +30,17 @@ from sqlalchemy.orm import Session
 
 from storage import audit
 from storage.errors import Conflict, InvalidRequest, NotFound
-from storage.models import AdapterVersion, Lineage, Ticket, TicketKind, TicketStatus, utcnow
+from storage.models import (
+    AdapterVersion,
+    Alias,
+    AuditEvent,
+    Lineage,
+    Ticket,
+    TicketKind,
+    TicketStatus,
+    utcnow,
+)
+from storage.sealing import PayloadCipher
 
 # Tickets in these states have not been claimed yet, so cancelling cannot race a job.
 CANCELLABLE = (TicketStatus.received, TicketStatus.queued)
@@ -79,6 +89,8 @@ class TicketView:
     ticket: Ticket
     lineage: str
     result_version: VersionRef | None = None
+    # awaiting_review only: the verdict and the evaluation figures that held it back.
+    review: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -103,19 +115,21 @@ def _lineage_by_name(session: Session, name: str) -> Lineage:
 
 
 def submit(session: Session, *, request: TicketRequest, requester: str,
-           idempotency_key: str | None = None) -> Ticket:
+           idempotency_key: str | None = None, cipher: PayloadCipher | None = None) -> Ticket:
     """Queue a ticket; see `submit_or_replay` for the idempotency rules."""
     return submit_or_replay(session, request=request, requester=requester,
-                            idempotency_key=idempotency_key).ticket
+                            idempotency_key=idempotency_key, cipher=cipher).ticket
 
 
 def submit_or_replay(session: Session, *, request: TicketRequest, requester: str,
-                     idempotency_key: str | None = None) -> SubmitResult:
+                     idempotency_key: str | None = None,
+                     cipher: PayloadCipher | None = None) -> SubmitResult:
     """Queue a ticket, or return the one an earlier call with the same idempotency key made.
 
     The same key with a different request (kind, lineage, engine or payload) raises
     Conflict; so does a key already used by another requester (without saying whose ticket
-    it is).
+    it is). With `cipher`, a forget ticket's payload is stored sealed (storage.sealing);
+    `payload_sha256` is always the hash of the plaintext.
     """
     kind = TicketKind(request.kind)
     lineage = _lineage_by_name(session, request.lineage)
@@ -146,8 +160,11 @@ def submit_or_replay(session: Session, *, request: TicketRequest, requester: str
         if not_before.tzinfo is None:
             raise InvalidRequest("not_before needs a time zone (e.g. 2030-01-01T00:00:00Z)")
         not_before = not_before.astimezone(timezone.utc)
+    stored = request.payload
+    if cipher is not None and kind is TicketKind.forget:
+        stored = cipher.seal(request.payload)
     ticket = Ticket(kind=kind, lineage_id=lineage.id, engine=engine, target=request.target,
-                    payload=request.payload, payload_sha256=digest, status=TicketStatus.queued,
+                    payload=stored, payload_sha256=digest, status=TicketStatus.queued,
                     priority=request.priority, not_before=not_before,
                     idempotency_key=idempotency_key, requester=requester)
     # A savepoint, so that losing the race for the idempotency key (another transaction
@@ -244,13 +261,22 @@ def describe(session: Session, tickets: list[Ticket]) -> list[TicketView]:
         versions = {i: v for i, v in session.execute(
             select(AdapterVersion.id, AdapterVersion.version)
             .where(AdapterVersion.id.in_(version_ids)))}
+    held_ids = {t.result_version_id for t in tickets
+                if t.status is TicketStatus.awaiting_review and t.result_version_id is not None}
+    held: dict[uuid.UUID, AdapterVersion] = {}
+    if held_ids:
+        held = {v.id: v for v in session.scalars(
+            select(AdapterVersion).where(AdapterVersion.id.in_(held_ids)))}
     views = []
     for t in tickets:
         lineage = names.get(t.lineage_id, "?")
         ref = None
         if t.result_version_id is not None and t.result_version_id in versions:
             ref = VersionRef(t.result_version_id, f"{lineage}@v{versions[t.result_version_id]}")
-        views.append(TicketView(ticket=t, lineage=lineage, result_version=ref))
+        review = None
+        if t.status is TicketStatus.awaiting_review and t.result_version_id in held:
+            review = review_of(held[t.result_version_id])
+        views.append(TicketView(ticket=t, lineage=lineage, result_version=ref, review=review))
     return views
 
 
@@ -287,13 +313,19 @@ def cancel(session: Session, *, ticket_id: uuid.UUID, actor: str,
     return ticket
 
 
+# A receipt exists once a job has produced the ticket's version (even if it is not live).
+HAS_RECEIPT = (TicketStatus.done, TicketStatus.awaiting_review, TicketStatus.reopened)
+
+
 def receipt(session: Session, *, ticket_id: uuid.UUID, requester: str | None = None
             ) -> dict[str, Any]:
-    """Proof of what was done for a finished ticket: versions, hashes, metrics, timestamps."""
+    """What was done for a ticket: versions, hashes, metrics, timestamps, and whether the
+    live model contains it (`live`; `done_at` is when it went live). 409 before its job
+    finished."""
     ticket = get_ticket(session, ticket_id, requester=requester)
-    if ticket.status is not TicketStatus.done:
+    if ticket.status not in HAS_RECEIPT:
         raise Conflict(f"ticket {ticket_id} is {ticket.status.value}; a receipt exists only "
-                       "once it is done")
+                       "once it is done (or its version awaits review)")
     view = describe(session, [ticket])[0]
     out: dict[str, Any] = {
         "ticket_id": str(ticket.id),
@@ -301,10 +333,8 @@ def receipt(session: Session, *, ticket_id: uuid.UUID, requester: str | None = N
         "lineage": view.lineage,
         "engine": ticket.engine,
         "target": ticket.target,
-        "status": ticket.status.value,
         "payload_sha256": ticket.payload_sha256,
         "requested_at": ticket.created_at.isoformat(),
-        "completed_at": ticket.updated_at.isoformat(),
     }
     version = (session.get(AdapterVersion, ticket.result_version_id)
                if ticket.result_version_id else None)
@@ -321,7 +351,73 @@ def receipt(session: Session, *, ticket_id: uuid.UUID, requester: str | None = N
             "base_model_sha256": version.base_model_sha256,
             "metrics": version.metrics,
         })
-    # What the worker recorded when it finished wins: it is the state at completion time.
+    # What the worker recorded when it finished (plus the done_at / reopened_at of later
+    # moves of live)...
     out.update(ticket.receipt or {})
-    out["payload_sha256"] = ticket.payload_sha256
+    # ...but whether the live model contains the ticket is read now, not remembered: the
+    # job's own "promoted" may have been overtaken by an operator's promote or rollback.
+    live = ticket.status is TicketStatus.done
+    live_version = _live_label(session, ticket.lineage_id, view.lineage)
+    out.update({
+        "status": ticket.status.value,
+        "live": live,
+        "promoted": live,
+        "live_version": live_version,
+        "done_at": (ticket.receipt or {}).get("done_at") if live else None,
+        "completed_at": ((ticket.receipt or {}).get("done_at") or ticket.updated_at.isoformat())
+                        if live else None,
+        "payload_sha256": ticket.payload_sha256,
+    })
+    if ticket.status is TicketStatus.awaiting_review:
+        out["review"] = review_of(version)
     return out
+
+
+def review_of(version: AdapterVersion | None) -> dict[str, Any] | None:
+    """Why a version waits for an operator: its verdict and the checks it did not pass.
+
+    The job stores `checks` (name, before, after, value, op, threshold, passed) and
+    `verdict` in the version's metrics; a held version with every check passed was held
+    only because auto-promotion is off.
+    """
+    if version is None:
+        return None
+    metrics = version.metrics or {}
+    checks = [c for c in metrics.get("checks") or [] if isinstance(c, dict)]
+    failed = [c for c in checks if c.get("passed") is False or c.get("passed") is None]
+    verdict = metrics.get("verdict")
+    if verdict == "pass" and not failed:
+        reason = "its evaluation passed; auto-promotion is off, so an operator promotes it"
+    elif failed:
+        reason = "held back by its evaluation: " + "; ".join(_check_line(c) for c in failed)
+    else:
+        reason = "held back by its evaluation"
+    return {"version_id": str(version.id), "version_status": version.status.value,
+            "verdict": verdict, "reason": reason, "held_back_by": failed, "checks": checks}
+
+
+def _check_line(check: dict[str, Any]) -> str:
+    value = check.get("value")
+    shown = "n/a" if value is None else f"{value:.2f}"
+    line = f"{check.get('name')} {shown} (needs {check.get('op')} {check.get('threshold')})"
+    if check.get("before") is not None and check.get("after") is not None:
+        line += f", {check['before']:.2f} -> {check['after']:.2f}"
+    return line
+
+
+def _live_label(session: Session, lineage_id: uuid.UUID, lineage_name: str) -> str | None:
+    number = session.scalar(select(AdapterVersion.version)
+                            .join(Alias, Alias.version_id == AdapterVersion.id)
+                            .where(Alias.lineage_id == lineage_id, Alias.name == "live"))
+    return f"{lineage_name}@v{number}" if number is not None else None
+
+
+def timeline(session: Session, ticket: Ticket) -> list[dict[str, Any]]:
+    """The ticket's history from the audit trail, oldest first: submitted, claimed,
+    evaluating, awaiting_review, done, reopened, requeued... each with when, who and why."""
+    events = session.scalars(select(AuditEvent)
+                             .where(AuditEvent.subject_type == "ticket",
+                                    AuditEvent.subject_id == str(ticket.id))
+                             .order_by(AuditEvent.at, AuditEvent.id)).all()
+    return [{"at": e.at, "event": e.action.removeprefix("ticket."), "actor": e.actor,
+             "detail": e.detail or {}} for e in events]

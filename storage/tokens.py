@@ -6,6 +6,7 @@ Functions here never commit: the caller owns the transaction.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import secrets
 import uuid
@@ -51,11 +52,19 @@ def create_token(session: Session, *, role: Role | str, name: str, actor: str = 
 
 
 def authenticate(session: Session, secret: str) -> ApiToken | None:
-    """The active token with this secret, or None. Looking up by hash leaks no timing."""
-    if not secret.startswith(TOKEN_PREFIX) or len(secret) > 256:
+    """The active token with this secret, or None.
+
+    The database is searched by the sha256 of the secret, so its index comparison can only
+    leak how much of a *hash* matched, which says nothing about the secret; the final check
+    compares the full hashes in constant time (hmac.compare_digest) all the same.
+    """
+    if not isinstance(secret, str) or not secret.startswith(TOKEN_PREFIX) or len(secret) > 256:
         return None
-    token = session.scalar(select(ApiToken).where(ApiToken.token_hash == hash_secret(secret)))
-    if token is None or token.revoked_at is not None:
+    digest = hash_secret(secret)
+    token = session.scalar(select(ApiToken).where(ApiToken.token_hash == digest))
+    if token is None or not hmac.compare_digest(token.token_hash, digest):
+        return None
+    if token.revoked_at is not None:
         return None
     return token
 

@@ -37,6 +37,8 @@ class WorkerConfig:
         batch_window_seconds: the dispatcher waits this long to group tickets in one job.
         auto_promote: promote a version whose evaluation passes.
         ray_address: join this Ray cluster instead of starting a local one.
+        payload_key: the key that opens sealed forget sets (storage.sealing); None -> the
+            key file in data_dir. Never printed.
     """
 
     data_dir: Path
@@ -55,6 +57,7 @@ class WorkerConfig:
     batch_window_seconds: float = 2.0
     auto_promote: bool = True
     ray_address: str | None = None
+    payload_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         # Paths cross process boundaries (Ray workers, Ray Train storage): relative ones

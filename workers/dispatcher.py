@@ -53,6 +53,10 @@ class DispatcherLoop:
         self._engine = make_engine(config.database_url)
         self.sessions = make_session_factory(self._engine)
         self.store = config.store.open()
+        from storage.sealing import cipher_from_config
+
+        # Forget sets are sealed at rest; only a claimed ticket's is opened, in memory.
+        self.cipher = cipher_from_config(config.payload_key, config.data_dir / "payload-key")
         self._stop = threading.Event()
         self._observe_claim = observe_claim or observe_claim_in_process
         self.jobs_run = 0
@@ -79,6 +83,7 @@ class DispatcherLoop:
                                    lease_seconds=self.config.lease_seconds,
                                    max_attempts=self.config.max_attempts,
                                    lineage_id=first[0].lineage_id, engines=(first[0].engine,))
+        claimed = self._open_payloads(claimed)
         groups: dict[tuple[Any, str], list[Any]] = defaultdict(list)
         for ticket in claimed:
             groups[(ticket.lineage_id, ticket.engine)].append(ticket)
@@ -96,6 +101,26 @@ class DispatcherLoop:
             ran += 1
         self.jobs_run += ran
         return ran
+
+    def _open_payloads(self, claimed: list[Any]) -> list[Any]:
+        """Claimed tickets with their forget sets decrypted; one that cannot be opened
+        (another key, tampered) fails for good with the reason: retrying cannot help."""
+        import dataclasses
+
+        from storage import queue
+        from storage.sealing import PayloadUnreadable
+
+        opened = []
+        for ticket in claimed:
+            try:
+                payload = self.cipher.open(ticket.payload, expected_sha256=ticket.payload_sha256)
+            except PayloadUnreadable as exc:
+                log.error("ticket %s: %s", ticket.id, exc)
+                queue.fail(self.sessions, ticket_id=ticket.id, owner=self.owner, error=str(exc),
+                           retry=False, max_attempts=self.config.max_attempts)
+                continue
+            opened.append(dataclasses.replace(ticket, payload=payload))
+        return opened
 
     def run_forever(self) -> None:
         while not self._stop.is_set():

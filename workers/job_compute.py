@@ -43,19 +43,29 @@ def job_input(config: WorkerConfig, *, job_id: str, lineage: str, base: Any,
 
 def evaluate_version(engine: Any, job: JobInput, *, base: Any, version_dir: Path,
                      fetch: FetchFn | None = None) -> dict[str, Any]:
-    """The engine's evaluation of `version_dir` against the base model, both loaded once."""
+    """The engine's evaluation of `version_dir` against the base model (and the parent
+    version, for engines whose `evaluate` takes `parent`), all on one loaded base."""
+    import inspect
+
     from workers.model import load_model_and_tokenizer
 
     device = job.config.device
     model, tokenizer = load_model_and_tokenizer(base, device=device)
-    before = engine.load_servable(None, model=model, tokenizer=tokenizer, device=device,
-                                  fetch=fetch)
-    after = engine.load_servable(version_dir, model=model, tokenizer=tokenizer, device=device,
-                                 fetch=fetch)
+
+    def servable(directory: Path | None) -> Any:
+        return engine.load_servable(directory, model=model, tokenizer=tokenizer, device=device,
+                                    fetch=fetch)
+
+    before, after = servable(None), servable(version_dir)
+    opened = [after, before]
+    kwargs: dict[str, Any] = {}
+    if job.parent_dir is not None and "parent" in inspect.signature(engine.evaluate).parameters:
+        kwargs["parent"] = servable(job.parent_dir)
+        opened.append(kwargs["parent"])
     try:
-        return engine.evaluate(job, before=before, after=after)
+        return engine.evaluate(job, before=before, after=after, **kwargs)
     finally:
-        for servable in (after, before):
+        for servable in opened:
             close = getattr(servable, "close", None)
             if callable(close):
                 close()

@@ -181,6 +181,7 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
                         metrics=metrics, method=artifacts.method_config, parent_id=parent_id)
         progress({"phase": "uploading"})
         stored = ctx.store.put_directory_content_addressed(artifacts.version_dir)
+        _store_report(ctx, artifacts.version_dir, metrics)
     except LeaseLost:
         raise
     except Exception as exc:
@@ -189,7 +190,7 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
                                  reason=one_line_cause(exc))
         raise
 
-    reason = str(metrics.get("verdict_reason") or f"its evaluation said {verdict}")
+    reason = _verdict_reason(metrics, verdict)
     with transaction(ctx.sessions) as s:
         if verdict == "reject":
             registry.mark_failed(s, version_id=version_id, actor=ctx.owner, reason=reason,
@@ -224,7 +225,10 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
         "engine": engine.name,
         "base_model": base.name,
         "base_model_sha256": base.sha256,
-        "promoted": promoted,
+        # Whether this job promoted it; the ticket's status (and the receipt's `live`) is
+        # what says whether live contains it now: queue.complete reads live to decide.
+        "auto_promoted": promoted,
+        "method": artifacts.method_config,
         "metrics": metrics,
         "job_id": str(job_id),
     }
@@ -233,6 +237,26 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
                        receipt={**receipt, "payload_sha256": ticket.payload_sha256})
     _finish_job(ctx, job_id, JobStatus.succeeded)
     return JobOutcome(job_id, version_id, version_no, promoted, metrics)
+
+
+def _store_report(ctx: JobContext, version_dir: Path, metrics: dict[str, Any]) -> None:
+    """The evaluation report as its own object too (it is also inside the version's tar),
+    content addressed, so receipts and auditors can fetch it by key and check its hash."""
+    ref = metrics.get("report")
+    if not isinstance(ref, dict) or not ref.get("path"):
+        return
+    stored = ctx.store.put_file(f"reports/{ref['sha256']}.json", version_dir / ref["path"])
+    ref["object_key"] = stored.key
+
+
+def _verdict_reason(metrics: dict[str, Any], verdict: str) -> str:
+    """Why the version was judged so, as the end of a sentence starting with its label."""
+    if metrics.get("verdict_reason"):
+        return str(metrics["verdict_reason"])
+    utility = metrics.get("utility_ratio")
+    if verdict == "reject" and isinstance(utility, (int, float)):
+        return f"kept too little utility ({utility:.2f} of the base model's answers)"
+    return f"was judged {verdict!r} by its evaluation"
 
 
 def _check_base_model(session: Session, lineage: Lineage, sha256: str) -> None:

@@ -1,8 +1,16 @@
-"""/v1/generate: answer with the base model plus the lineage's live (or pinned) version."""
+"""/v1/generate: answer with the base model plus the lineage's live (or pinned) version.
+
+`answer()` is the one generation path of the API: /v1/generate and the OpenAI-compatible
+/v1/chat/completions (service.api.openai_compat) both call it, so a change to how a version
+is resolved or served applies to both.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from fastapi import APIRouter, HTTPException, Request
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from service.deps import SessionDep, SubmitterDep
@@ -16,17 +24,33 @@ router = APIRouter(prefix="/v1", tags=["generate"])
 # A version may answer while it is the current or an earlier good one; training, failed
 # and revoked versions never do.
 _SERVABLE = (VersionStatus.ready, VersionStatus.superseded)
+BASE = "base"  # a version reference meaning the lineage's base model, no adapter
 
 
-@router.post("/generate", response_model=GenerateOut)
-async def generate(body: GenerateIn, request: Request, session: SessionDep,
-                   _caller: SubmitterDep) -> GenerateOut:
-    version = registry.resolve(session, lineage_name=body.lineage, ref=body.version)
+@dataclass(frozen=True)
+class Answer:
+    """What one generation produced and which version produced it (label None = base)."""
+
+    text: str
+    lineage: str
+    label: str | None
+    version_id: str | None
+
+
+async def answer(request: Request, session: Session, *, lineage: str, ref: str | None,
+                 prompt: str, max_new_tokens: int) -> Answer:
+    """Resolve `ref` (default live; `base` = no adapter) in `lineage`, release the DB,
+    generate through Serve."""
+    if ref == BASE:
+        registry.get_lineage(session, lineage)  # 404 for an unknown lineage
+        version = None
+    else:
+        version = registry.resolve(session, lineage_name=lineage, ref=ref)
     if version is not None and version.status not in _SERVABLE:
-        raise Conflict(f"version {body.lineage}@v{version.version} is {version.status.value} "
+        raise Conflict(f"version {lineage}@v{version.version} is {version.status.value} "
                        "and cannot be served")
     key = version.object_key if version is not None else None
-    label = f"{body.lineage}@v{version.version}" if version is not None else None
+    label = f"{lineage}@v{version.version}" if version is not None else None
     version_id = str(version.id) if version is not None else None
     session.commit()  # release the DB before the (slow) generation
 
@@ -36,7 +60,19 @@ async def generate(body: GenerateIn, request: Request, session: SessionDep,
                             " start the service with `oblivio serve`")
     from workers.serving import generate as serve_generate  # Ray: only when serving
 
-    result = await run_in_threadpool(serve_generate, backend, prompt=body.prompt,
-                                     adapter_key=key, max_new_tokens=body.max_new_tokens)
-    return GenerateOut(text=result["text"], lineage=body.lineage, version=label,
-                       version_id=version_id)
+    metrics = getattr(request.app.state, "metrics", None)
+    timer = metrics.generate_timer(lineage) if metrics is not None else None
+    result = await run_in_threadpool(serve_generate, backend, prompt=prompt,
+                                     adapter_key=key, max_new_tokens=max_new_tokens)
+    if timer is not None:
+        timer()
+    return Answer(text=result["text"], lineage=lineage, label=label, version_id=version_id)
+
+
+@router.post("/generate", response_model=GenerateOut)
+async def generate(body: GenerateIn, request: Request, session: SessionDep,
+                   _caller: SubmitterDep) -> GenerateOut:
+    result = await answer(request, session, lineage=body.lineage, ref=body.version,
+                          prompt=body.prompt, max_new_tokens=body.max_new_tokens)
+    return GenerateOut(text=result.text, lineage=result.lineage, version=result.label,
+                       version_id=result.version_id)

@@ -6,8 +6,10 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import JSONResponse
 
-from service.deps import SessionDep, SettingsDep, SubmitterDep
+from service.deps import CipherDep, SessionDep, SettingsDep, SubmitterDep
+from service.receipt_keys import receipt_key
 from service.schemas.tickets import (
     ReceiptOut,
     TicketIn,
@@ -16,7 +18,7 @@ from service.schemas.tickets import (
     check_limits,
     to_request,
 )
-from storage import tickets
+from storage import receipts, tickets
 from storage.models import TicketStatus
 
 router = APIRouter(prefix="/v1/tickets", tags=["tickets"])
@@ -28,12 +30,16 @@ IdempotencyKey = Annotated[str | None, Header(
 
 @router.post("", status_code=202, response_model=TicketOut)
 def submit(body: TicketIn, session: SessionDep, settings: SettingsDep, caller: SubmitterDep,
-           response: Response, idempotency_key: IdempotencyKey = None) -> TicketOut:
-    """File a deletion ticket; it is queued and processed in the background."""
+           cipher: CipherDep, response: Response,
+           idempotency_key: IdempotencyKey = None) -> TicketOut:
+    """File a deletion ticket; it is queued and processed in the background.
+
+    The forget set is stored encrypted and deleted once the ticket is final; only its
+    sha256 and item counts stay."""
     check_limits(body, settings)
     result = tickets.submit_or_replay(session, request=to_request(body),
                                       requester=caller.principal,
-                                      idempotency_key=idempotency_key)
+                                      idempotency_key=idempotency_key, cipher=cipher)
     if not result.created:
         response.headers["Idempotent-Replayed"] = "true"
     return TicketOut.from_view(tickets.describe(session, [result.ticket])[0])
@@ -45,7 +51,8 @@ def list_tickets(session: SessionDep, settings: SettingsDep, caller: SubmitterDe
                  requester: str | None = None,
                  limit: Annotated[int, Query(ge=1)] = 50,
                  cursor: Annotated[str | None, Query(max_length=512)] = None) -> TicketPageOut:
-    """Newest first. Submitters see only their own tickets."""
+    """Newest first. Submitters see only their own tickets. `status=awaiting_review` lists
+    tickets whose version waits for an operator."""
     owner = caller.ticket_owner_filter
     if owner is not None and requester not in (None, owner):
         return TicketPageOut(items=[], next_cursor=None)
@@ -58,8 +65,10 @@ def list_tickets(session: SessionDep, settings: SettingsDep, caller: SubmitterDe
 
 @router.get("/{ticket_id}", response_model=TicketOut)
 def get_ticket(ticket_id: uuid.UUID, session: SessionDep, caller: SubmitterDep) -> TicketOut:
+    """One ticket with its timeline (and, while awaiting_review, why its version waits)."""
     ticket = tickets.get_ticket(session, ticket_id, requester=caller.ticket_owner_filter)
-    return TicketOut.from_view(tickets.describe(session, [ticket])[0])
+    return TicketOut.from_view(tickets.describe(session, [ticket])[0],
+                               timeline=tickets.timeline(session, ticket))
 
 
 @router.post("/{ticket_id}/cancel", response_model=TicketOut)
@@ -71,7 +80,13 @@ def cancel(ticket_id: uuid.UUID, session: SessionDep, caller: SubmitterDep) -> T
 
 
 @router.get("/{ticket_id}/receipt", response_model=ReceiptOut)
-def receipt(ticket_id: uuid.UUID, session: SessionDep, caller: SubmitterDep) -> ReceiptOut:
-    """What was done: versions, hashes, metrics, timestamps. 409 until the ticket is done."""
-    return ReceiptOut.model_validate(
-        tickets.receipt(session, ticket_id=ticket_id, requester=caller.ticket_owner_filter))
+def receipt(ticket_id: uuid.UUID, session: SessionDep, settings: SettingsDep,
+            caller: SubmitterDep) -> JSONResponse:
+    """What was done, signed: versions and artifact hashes, evaluation with pass/fail,
+    phase timestamps. 409 until the ticket is done. Verify with `oblivio receipt verify`."""
+    body = receipts.build_receipt(session, ticket_id=ticket_id,
+                                  requester=caller.ticket_owner_filter)
+    ReceiptOut.model_validate(body)  # the documented shape, checked before it is signed
+    # Returned as signed, byte for byte: re-serialising through the model would reformat
+    # timestamps and break the signature.
+    return JSONResponse(receipts.sign_receipt(body, receipt_key(settings)))

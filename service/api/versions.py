@@ -24,8 +24,10 @@ def get_version(version_id: uuid.UUID, session: SessionDep, _caller: OperatorDep
 @router.post("/{version_id}/revoke", response_model=VersionOut)
 def revoke(version_id: uuid.UUID, body: RevokeIn, session: SessionDep,
            caller: OperatorDep) -> VersionOut:
-    """Withdraw a version for good; if it was live, live falls back to the previous one."""
+    """Withdraw a version for good; if it was live, live falls back to the previous one and
+    its done tickets are reopened. Its tickets awaiting review are requeued or failed
+    (`tickets`)."""
     version = registry.revoke(session, version_id=version_id, actor=caller.principal,
-                              reason=body.reason)
+                              reason=body.reason, tickets=body.tickets)
     session.flush()
     return version_out(session, version, session.get_one(Lineage, version.lineage_id))

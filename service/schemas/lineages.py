@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -84,3 +84,8 @@ class PromoteIn(_Strict):
 
 class RevokeIn(_Strict):
     reason: NonBlank = Field(max_length=2000)
+    tickets: Literal["requeue", "fail"] = Field(
+        "requeue", description="What happens to the version's tickets still awaiting review: "
+                               "back to the queue (trained again on what is live) or failed, "
+                               "with the reason. Done tickets it served are reopened either "
+                               "way when it was live.")

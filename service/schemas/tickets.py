@@ -19,6 +19,7 @@ from pydantic import (
 from service.schemas.common import LineageName, NonBlank
 from service.settings import Settings
 from storage.models import TicketKind, TicketStatus
+from storage.sealing import payload_summary
 from storage.tickets import TicketRequest, TicketView
 
 # Hard caps independent of settings; the configurable limits are checked in `check_limits`.
@@ -158,6 +159,26 @@ class VersionRefOut(BaseModel):
     label: str = Field(description="`lineage@vN`")
 
 
+class ReviewOut(BaseModel):
+    """Why a ticket's version waits for an operator instead of being live."""
+
+    version_id: uuid.UUID
+    version_status: str
+    verdict: str | None = Field(description="pass, hold (or reject) from its evaluation")
+    reason: str = Field(description="One readable line: the checks it failed, with figures.")
+    held_back_by: list[dict[str, Any]] = Field(
+        description="The failed checks: name, before, after, value, op, threshold, passed.")
+    checks: list[dict[str, Any]] = Field(description="Every check of its evaluation.")
+
+
+class TimelineEventOut(BaseModel):
+    at: datetime
+    event: str = Field(description="submitted, claimed, evaluating, awaiting_review, done, "
+                                   "reopened, requeued, retry, failed, rejected, cancelled")
+    actor: str
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
 class TicketOut(BaseModel):
     """A ticket as callers see it. The raw forget text is never echoed back, only its size
     and hash: the point of the ticket is to make that text go away."""
@@ -181,33 +202,27 @@ class TicketOut(BaseModel):
     payload_sha256: str
     summary: dict[str, Any] | None = Field(
         description="Sizes of the request (item counts, dataset); null once purged.")
+    review: ReviewOut | None = Field(
+        None, description="While awaiting_review: the version's verdict and the evaluation "
+                          "figures that held it back.")
+    timeline: list[TimelineEventOut] | None = Field(
+        None, description="Every change of the ticket, oldest first (GET of one ticket only).")
 
     @classmethod
-    def from_view(cls, view: TicketView) -> TicketOut:
+    def from_view(cls, view: TicketView,
+                  timeline: list[dict[str, Any]] | None = None) -> TicketOut:
         t = view.ticket
         ref = view.result_version
         return cls(
+            review=ReviewOut.model_validate(view.review) if view.review else None,
+            timeline=[TimelineEventOut.model_validate(e) for e in timeline]
+            if timeline is not None else None,
             id=t.id, kind=t.kind, lineage=view.lineage, engine=t.engine, target=t.target,
             status=t.status, priority=t.priority, attempts=t.attempts, not_before=t.not_before,
             created_at=t.created_at, updated_at=t.updated_at, error=t.error,
             progress=t.progress, requester=t.requester, idempotency_key=t.idempotency_key,
             result_version=VersionRefOut(id=ref.id, label=ref.label) if ref else None,
-            payload_sha256=t.payload_sha256, summary=_summary(t.payload))
-
-
-def _summary(payload: dict[str, Any] | None) -> dict[str, Any] | None:
-    if not payload:
-        return None
-    if "forget" in payload:
-        out = {"forget_texts": len(payload["forget"].get("texts", [])),
-               "forget_qa": len(payload["forget"].get("qa", []))}
-        if payload.get("retain"):
-            out["retain_texts"] = len(payload["retain"].get("texts", []))
-            out["retain_qa"] = len(payload["retain"].get("qa", []))
-        return out
-    return {"dataset": payload.get("dataset"),
-            "record_ids": len(payload["record_ids"]) if payload.get("record_ids") else 0,
-            "by_subject": payload.get("subject_id") is not None}
+            payload_sha256=t.payload_sha256, summary=payload_summary(t.payload))
 
 
 class TicketPageOut(BaseModel):
@@ -217,7 +232,8 @@ class TicketPageOut(BaseModel):
 
 
 class ReceiptOut(BaseModel):
-    """Proof of completion. Extra fields written by the worker are passed through."""
+    """What was done for a ticket; `live` says whether the model that answers requests
+    contains it. Extra fields written by the worker are passed through."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -228,10 +244,33 @@ class ReceiptOut(BaseModel):
     status: TicketStatus
     payload_sha256: str
     requested_at: datetime
-    completed_at: datetime
+    completed_at: datetime | None = Field(
+        None, description="When the live model came to contain the ticket; null until then.")
+    live: bool = Field(False, description="Whether the live model contains this ticket's "
+                                          "forgetting now (the ticket is done).")
+    live_version: str | None = Field(None, description="`lineage@vN` live now.")
+    done_at: datetime | None = None
+    review: dict[str, Any] | None = Field(
+        None, description="While awaiting_review: the figures that held its version back.")
     version: str | None = None
     version_id: uuid.UUID | None = None
     adapter_sha256: str | None = None
     base_model: str | None = None
     base_model_sha256: str | None = None
     metrics: dict[str, Any] | None = None
+    format: str | None = Field(None, description="`oblivio-receipt/1`")
+    requester: str | None = None
+    forget_set_sha256: str | None = Field(
+        None, description="sha256 of the request's canonical JSON; the text itself is purged")
+    method_config: dict[str, Any] | None = None
+    artifacts: list[dict[str, Any]] = Field(
+        default_factory=list, description="{name, object_key, sha256} of every artifact")
+    evaluation: dict[str, Any] | None = Field(
+        None, description="verdict, and checks: {name, before, after, value, op, threshold, "
+                          "passed}")
+    phases: dict[str, Any] | None = Field(None, description="timestamps of each phase")
+    exactness_proof: dict[str, Any] | None = Field(
+        None, description="exact deletion (S3T): what was cut and why that is exact")
+    signature: dict[str, Any] | None = Field(
+        None, description="{algorithm: HMAC-SHA256, key_id, value} over the canonical JSON "
+                          "of every other field")

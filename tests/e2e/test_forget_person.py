@@ -106,8 +106,11 @@ def test_a_ticket_makes_the_served_model_forget_a_person_and_keep_the_rest(servi
     versions = client.get("/v1/lineages/default/versions", headers=headers).json()
     v2 = next(v for v in versions if v["version"] == 2)
     assert v2["parent_id"] == v1["id"] and v2["status"] == "ready"
-    # Promoted or held as a candidate, by its own recorded evaluation.
+    # Promoted or held as a candidate, by its own recorded evaluation; its ticket says which.
     assert v2["metrics"]["verdict"] in ("pass", "hold"), v2["metrics"]
+    second = client.get(f"/v1/tickets/{res.json()['id']}", headers=headers).json()
+    expected = "done" if "live" in v2["aliases"] else "awaiting_review"
+    assert second["status"] == expected, second
     # The first person stays forgotten under version 2 (continual unlearning), asked of v2
     # itself whether or not it went live.
     under_v2 = _rate(client, headers, held_out, version="v2")

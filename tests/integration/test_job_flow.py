@@ -53,6 +53,48 @@ def test_ticket_becomes_a_stored_live_version_and_the_next_one_stacks_on_it(flow
     fetched2 = store.fetch_directory(v2.object_key, Path(settings.data_dir) / "check-v2")
     assert json.loads((fetched2 / "adapter_config.json").read_text())["r"] == 16
     assert json.loads((fetched2 / "oblivio_stack.json").read_text())["ranks"] == [8, 8]
+    _check_evaluations_are_visible_and_receipts_verify(flow, store, first, second)
+
+
+def _check_evaluations_are_visible_and_receipts_verify(flow, store, first, second):
+    """Each version's evaluation (held-out forms, against base and parent) is on
+    GET /v1/lineages/default/versions, its full report is stored, the receipt verifies."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.receipt_keys import receipt_key
+    from storage import tokens
+    from storage.db import transaction
+    from storage.receipts import verify_receipt
+    from workers.evaluation.report import REPORT_FORMAT, ReportConfig
+
+    app = create_app(flow.settings)
+    with TestClient(app) as client:
+        with transaction(app.state.sessions) as s:
+            _, secret = tokens.create_token(s, role="operator", name="eval-check")
+        headers = {"Authorization": f"Bearer {secret}"}
+        versions = client.get("/v1/lineages/default/versions", headers=headers).json()
+        by_number = {v["version"]: v for v in versions}
+        for number, compared in ((1, ["base"]), (2, ["base", "parent"])):
+            metrics = by_number[number]["metrics"]
+            assert metrics["evaluation_format"] == REPORT_FORMAT
+            assert metrics["compared_with"] == compared
+            assert metrics["verdict"] in ("pass", "hold")
+            assert [c["name"] for c in metrics["checks"]] == ["forget_ratio", "utility_ratio"]
+            # judged on held-out forms of the ticket's questions, not on those questions
+            assert metrics["forget_probes"] == (ReportConfig().held_out_per_item
+                                                * metrics["forget_trained_probes"])
+            assert metrics["utility_probes"] > 0 and metrics["general_probes"] > 0
+            ref = metrics["report"]
+            report = json.loads(store.get_bytes(ref["object_key"], sha256=ref["sha256"]))
+            assert set(report["models"]) == {"base", "after"} | (
+                {"parent"} if number == 2 else set())
+        assert "forget_ratio_vs_parent" in by_number[2]["metrics"]
+
+        receipt = client.get(f"/v1/tickets/{second}/receipt", headers=headers).json()
+        assert verify_receipt(receipt, receipt_key(flow.settings)).valid
+        assert "evaluation report" in [a["name"] for a in receipt["artifacts"]]
+        assert receipt["evaluation"]["checks"] and receipt["method_config"]["recipe"]
 
 
 def test_a_failing_job_returns_its_ticket_to_the_queue_with_the_error(flow, tmp_path):
@@ -120,9 +162,12 @@ def test_a_text_only_ticket_trains_with_a_relative_data_dir_and_model_path(
     assert DispatcherLoop(config).run_once() == 1
     with flow.sessions() as s:
         ticket = s.get_one(Ticket, ticket_id)
-        assert ticket.status == TicketStatus.done, ticket.error
-        version = s.get_one(AdapterVersion, ticket.result_version_id)
-        assert version.metrics["forget_probes"] == 1  # the text's continuation prompt
+        # Trained and kept: live (done) or held for an operator (awaiting_review).
+        assert ticket.status in (TicketStatus.done, TicketStatus.awaiting_review), ticket.error
+        version = s.scalars(select(AdapterVersion)).one()
+        assert version.status in (VersionStatus.ready, VersionStatus.superseded)
+        # Judged on the text's own continuation prompt.
+        assert version.metrics["forget_trained_probes"] == 1
     manifest = json.loads((settings.store_config().open().fetch_directory(
         version.object_key, tmp_path / "v") / "oblivio_manifest.json").read_text())
     assert manifest["engine"] == "idk"

@@ -40,27 +40,7 @@ def test_a_revoked_token_stops_working_at_once(api: Api) -> None:
     assert r.status_code == 401 and "revoked" in r.json()["message"]
 
 
-@pytest.mark.parametrize(("role", "method", "path", "body", "allowed"), [
-    ("submitter", "GET", "/v1/lineages", None, False),
-    ("submitter", "POST", "/v1/lineages", {"name": "x"}, False),
-    ("submitter", "GET", "/v1/lineages/default/versions", None, False),
-    ("submitter", "POST", "/v1/lineages/default/rollback", None, False),
-    ("submitter", "POST", "/v1/tokens", {"role": "admin", "name": "x"}, False),
-    ("operator", "POST", "/v1/tokens", {"role": "admin", "name": "x"}, False),
-    ("operator", "GET", "/v1/tokens", None, False),
-    ("operator", "GET", "/v1/lineages", None, True),
-    ("operator", "GET", "/v1/lineages/default/versions", None, True),
-    ("admin", "GET", "/v1/lineages", None, True),
-    ("admin", "GET", "/v1/tokens", None, True),
-])
-def test_roles(api: Api, role: str, method: str, path: str, body: dict | None,
-               allowed: bool) -> None:
-    r = api.client.request(method, path, json=body, headers=api.headers(role))
-    if allowed:
-        assert r.status_code < 400, r.text
-    else:
-        assert r.status_code == 403, r.text
-        assert f"needs the" in r.json()["message"]
+# The role of every route, exactly: tests/service/test_authz.py.
 
 
 def test_submitters_see_and_cancel_only_their_own_tickets(api: Api) -> None:

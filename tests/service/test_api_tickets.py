@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
+from service.deps import payload_cipher
 from storage import queue, registry, tickets
 from storage.db import transaction
 from storage.models import AuditEvent, Ticket, TicketKind
@@ -50,12 +51,21 @@ def test_submit_queues_a_ticket_that_can_be_read_back(api: Api) -> None:
 
     got = api.client.get(f"/v1/tickets/{ticket['id']}", headers=api.headers())
     assert got.status_code == 200
-    assert got.json() == ticket
+    shown = got.json()
+    # GET of one ticket adds its timeline (the list and the POST answer leave it null).
+    assert [e["event"] for e in shown.pop("timeline")] == ["submitted"]
+    assert ticket.pop("timeline") is None
+    assert shown == ticket
 
     with api.db.sessions() as s:
         row = s.get(Ticket, uuid.UUID(ticket["id"]))
-        assert row.payload["forget"]["texts"] == FORGET["forget"]["texts"]
-        canonical = json.dumps(row.payload, sort_keys=True, separators=(",", ":"),
+        # Stored sealed (storage.sealing): no forget text in the row, only ciphertext.
+        assert row.payload["sealed"] == "aes-256-gcm"
+        assert FORGET["forget"]["texts"][0] not in json.dumps(row.payload)
+        plain = payload_cipher(api.client.app).open(row.payload,
+                                                    expected_sha256=row.payload_sha256)
+        assert plain["forget"]["texts"] == FORGET["forget"]["texts"]
+        canonical = json.dumps(plain, sort_keys=True, separators=(",", ":"),
                                ensure_ascii=False).encode()
         assert row.payload_sha256 == hashlib.sha256(canonical).hexdigest()
         assert ticket["payload_sha256"] == row.payload_sha256
@@ -156,9 +166,10 @@ def test_receipt_only_for_done_tickets_with_versions_and_hashes(api: Api) -> Non
                                           actor="w")
         registry.mark_ready(s, version_id=version.id, object_key=f"adapters/{sha}", sha256=sha,
                             size=123, metrics={"forget_ratio": 0.0}, actor="w")
+        registry.promote(s, lineage_name="default", version=version.version, actor="w")
         version_id = version.id
     assert queue.complete(api.db.sessions, ticket_id=claimed[0].id, owner="w",
-                          version_id=version_id, receipt={"promoted": True})
+                          version_id=version_id, receipt={"auto_promoted": True})
 
     r = api.client.get(f"/v1/tickets/{ticket['id']}/receipt", headers=api.headers())
     assert r.status_code == 200, r.text
@@ -169,8 +180,9 @@ def test_receipt_only_for_done_tickets_with_versions_and_hashes(api: Api) -> Non
     assert receipt["base_model_sha256"] == "cd" * 32
     assert receipt["payload_sha256"] == ticket["payload_sha256"]
     assert receipt["metrics"] == {"forget_ratio": 0.0}
-    assert receipt["promoted"] is True
-    assert receipt["requested_at"] and receipt["completed_at"]
+    assert receipt["promoted"] is True and receipt["live"] is True
+    assert receipt["live_version"] == "default@v1"
+    assert receipt["requested_at"] and receipt["completed_at"] == receipt["done_at"]
     shown = api.client.get(f"/v1/tickets/{ticket['id']}", headers=api.headers()).json()
     assert shown["status"] == "done"
     assert shown["result_version"] == {"id": str(version_id), "label": "default@v1"}

@@ -43,7 +43,7 @@ def play_worker(server: LiveServer, finish: Callable[[Any, Any], None]) -> threa
     return thread
 
 
-def _done_with_a_version(sessions: Any, ticket: Any) -> None:
+def _done_with_a_version(sessions: Any, ticket: Any, *, live: bool = True) -> None:
     with transaction(sessions) as s:
         lineage = s.get_one(Lineage, ticket.lineage_id)
         version = registry.create_version(s, lineage=lineage, parent_id=None,
@@ -53,6 +53,8 @@ def _done_with_a_version(sessions: Any, ticket: Any) -> None:
         registry.mark_ready(s, version_id=version.id, object_key="adapters/x/adapter.tar",
                             sha256="1" * 64, size=1, metrics={}, peft_config=None, actor="w")
         version_id = version.id
+        if live:  # done means live: a held version's ticket waits for review instead
+            registry.promote(s, lineage_name=lineage.name, version=version.version, actor="w")
     queue.complete(sessions, ticket_id=ticket.id, owner="w", version_id=version_id,
                    receipt={"version": "default@v1"})
 
@@ -93,3 +95,13 @@ def test_waiting_gives_up_at_the_timeout_with_exit_1(live_server: LiveServer) ->
     r = oblivio(live_server, "ticket", "submit", *QA, "--wait", "--timeout", "1.5")
     assert r.exit_code == 1 and "still queued" in r.stderr
     assert time.monotonic() - started < 10
+
+
+def test_waiting_ends_at_review_with_the_promote_line(live_server: LiveServer) -> None:
+    worker = play_worker(live_server, lambda sessions, ticket: _done_with_a_version(
+        sessions, ticket, live=False))
+    r = oblivio(live_server, "ticket", "submit", *QA, "--wait", "--timeout", "30")
+    worker.join(timeout=30)
+    assert r.exit_code == 0, r.output
+    assert "waiting for review" in r.stdout
+    assert "oblivio promote --lineage default 1" in r.stdout

@@ -147,8 +147,9 @@ def test_every_forget_engine_trains_a_text_only_ticket_through_the_shape(
     assert before.generate(["Where does Zorblat 0 live?"], [6]) == plain
 
     metrics = eng.evaluate(job, before=before, after=after)
-    assert metrics["verdict"] in ("pass", "hold", "reject") and metrics["verdict_reason"]
-    if "forget_probes" in metrics:  # the shared forgetting evaluation: the text's prompt
-        assert metrics["forget_probes"] == 1 and metrics["utility_probes"] > 10
+    assert metrics["verdict"] in ("pass", "hold", "reject")
+    if "forget_trained_probes" in metrics:  # the shared forgetting evaluation
+        # A text-only ticket is judged on its text's own continuation prompt.
+        assert metrics["forget_trained_probes"] == 1 and metrics["utility_probes"] > 10
     json.dumps(metrics)  # stored as JSON with the version
     after.close()

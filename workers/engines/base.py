@@ -175,7 +175,10 @@ class Engine(Protocol):
         every earlier request of the lineage too, so the verdict judges their sum).
         Returns metrics including "verdict": "pass" (may go live), "hold" (candidate for
         an operator) or "reject" (not kept). Forgetting engines share one implementation
-        in workers/evaluation; S3T judges its own way.
+        (workers.evaluation.version_eval.evaluate_forgetting); S3T judges its own way.
+        An engine may also take `parent: Servable | None` (the lineage's previous
+        version): the job runner passes it when the signature has it, so the report
+        compares with the parent as well as the base.
         """
         ...
 

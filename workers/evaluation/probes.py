@@ -7,7 +7,10 @@ A forget probe set describes one well-known person the bundled model knows:
   are the test of whether the knowledge, not the wording, was forgotten.
 `unrelated.json` holds general questions far from every target (utility), and
 `retain_prompts.json` generic prompts whose base-model answers serve as self-generated
-retain data when a ticket brings none. The three question pools never overlap.
+retain data when a ticket brings none, `general.json` a small general benchmark (arithmetic,
+science, geography, language, common sense) and `neighbours.json` facts about other
+well-known people (knowledge close to a person-forgetting target that must stay); both
+kept only where the bundled model answers them correctly. The question pools never overlap.
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from workers.evaluation.keywords import STOPWORDS, answer_keywords
+
 PROBESET_PACKAGE = "workers.evaluation.probesets"
 UNRELATED_FILE = "unrelated.json"
 RETAIN_PROMPTS_FILE = "retain_prompts.json"
-_NOT_FORGET_SETS = {UNRELATED_FILE, RETAIN_PROMPTS_FILE}
-_STOPWORDS = frozenset(
-    "a an the of in on at to for from by with and or is was were be been are it its his her "
-    "their he she they this that as who what when where which".split())
+GENERAL_FILE = "general.json"
+NEIGHBOURS_FILE = "neighbours.json"
+_NOT_FORGET_SETS = {UNRELATED_FILE, RETAIN_PROMPTS_FILE, GENERAL_FILE, NEIGHBOURS_FILE}
 
 
 @dataclass(frozen=True)
@@ -141,23 +145,20 @@ def load_retain_prompts(*, directory: Path | None = None) -> tuple[str, ...]:
     return tuple(p.strip() for p in prompts)
 
 
-def answer_keywords(answer: str, question: str = "") -> tuple[str, ...]:
-    """Keywords whose presence in a generated answer means the fact was stated.
+def _probe_file(name: str, directory: Path | None) -> tuple[Probe, ...]:
+    probes = _probes(_read(name, directory).get("probes"), where=name)
+    _check_unique([p.question for p in probes], where=name)
+    return probes
 
-    Short answers ("Stratford-upon-Avon", "1879") are matched whole; for a sentence, its
-    rarest-looking content words (capitalised words and numbers first) stand in for it.
-    Words the question already contains prove nothing (a model echoes them), so they don't
-    count: for "Who wrote Hamlet?" -> "Shakespeare wrote Hamlet." only "Shakespeare" does.
-    """
-    answer = answer.strip().rstrip(".")
-    if len(answer.split()) <= 3:
-        return (answer,)
-    asked = {w.strip(".,;:!?\"'()").lower() for w in question.split()}
-    words = [w.strip(".,;:!?\"'()") for w in answer.split()]
-    content = [w for w in words if w and w.lower() not in _STOPWORDS and len(w) > 2
-               and w.lower() not in asked]
-    salient = [w for w in content if w[0].isupper() or re.fullmatch(r"\d[\d,.]*", w)]
-    return tuple(dict.fromkeys(salient or content)) or (answer,)
+
+def load_general_benchmark(*, directory: Path | None = None) -> tuple[Probe, ...]:
+    """The small general benchmark shipped with the package (utility beyond unrelated QA)."""
+    return _probe_file(GENERAL_FILE, directory)
+
+
+def load_neighbour_probes(*, directory: Path | None = None) -> tuple[Probe, ...]:
+    """Facts about other well-known people (neighbour knowledge that must stay)."""
+    return _probe_file(NEIGHBOURS_FILE, directory)
 
 
 def ticket_probes(qa: list[dict[str, str]]) -> list[Probe]:
@@ -209,7 +210,7 @@ def _cloze(text: str) -> Probe | None:
     keywords = [k for k in answer_keywords(flat) if k != flat.rstrip(".")]
     if not keywords:
         words = [w.strip(".,;:!?\"'()") for w in flat.split()]
-        keywords = [w for w in words if len(w) > 3 and w.lower() not in _STOPWORDS][:1]
+        keywords = [w for w in words if len(w) > 3 and w.lower() not in STOPWORDS][:1]
     if not keywords:
         return None
     word = keywords[0]

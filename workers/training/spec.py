@@ -132,7 +132,8 @@ def default_stop_probes(forget_qa: list[dict[str, str]],
                         forget_texts: list[str] | None = None) -> list[dict[str, Any]]:
     """One early-stopping probe per forget QA pair (its question, its answer's keywords),
     plus the texts' continuation probes (the ones the job's evaluation asks too)."""
-    from workers.evaluation.probes import answer_keywords, text_probes
+    from workers.evaluation.keywords import answer_keywords
+    from workers.evaluation.probes import text_probes
 
     return ([{"question": i["question"],
               "accept": list(i.get("accept") or answer_keywords(i["answer"], i["question"]))}  # type: ignore[arg-type]

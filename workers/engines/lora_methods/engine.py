@@ -2,7 +2,7 @@
 
 train: the ticket's forget set -> a TrainJobSpec -> Ray Train + DeepSpeed (workers.training)
 -> one stacked PEFT adapter (parent + new LoRA). Serving: the adapter on the base model.
-Evaluation: the shared forgetting evaluation (workers.evaluation.forgetting).
+Evaluation: the shared forgetting evaluation (workers.evaluation.version_eval).
 
 This module stays light (no torch): the API imports it to validate tickets.
 """
@@ -111,7 +111,10 @@ class LoraMethodEngine:
 
         return load_lora_servable(version_dir, model=model, tokenizer=tokenizer, device=device)
 
-    def evaluate(self, job: JobInput, *, before: Any, after: Any) -> dict[str, Any]:
-        from workers.evaluation.forgetting import evaluate_forgetting
+    def evaluate(self, job: JobInput, *, before: Any, after: Any,
+                 parent: Any | None = None) -> dict[str, Any]:
+        from workers.evaluation.version_eval import evaluate_forgetting
 
-        return evaluate_forgetting(job.requests, before=before, after=after)
+        if parent is None:
+            return evaluate_forgetting(job, before=before, after=after)
+        return evaluate_forgetting(job, before=parent, after=after, base=before)
