@@ -10,8 +10,8 @@
   to the job record (`jobs.error`, `GET /v1/jobs/{id}`) for operators.
 
 Errors from Ray Train workers arrive wrapped (TrainingFailedError, RayTaskError): both
-functions look through the chain (`__cause__`, `__context__`, Ray's `.cause`) for the
-error that started it.
+functions look through the chain (`__cause__`, `__context__`, Ray's `.cause`) past Ray's
+wrappers.
 """
 
 from __future__ import annotations
@@ -51,14 +51,19 @@ def is_permanent(exc: BaseException) -> bool:
     return False
 
 
+def _is_ray_wrapper(err: BaseException) -> bool:
+    return type(err).__module__.split(".")[0] == "ray"
+
+
 def root_cause(exc: BaseException) -> BaseException:
-    """The domain error in the chain if there is one (its message is written for people),
-    else the innermost error."""
+    """The error whose message explains the failure: a domain error in the chain if there
+    is one (written for people), else the outermost error that is not one of Ray's wrappers
+    (our own `raise ... from` messages add context), else Ray's innermost."""
     chain = list(error_chain(exc))
     for err in chain:
         if isinstance(err, OblivioError):
             return err
-    return chain[-1]
+    return next((err for err in chain if not _is_ray_wrapper(err)), chain[-1])
 
 
 def one_line_cause(exc: BaseException) -> str:

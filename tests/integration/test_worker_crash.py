@@ -79,8 +79,8 @@ def test_killing_a_train_worker_mid_training_retries_the_ticket_to_done(flow):
         # A transient failure: retried, after the backoff (1 s in these settings).
         assert ticket.not_before is not None
         wait = (ticket.not_before.replace(tzinfo=None) - utcnow().replace(tzinfo=None))
-    assert 0 < wait.total_seconds() <= 1.5
-    time.sleep(wait.total_seconds() + 0.2)
+    assert wait.total_seconds() <= 1.0  # 1 s after the failure, which is already past
+    time.sleep(max(0.0, wait.total_seconds()) + 0.2)
 
     fast = settings.model_copy(update={"recipe": {**settings.recipe, "max_steps": 3}})
     assert DispatcherLoop(fast.worker_config()).run_once() == 1

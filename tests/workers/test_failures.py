@@ -8,14 +8,22 @@ from storage.errors import Conflict, InvalidRequest, NotFound, Unavailable
 from workers.failures import is_permanent, one_line_cause, retry_delay_seconds
 
 
+class TrainingFailedError(RuntimeError):
+    """Stands in for Ray Train's wrapper (a ray.* exception around the worker's error)."""
+
+
+TrainingFailedError.__module__ = "ray.train.v2.api.exceptions"
+
+
 def _wrapped(inner: BaseException) -> BaseException:
     """`inner` as a Ray Train failure delivers it: wrapped, with a multi-line message."""
     try:
         try:
             raise inner
         except BaseException as exc:
-            raise RuntimeError("Training failed.\nTraceback (most recent call last):\n"
-                               '  File "/work/x/workers/training/loop.py", line 3') from exc
+            raise TrainingFailedError(
+                "Training failed.\nTraceback (most recent call last):\n"
+                '  File "/work/x/workers/training/loop.py", line 3') from exc
     except RuntimeError as outer:
         return outer
 
@@ -26,6 +34,9 @@ class RayStyleError(Exception):
     def __init__(self, cause: BaseException) -> None:
         super().__init__("ray::RayTrainWorker._run() (pid=12, ip=127.0.0.1)\nlong trace")
         self.cause = cause
+
+
+RayStyleError.__module__ = "ray.exceptions"
 
 
 @pytest.mark.parametrize("error", [InvalidRequest("unknown option(s) for method 'npo': betta"),
@@ -62,3 +73,19 @@ def test_backoff_doubles_up_to_its_cap() -> None:
     delays = [retry_delay_seconds(n, base=10, cap=60) for n in (1, 2, 3, 4, 5)]
     assert delays == [10, 20, 40, 60, 60]
     assert retry_delay_seconds(3, base=0, cap=60) == 0
+
+
+def test_our_own_context_beats_the_library_error_it_wraps() -> None:
+    try:
+        try:
+            raise OSError("Repo id must be in the form 'repo_name': '/srv/models/x'")
+        except OSError as exc:
+            raise ValueError("base model '/srv/models/x' is neither a local directory nor in "
+                             "the local Hugging Face cache") from exc
+    except ValueError as err:
+        line = one_line_cause(_wrapped(err))
+    assert line == ("ValueError: base model '.../x' is neither a local directory nor in the "
+                    "local Hugging Face cache")
+    died = RayStyleError(RuntimeError("x"))
+    died.cause = None  # only Ray's error: its name, without Ray's "ray::...(pid=...)" prefix
+    assert one_line_cause(died) == "RayStyleError"
