@@ -95,6 +95,7 @@ def _marked(marker: str) -> list[str]:
 
 
 @pytest.mark.tour
+@pytest.mark.timeout(1800)  # the real model, two tickets, start and stop
 def test_the_readme_quick_tour_works_for_a_new_user(tmp_path: Path) -> None:
     root = tmp_path / "oblivio"
     root.mkdir()
