@@ -102,7 +102,9 @@ class Settings(BaseSettings):
 
     @property
     def resolved_database_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.data_dir / 'oblivio.db'}"
+        if not self.database_url:
+            return f"sqlite:///{self.data_dir / 'oblivio.db'}"
+        return _absolute_sqlite(self.database_url)
 
     @property
     def payload_key_text(self) -> str | None:
@@ -148,6 +150,22 @@ class Settings(BaseSettings):
 
         key = sealing.load_or_create_key(self.payload_key_text, self.payload_key_file)
         return sealing.encode_key(key)
+
+
+def _absolute_sqlite(url: str) -> str:
+    """A SQLite URL with a relative file, made absolute against the working directory: the
+    dispatcher (a Ray actor) opens the same URL from another working directory."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # not ours to judge here; the engine reports a bad URL clearly
+        return url
+    name = parsed.database
+    if (parsed.get_backend_name() != "sqlite" or not name or name == ":memory:"
+            or name.startswith("file:") or Path(name).is_absolute()):
+        return url
+    return parsed.set(database=str(Path(name).resolve())).render_as_string(hide_password=False)
 
 
 @lru_cache
