@@ -76,7 +76,12 @@ class Settings(BaseSettings):
 
     # --- queue ---------------------------------------------------------------------
     lease_seconds: float = Field(300.0, description="A claim is lost unless renewed within this.")
-    max_attempts: int = Field(3, description="Claims before a ticket fails for good.")
+    max_attempts: int = Field(3, description="Claims before a ticket fails for good; only "
+                              "transient failures are retried, a permanent one fails at once.")
+    retry_backoff_seconds: float = Field(
+        10.0, ge=0, description="Wait before retrying a transiently failed ticket, doubled "
+                                "after each attempt (exponential backoff through not_before).")
+    retry_backoff_max_seconds: float = Field(600.0, ge=0, description="The longest such wait.")
 
     # --- models and training ---------------------------------------------------------
     base_model: str = Field(
@@ -123,7 +128,9 @@ class Settings(BaseSettings):
 
     @property
     def resolved_database_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.data_dir / 'oblivio.db'}"
+        if not self.database_url:
+            return f"sqlite:///{self.data_dir / 'oblivio.db'}"
+        return _absolute_sqlite(self.database_url)
 
     @property
     def payload_key_text(self) -> str | None:
@@ -158,7 +165,9 @@ class Settings(BaseSettings):
             warm_train_workers=self.warm_train_workers,
             recipe=dict(self.recipe), evaluation=dict(self.evaluation),
             lease_seconds=self.lease_seconds,
-            max_attempts=self.max_attempts, batch_window_seconds=self.batch_window_seconds,
+            max_attempts=self.max_attempts, retry_backoff_seconds=self.retry_backoff_seconds,
+            retry_backoff_max_seconds=self.retry_backoff_max_seconds,
+            batch_window_seconds=self.batch_window_seconds,
             auto_promote=self.auto_promote, ray_address=self.ray_address,
             payload_key=self._resolved_payload_key(), log_format=self.log_format,
             log_level=self.log_level)
@@ -170,6 +179,22 @@ class Settings(BaseSettings):
 
         key = sealing.load_or_create_key(self.payload_key_text, self.payload_key_file)
         return sealing.encode_key(key)
+
+
+def _absolute_sqlite(url: str) -> str:
+    """A SQLite URL with a relative file, made absolute against the working directory: the
+    dispatcher (a Ray actor) opens the same URL from another working directory."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # not ours to judge here; the engine reports a bad URL clearly
+        return url
+    name = parsed.database
+    if (parsed.get_backend_name() != "sqlite" or not name or name == ":memory:"
+            or name.startswith("file:") or Path(name).is_absolute()):
+        return url
+    return parsed.set(database=str(Path(name).resolve())).render_as_string(hide_password=False)
 
 
 @lru_cache

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from storage import queue, registry
 from storage.db import transaction
+from storage.errors import InvalidRequest
 from storage.models import Job, JobStatus, Lineage, Ticket, TicketStatus, utcnow
 from storage.objectstore import CorruptObject, ObjectStore
 from storage.queue import ClaimedTicket
@@ -32,6 +33,7 @@ from workers.logcontext import bind_log_context, unbind_log_context
 from workers.telemetry import merge_progress
 from workers.engines.base import MANIFEST_FILE
 from workers.job_phases import PhaseClock
+from workers.failures import full_trace, is_permanent, one_line_cause, retry_delay_seconds
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +110,20 @@ def run_job(ctx: JobContext, tickets: list[ClaimedTicket]) -> JobOutcome:
     except LeaseLost:
         _finish_job(ctx, job_id, JobStatus.failed, error="lease lost to another claimer")
         raise
-    except Exception as exc:  # keep the error on the job and the tickets; retry if allowed
+    except Exception as exc:
+        # The submitter's ticket gets one readable line; the job record keeps the whole
+        # trace for operators. Only a failure that may go away is retried, later each time.
         log.exception("job %s failed", job_id)
-        message = f"{type(exc).__name__}: {exc}"
-        _finish_job(ctx, job_id, JobStatus.failed, error=message)
+        cause = one_line_cause(exc)
+        permanent = is_permanent(exc)
+        _finish_job(ctx, job_id, JobStatus.failed, error=f"{cause}\n\n{full_trace(exc)}")
+        config = ctx.config
         for ticket in tickets:
-            queue.fail(ctx.sessions, ticket_id=ticket.id, owner=ctx.owner, error=message,
-                       retry=True, max_attempts=ctx.config.max_attempts)
+            delay = retry_delay_seconds(ticket.attempts, base=config.retry_backoff_seconds,
+                                        cap=config.retry_backoff_max_seconds)
+            queue.fail(ctx.sessions, ticket_id=ticket.id, owner=ctx.owner, error=cause,
+                       retry=not permanent, max_attempts=config.max_attempts,
+                       retry_delay_seconds=delay)
         raise
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -204,11 +213,11 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
     except Exception as exc:
         with transaction(ctx.sessions) as s:
             registry.mark_failed(s, version_id=version_id, actor=ctx.owner,
-                                 reason=f"{type(exc).__name__}: {exc}")
+                                 reason=one_line_cause(exc))
         raise
 
     promote_started = time.time()
-    reason = str(metrics.get("verdict_reason") or f"its evaluation said {verdict}")
+    reason = _verdict_reason(metrics, verdict)
     with transaction(ctx.sessions) as s:
         if verdict == "reject":
             registry.mark_failed(s, version_id=version_id, actor=ctx.owner, reason=reason,
@@ -287,13 +296,23 @@ def _store_report(ctx: JobContext, version_dir: Path, metrics: dict[str, Any]) -
     ref["object_key"] = stored.key
 
 
+def _verdict_reason(metrics: dict[str, Any], verdict: str) -> str:
+    """Why the version was judged so, as the end of a sentence starting with its label."""
+    if metrics.get("verdict_reason"):
+        return str(metrics["verdict_reason"])
+    utility = metrics.get("utility_ratio")
+    if verdict == "reject" and isinstance(utility, (int, float)):
+        return f"kept too little utility ({utility:.2f} of the base model's answers)"
+    return f"was judged {verdict!r} by its evaluation"
+
+
 def _check_base_model(session: Session, lineage: Lineage, sha256: str) -> None:
     # The first job pins the lineage to the base model's content; any later mismatch means
     # the adapters would be applied to weights they were not trained on.
     if lineage.base_model_sha256 is None:
         lineage.base_model_sha256 = sha256
     elif lineage.base_model_sha256 != sha256:
-        raise RuntimeError(
+        raise InvalidRequest(
             f"lineage {lineage.name!r} was trained on base model {lineage.base_model_sha256[:12]}"
             f", but the configured base model is {sha256[:12]}; refusing to mix them")
 
