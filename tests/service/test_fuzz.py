@@ -23,7 +23,7 @@ from sqlalchemy import func, select, text
 from storage.models import Ticket
 from tests.service.conftest import Api, make_settings, start_api
 
-FUZZ_EXAMPLES = int(os.environ.get("OBLIVIO_FUZZ_EXAMPLES", "25"))
+FUZZ_EXAMPLES = int(os.environ.get("OBLIVIO_FUZZ_EXAMPLES", "20"))
 # Where a 503 is the documented answer, not a fault: generation needs `oblivio serve`'s
 # Ray Serve deployment, which this in-process app does not start.
 UNAVAILABLE_BY_DESIGN = {("POST", "/v1/generate"), ("POST", "/v1/chat/completions")}
