@@ -270,6 +270,17 @@ class Schedule(Base):
     next_run_at: Mapped[datetime]
     last_run_at: Mapped[datetime | None]
     last_result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class LeaderLease(Base):
+    """One row per singleton role (e.g. `scheduler`): who holds it and until when."""
+
+    __tablename__ = "leader_leases"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[datetime]
 
 
 # --- S3T: fine-tuning datasets, their records, and content-addressed prefix checkpoints ---
@@ -285,15 +296,6 @@ class Dataset(Base):
     slices: Mapped[int | None] = mapped_column(Integer)
     created_by: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-
-
-class LeaderLease(Base):
-    """One row per singleton role (e.g. `scheduler`): who holds it and until when."""
-
-    __tablename__ = "leader_leases"
-    name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    owner: Mapped[str] = mapped_column(String(128))
-    expires_at: Mapped[datetime]
 
 
 class Record(Base):
