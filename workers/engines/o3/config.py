@@ -73,7 +73,7 @@ class DetectorConfig:
     temperature: float = 0.1
     mask_prob: float = 0.3
     views: int = 4
-    epochs: int = 200
+    epochs: int = 100
     lr: float = 1e-2
     recon_weight: float = 1.0
     shrinkage: float = 1e-3
