@@ -65,7 +65,7 @@ def test_fitted_detector_separates_and_calibrates() -> None:
     views = forget.repeat_interleave(2, dim=1) + 0.2 * torch.randn(2, 12, dim)
     items = torch.arange(6).repeat_interleave(2)
     generic = _clusters(30, torch.zeros(dim), 1.0, 1)
-    cfg = DetectorConfig(proj_dim=8, epochs=50, layers=(1, 2))
+    cfg = DetectorConfig(proj_dim=8, epochs=50, layers=(1, 2), generic_margin=0.5)
     det, summary = fit_detector(forget=forget, views=views, view_items=items,
                                 generic=generic, layers=(1, 2), cfg=cfg)
     new_target = _clusters(5, target, 0.5, 2)
