@@ -47,6 +47,10 @@ class LoopResult:
     lora_config: dict[str, Any]
     partition: tuple[int, int] = (0, 0)
     extra: dict[str, Any] = field(default_factory=dict)
+    # Wall-clock (epoch seconds) of the loop's first step and end: the job's phase record
+    # splits the engine's train call into start-up, loop and teardown with them.
+    started_at: float | None = None
+    finished_at: float | None = None
 
 
 def load_for_training(spec: TrainJobSpec) -> tuple[Any, Any]:
@@ -108,10 +112,13 @@ def run_training(spec: TrainJobSpec, strategy: TrainingStrategy,
                     # (answer tokens, vocab), half precision: it is held for the whole run.
                     ref_retain[_key(pair)] = logp[row][labels[row] != IGNORE].half()
 
-    # Early stopping compares with the model as it was before this adapter.
+    # Early stopping compares with the model as it was before this adapter. Checks that
+    # cannot take part in a stop (before min_steps, or all of them when min_steps >=
+    # max_steps) are skipped: the adapter is the same, without their generation cost.
     probes = list(spec.stop_probes or [])
     base_rate = None
-    if recipe.eval_every and probes:
+    first_check = recipe.first_useful_check()
+    if first_check is not None and probes:
         with peft_model.disable_adapter():
             base_rate = _probe_rate(peft_model, tokenizer, probes, strategy, recipe)
 
@@ -125,6 +132,7 @@ def run_training(spec: TrainJobSpec, strategy: TrainingStrategy,
     retain_iter = (cycle_batches(retain_pairs, max(1, recipe.retain_batch_size // world),
                                  spec.seed + 1000 + rank) if retain_pairs else None)
     started = time.perf_counter()
+    started_at = time.time()
     losses: list[float] = []
     rates: list[tuple[int, float]] = []
     step, stopped = 0, False
@@ -159,8 +167,8 @@ def run_training(spec: TrainJobSpec, strategy: TrainingStrategy,
         if progress is not None:
             progress({"phase": "training", "step": step, "max_steps": recipe.max_steps,
                       "loss": round(losses[-1], 4)})
-        if (recipe.eval_every and base_rate is not None and step % recipe.eval_every == 0
-                and step < recipe.max_steps):
+        if (base_rate is not None and first_check is not None and step >= first_check
+                and step % recipe.eval_every == 0 and step < recipe.max_steps):
             rate = _probe_rate(trained, tokenizer, probes, strategy, recipe)
             rates.append((step, rate))
             if progress is not None:
@@ -173,6 +181,7 @@ def run_training(spec: TrainJobSpec, strategy: TrainingStrategy,
                 break
             trained.train()
     seconds = time.perf_counter() - started
+    finished_at = time.time()
     if orthogonal is not None:
         orthogonal.detach()
     state = strategy.trainable_state_dict(trained)
@@ -180,7 +189,7 @@ def run_training(spec: TrainJobSpec, strategy: TrainingStrategy,
     return LoopResult(steps=step, stopped_early=stopped, losses=losses, ticket_rates=rates,
                       base_ticket_rate=base_rate, seconds=seconds, state_dict=state,
                       lora_config=lora.to_dict(), partition=strategy.partitioned_numel(trained),
-                      extra=extra)
+                      started_at=started_at, finished_at=finished_at, extra=extra)
 
 
 def _orthogonality_regularizer(spec: TrainJobSpec, model: Any) -> Any:
