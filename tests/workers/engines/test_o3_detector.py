@@ -65,7 +65,7 @@ def test_fitted_detector_separates_and_calibrates() -> None:
     views = forget.repeat_interleave(2, dim=1) + 0.2 * torch.randn(2, 12, dim)
     items = torch.arange(6).repeat_interleave(2)
     generic = _clusters(30, torch.zeros(dim), 1.0, 1)
-    cfg = DetectorConfig(proj_dim=8, epochs=50, layers=(1, 2))
+    cfg = DetectorConfig(proj_dim=8, epochs=50, layers=(1, 2), generic_margin=0.5)
     det, summary = fit_detector(forget=forget, views=views, view_items=items,
                                 generic=generic, layers=(1, 2), cfg=cfg)
     new_target = _clusters(5, target, 0.5, 2)
@@ -74,8 +74,10 @@ def test_fitted_detector_separates_and_calibrates() -> None:
     assert auroc(pos.tolist(), neg.tolist()) > 0.95
     w_pos, w_neg = det.weights(new_target), det.weights(others)
     assert ((0 <= w_pos) & (w_pos <= 1)).all() and w_pos.mean() > 0.5
-    assert float(w_neg.max()) < 0.5
-    assert summary["generic_weight_max"] == 0.0  # calibration: generic traffic gets w = 0
+    # New draws from the generic distribution may land above the generic prompts' maximum,
+    # but only rarely; the generic prompts themselves are all at w = 0 by construction.
+    assert float((w_neg > 0).float().mean()) <= 0.1
+    assert summary["generic_weight_max"] == 0.0
 
 
 def test_detector_round_trips_through_its_files(tmp_path) -> None:

@@ -68,22 +68,22 @@ class DetectorConfig:
 
     layers: tuple[int, ...] | None = None
     n_layers: int = 8
-    pooling: Literal["content", "last", "both"] = "both"
+    pooling: Literal["content", "last", "both"] = "content"
     proj_dim: int = 64
     temperature: float = 0.1
     mask_prob: float = 0.3
     views: int = 4
-    epochs: int = 200
+    epochs: int = 100
     lr: float = 1e-2
     recon_weight: float = 1.0
     shrinkage: float = 1e-3
     calibration_share: float = 0.5
-    hard_negatives: bool = True
+    hard_negatives: bool = False
     nu: float = 0.1
     aggregator: Literal["ocsvm", "mean"] = "ocsvm"
     w_low_quantile: float = 1.0
     w_high_quantile: float = 0.25
-    generic_margin: float = 0.5
+    generic_margin: float = 0.0
     skip_below: float = 0.02
     seed: int = 0
 

@@ -178,15 +178,19 @@ def contrastive_entropy_loss(z1: Tensor, z2: Tensor, temperature: float = 0.1) -
     return entropy.mean(-1).sum()
 
 
-def reconstruction_loss(proj: Tensor, h: Tensor) -> Tensor:
-    """Relative error of decoding h back from its projection (tied weights), per layer summed.
+def reconstruction_loss(proj: Tensor, h: Tensor, z: Tensor | None = None) -> Tensor:
+    """Relative error of decoding h back from its projection (tied weights), layers summed.
 
-    proj: (L, k, d); h: (L, N, d) standardised features.
+    proj: (L, k, d); h: (L, N, d) standardised features; z = h proj^T when already at hand.
+    ||P^T P h - h||^2 = ||h||^2 - 2 ||z||^2 + z^T (P P^T) z, so only the (k, k) Gram matrix
+    is needed, never the d-wide reconstruction (the costly part on a CPU).
     """
-    z = h @ proj.transpose(-1, -2)              # (L, N, k)
-    back = z @ proj                             # (L, N, d)
-    err = ((back - h) ** 2).sum(-1).mean(-1)
-    return (err / (h ** 2).sum(-1).mean(-1).clamp(min=1e-8)).sum()
+    if z is None:
+        z = h @ proj.transpose(-1, -2)                       # (L, N, k)
+    gram = proj @ proj.transpose(-1, -2)                     # (L, k, k)
+    hh = (h ** 2).sum(-1)                                    # (L, N)
+    err = hh - 2 * (z ** 2).sum(-1) + torch.einsum("lnk,lkj,lnj->ln", z, gram, z)
+    return (err.mean(-1) / hh.mean(-1).clamp(min=1e-8)).sum()
 
 
 def train_projection(views: Tensor, unmasked: Tensor, cfg: DetectorConfig,
@@ -202,10 +206,14 @@ def train_projection(views: Tensor, unmasked: Tensor, cfg: DetectorConfig,
     k = min(cfg.proj_dim, dim)
     init = []
     for layer in range(n_layers):
-        centred = unmasked[layer] - unmasked[layer].mean(0, keepdim=True)
-        _, _, vh = torch.linalg.svd(torch.cat([centred, views[layer].reshape(-1, dim)]),
-                                    full_matrices=False)
-        basis = vh[:k]
+        x = torch.cat([unmasked[layer], views[layer].reshape(-1, dim)])
+        x = (x - x.mean(0, keepdim=True)).double()
+        # Principal directions from the small (n, n) Gram matrix: n items << d dimensions,
+        # and a full SVD of the (n, d) matrix is the slow part on a loaded CPU.
+        evals, evecs = torch.linalg.eigh(x @ x.T)
+        keep = evals > evals.max() * 1e-9
+        evals, evecs = evals[keep].flip(0), evecs[:, keep].flip(1)
+        basis = ((evecs.T @ x) / evals.sqrt()[:, None])[:k].float()
         if basis.shape[0] < k:  # fewer items than dimensions asked for: pad orthogonally
             gen = torch.Generator().manual_seed(cfg.seed + layer)
             extra = torch.randn(k - basis.shape[0], dim, generator=gen)
@@ -219,7 +227,7 @@ def train_projection(views: Tensor, unmasked: Tensor, cfg: DetectorConfig,
         z1, z2 = v @ proj.transpose(-1, -2), columns @ proj.transpose(-1, -2)
         loss = contrastive_entropy_loss(z1, z2, cfg.temperature)
         if cfg.recon_weight > 0:
-            loss = loss + cfg.recon_weight * reconstruction_loss(proj, columns)
+            loss = loss + cfg.recon_weight * reconstruction_loss(proj, columns, z2)
         opt.zero_grad()
         loss.backward()
         opt.step()
