@@ -251,6 +251,38 @@ class AuditEvent(Base):
     detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
+class Schedule(Base):
+    """A recurring window (cron, UTC) in which a lineage's waiting tickets become one job.
+
+    While a lineage has an enabled `unlearn` schedule, its new tickets are held (see
+    storage.schedules) instead of being claimed one by one by the dispatcher.
+    """
+
+    __tablename__ = "schedules"
+    __table_args__ = (UniqueConstraint("lineage_id", "action"),)
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    lineage_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("lineages.id"))
+    action: Mapped[str] = mapped_column(String(32), default="unlearn")
+    cron: Mapped[str] = mapped_column(String(128))
+    min_tickets: Mapped[int] = mapped_column(Integer, default=1)
+    max_tickets: Mapped[int] = mapped_column(Integer, default=64)
+    enabled: Mapped[bool] = mapped_column(default=True)
+    next_run_at: Mapped[datetime]
+    last_run_at: Mapped[datetime | None]
+    last_result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class LeaderLease(Base):
+    """One row per singleton role (e.g. `scheduler`): who holds it and until when."""
+
+    __tablename__ = "leader_leases"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[datetime]
+
+
 # --- S3T: fine-tuning datasets, their records, and content-addressed prefix checkpoints ---
 
 class Dataset(Base):

@@ -30,7 +30,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from storage import audit
+from storage import audit, schedules
 from storage.errors import Conflict, InvalidRequest, NotFound
 from storage.models import (
     AdapterVersion,
@@ -187,6 +187,7 @@ def submit_or_replay(session: Session, *, request: TicketRequest, requester: str
         if existing is None:  # the violation was about something else
             raise
         return replay(existing)
+    schedules.hold_if_scheduled(session, ticket)  # a scheduled lineage batches at its window
     audit.record(session, actor=requester, action="ticket.submitted", subject_type="ticket",
                  subject_id=ticket.id,
                  detail={"kind": kind.value, "lineage": lineage.name, "engine": engine,

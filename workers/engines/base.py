@@ -174,7 +174,10 @@ class Engine(Protocol):
                       device: str, fetch: FetchFn | None = None) -> Servable:
         """Wrap the loaded base `model` so that it answers as `version_dir` does.
 
-        `version_dir` None means the base model itself.
+        `version_dir` None means the base model itself. A serving replica hands every
+        engine of one class the same `model` (another class gets its own copy), and loads
+        several versions on it at once: the engine may wrap or inject into it, as long as
+        each servable answers as its own version (and None as the base).
         """
         ...
 
