@@ -22,15 +22,15 @@ def finetune(name: LineageName, body: FinetuneIn, session: SessionDep,
              caller: OperatorDep) -> FinetuneOut:
     """Queue a fine-tune; follow it at GET /v1/jobs/{job_id} (or the ticket). When it ends
     the lineage's new version is live."""
-    from workers.engines.base import EngineRequest
-    from workers.engines.registry import get_engine
+    from workers.engines import get_engine, request_from_payload, resolve_engine
 
     options = body.engine_options()
-    get_engine(body.engine).validate(EngineRequest(kind="finetune", engine=body.engine,
-                                                   dataset=body.dataset, options=options))
+    engine = resolve_engine("finetune", body.engine)
+    get_engine(engine).validate(request_from_payload(
+        kind="finetune", engine=engine, payload={"dataset": body.dataset, "options": options}))
     submitted = tickets.submit_finetune(session, lineage_name=name, dataset=body.dataset,
-                                        engine=body.engine, options=options,
+                                        engine=engine, options=options,
                                         requester=caller.principal)
     return FinetuneOut(job_id=submitted.job.id, ticket_id=submitted.ticket.id, lineage=name,
-                       dataset=body.dataset, engine=body.engine,
+                       dataset=body.dataset, engine=engine,
                        status=submitted.ticket.status.value)
