@@ -77,13 +77,15 @@ class DispatcherLoop:
             return 0
         claimed = list(first)
         # Wait a moment for companions: one job for several tickets of a lineage costs
-        # about as much as one job for one ticket.
+        # about as much as one job for one ticket. Same kind only: an S3T deletion (seconds)
+        # must never wait inside a fine-tune/retrain job (minutes) of the same engine.
         if self.max_batch > 1 and self.config.batch_window_seconds > 0:
             self._stop.wait(self.config.batch_window_seconds)
             claimed += queue.claim(self.sessions, owner=self.owner, limit=self.max_batch - 1,
                                    lease_seconds=self.config.lease_seconds,
                                    max_attempts=self.config.max_attempts,
-                                   lineage_id=first[0].lineage_id, engines=(first[0].engine,))
+                                   lineage_id=first[0].lineage_id, engines=(first[0].engine,),
+                                   kinds=(first[0].kind,))
         claimed = self._open_payloads(claimed)
         groups: dict[tuple[Any, str], list[Any]] = defaultdict(list)
         for ticket in claimed:
@@ -125,7 +127,23 @@ class DispatcherLoop:
             opened.append(dataclasses.replace(ticket, payload=payload))
         return opened
 
+    def warm_up(self) -> None:
+        """Start the warm training ranks now (CPU DeepSpeed jobs with warm_train_workers),
+        so that even the first job skips their start-up. Failures only cost the speed-up:
+        the first job then starts them itself."""
+        config = self.config
+        if not (config.trainer == "deepspeed" and config.warm_train_workers
+                and config.device == "cpu"):
+            return
+        try:
+            from workers.training.warm_pool import warm_pool
+
+            warm_pool(config.num_workers)
+        except Exception:
+            log.warning("could not start the warm training ranks", exc_info=True)
+
     def run_forever(self) -> None:
+        self.warm_up()
         while not self._stop.is_set():
             try:
                 if self.run_once() == 0:

@@ -60,6 +60,9 @@ ROUTE_ROLES: dict[tuple[str, str], tuple[str, int]] = {
     ("POST", "/v1/versions/{version_id}/revoke"): ("operator", 422),
     ("GET", "/v1/system"): ("operator", 200),
     ("GET", "/v1/jobs"): ("operator", 200),
+    ("POST", "/v1/datasets"): ("operator", 422),
+    ("GET", "/v1/datasets/{name}"): ("operator", 404),
+    ("POST", "/v1/lineages/{name}/finetune"): ("operator", 422),
     ("GET", "/v1/jobs/{job_id}"): ("submitter", 404),
     ("POST", "/v1/chat/completions"): ("submitter", 400),  # OpenAI: 400 for bad bodies
     ("GET", "/v1/models"): ("submitter", 200),

@@ -8,7 +8,7 @@ import sqlalchemy as sa
 
 
 revision = '0004_schedules'
-down_revision = '0001'
+down_revision = '0003_s3t'
 branch_labels = None
 depends_on = None
 
