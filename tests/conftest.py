@@ -27,7 +27,12 @@ from sqlalchemy.orm import Session, sessionmaker  # noqa: E402
 
 from tests.fixtures.postgres import *  # noqa: E402,F401,F403
 from tests.fixtures.s3 import s3_server  # noqa: E402,F401
-from tests.fixtures.workers import bundled_model, ray_cluster, tiny_model_dir  # noqa: E402,F401
+from tests.fixtures.workers import (  # noqa: E402,F401
+    bundled_model,
+    ray_cluster,
+    taught_model_dir,
+    tiny_model_dir,
+)
 
 BACKENDS = ("sqlite", "postgresql")
 
@@ -85,6 +90,12 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
 def db_url(db: Database) -> str:
     """The URL of the `db` fixture's database (for code that makes its own engine)."""
     return db.url
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Registered here rather than in pyproject.toml, whose hash is bootstrap.sh's install stamp.
+    config.addinivalue_line("markers", "tour: the README's quick tour, walked by "
+                                       "tests/test_quick_tour.py (make test-tour)")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

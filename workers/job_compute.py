@@ -33,12 +33,12 @@ def engine_requests(tickets: list[ClaimedTicket]) -> list[EngineRequest]:
 def job_input(config: WorkerConfig, *, job_id: str, lineage: str, base: Any,
               tickets: list[ClaimedTicket], parent_dir: Path | None, output_dir: Path,
               fetch: FetchFn | None = None,
-              store_dir: Callable[[Path], str] | None = None) -> JobInput:
+              store_dir: Callable[[Path], str] | None = None, sessions: Any = None) -> JobInput:
     return JobInput(job_id=job_id, lineage=lineage, requests=engine_requests(tickets),
                     ticket_ids=[str(t.id) for t in tickets],
                     base_model_path=Path(base.local_path), base_model_sha256=base.sha256,
                     parent_dir=parent_dir, output_dir=output_dir, config=config, fetch=fetch,
-                    store_dir=store_dir)
+                    store_dir=store_dir, sessions=sessions)
 
 
 def evaluate_version(engine: Any, job: JobInput, *, base: Any, version_dir: Path,

@@ -30,8 +30,9 @@ RAY_TRAIN_ENV_DEFAULTS = {
 def ray_env(config: WorkerConfig) -> dict[str, str]:
     """Environment every Ray worker needs: no hub access, a cached DeepSpeed op dir, and
     Ray Train settings for short jobs (an operator's own values win)."""
+    # Absolute: Ray workers run in other working directories.
     cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR")
-                 or config.data_dir / "torch_extensions")
+                 or config.data_dir / "torch_extensions").expanduser().resolve()
     return {
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",

@@ -20,7 +20,9 @@ from storage import tokens
 from storage.db import transaction
 from storage.models import Role
 from tests.fixtures.training import person_ticket
+from tests.fixtures.workers import serve_app_shut_down_after
 from workers.evaluation.metrics import is_correct
+from workers.evaluation.report import ReportConfig, verdict
 from workers.evaluation.probes import Probe, load_forget_set, load_unrelated_probes
 
 pytestmark = pytest.mark.e2e
@@ -52,14 +54,11 @@ def service(tmp_path: Path, bundled_model, ray_cluster):
     settings = Settings(data_dir=tmp_path / "data", base_model=str(bundled_model.local_path),
                         num_workers=2, zero_stage=2, batch_window_seconds=0.0)
     app = create_app(settings)
-    with TestClient(app) as client:
+    with TestClient(app) as client, serve_app_shut_down_after():
         with transaction(app.state.sessions) as s:
             _, secret = tokens.create_token(s, role=Role.operator, name="e2e")
         app.state.generator = deploy(serving_config(settings.worker_config()))
         yield settings, client, {"Authorization": f"Bearer {secret}"}
-    from ray import serve
-
-    serve.shutdown()
 
 
 def test_a_ticket_makes_the_served_model_forget_a_person_and_keep_the_rest(service):
@@ -97,6 +96,11 @@ def test_a_ticket_makes_the_served_model_forget_a_person_and_keep_the_rest(servi
 
     receipt = client.get(f"/v1/tickets/{ticket_id}/receipt", headers=headers)
     assert receipt.status_code == 200, receipt.text
+    proof = receipt.json()
+    # The receipt names the version that answers now, by id and content hash.
+    assert (proof["version_id"], proof["version"]) == (v1["id"], "default@v1"), proof
+    assert proof["adapter_sha256"] == v1["sha256"] and proof["live"] is True, proof
+    assert proof["base_model_sha256"] == v1["base_model_sha256"], proof
 
     # A second request on the same lineage builds version 2 on top of version 1.
     res = client.post("/v1/tickets", headers=headers,
@@ -106,10 +110,14 @@ def test_a_ticket_makes_the_served_model_forget_a_person_and_keep_the_rest(servi
     versions = client.get("/v1/lineages/default/versions", headers=headers).json()
     v2 = next(v for v in versions if v["version"] == 2)
     assert v2["parent_id"] == v1["id"] and v2["status"] == "ready"
-    # Promoted or held as a candidate, by its own recorded evaluation; its ticket says which.
-    assert v2["metrics"]["verdict"] in ("pass", "hold"), v2["metrics"]
+    # Promoted or held as a candidate, by its own recorded evaluation: the verdict is the
+    # one its figures give, the aliases follow the verdict, and its ticket says which.
+    m2 = v2["metrics"]
+    assert m2["verdict"] == verdict(m2["forget_ratio"], m2["utility_ratio"], ReportConfig()), m2
+    expected_alias, expected = {"pass": (["live"], "done"),
+                                "hold": (["candidate"], "awaiting_review")}[m2["verdict"]]
+    assert v2["aliases"] == expected_alias, v2
     second = client.get(f"/v1/tickets/{res.json()['id']}", headers=headers).json()
-    expected = "done" if "live" in v2["aliases"] else "awaiting_review"
     assert second["status"] == expected, second
     # The first person stays forgotten under version 2 (continual unlearning), asked of v2
     # itself whether or not it went live.

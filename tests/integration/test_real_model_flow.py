@@ -19,6 +19,7 @@ from storage import tokens
 from storage.db import transaction
 from storage.models import Role
 from tests.fixtures.training import person_ticket
+from workers.evaluation.report import ReportConfig, verdict
 
 
 def test_real_model_tickets_become_versions_and_the_second_stacks_on_the_first(
@@ -27,8 +28,14 @@ def test_real_model_tickets_become_versions_and_the_second_stacks_on_the_first(
 
     settings = Settings(data_dir=tmp_path / "data", base_model=str(bundled_model.local_path),
                         num_workers=2, zero_stage=2, batch_window_seconds=0.0,
+                        # Without auto-promotion the outcome is one, whatever four steps
+                        # did: v1 waits as candidate until an operator promotes it.
+                        auto_promote=False,
                         recipe={"max_steps": 4, "eval_every": 0, "retain_prompts": 4,
-                                "retain_max_new_tokens": 16})
+                                "retain_max_new_tokens": 16},
+                        # the version report, kept small: this checks the path, not quality
+                        evaluation={"max_utility": 12, "max_neighbours": 4, "max_general": 4,
+                                    "max_new_tokens": 16})
     app = create_app(settings)
     with TestClient(app) as client:
         with transaction(app.state.sessions) as s:
@@ -40,7 +47,7 @@ def test_real_model_tickets_become_versions_and_the_second_stacks_on_the_first(
         assert first.status_code == 202, first.text
         assert loop.run_once() == 1
         ticket = client.get(f"/v1/tickets/{first.json()['id']}", headers=headers).json()
-        assert ticket["status"] in ("done", "awaiting_review"), ticket
+        assert ticket["status"] == "awaiting_review", ticket
         versions = client.get("/v1/lineages/default/versions", headers=headers).json()
         (v1,) = versions
         assert v1["status"] == "ready" and v1["parent_id"] is None
@@ -48,17 +55,23 @@ def test_real_model_tickets_become_versions_and_the_second_stacks_on_the_first(
         # The job evaluated held-out forms of its ticket's 4 questions (and the questions
         # themselves, reported apart), the shipped unrelated probes and the general set.
         assert v1["metrics"]["forget_trained_probes"] == 4
-        assert v1["metrics"]["forget_probes"] >= 4 and v1["metrics"]["utility_probes"] >= 20
-        assert v1["metrics"]["general_probes"] >= 20 and v1["metrics"]["verdict"]
+        assert v1["metrics"]["forget_probes"] >= 4 and v1["metrics"]["utility_probes"] == 12
+        assert v1["metrics"]["general_probes"] == 4 and v1["metrics"]["verdict"]
         assert v1["metrics"]["training"]["steps"] == 4
 
-        # Four steps rarely pass the forgetting threshold: an operator promotes it by hand.
-        # The ticket is done exactly when its version is live.
-        assert (ticket["status"] == "done") == ("live" in v1["aliases"]), (ticket, v1)
-        if "live" not in v1["aliases"]:
-            promoted = client.post("/v1/lineages/default/promote", headers=headers,
-                                   json={"version": 1})
-            assert promoted.status_code == 200, promoted.text
+        metrics = v1["metrics"]
+        # The base model knows what the ticket asks to forget (else nothing is measured),
+        # and the recorded verdict is the one its own figures give.
+        assert metrics["forget_trained_rate_before"] >= 0.5, metrics
+        assert metrics["verdict"] == verdict(metrics["forget_ratio"], metrics["utility_ratio"],
+                                             ReportConfig()), metrics
+        assert metrics["verdict"] != "reject" and v1["aliases"] == ["candidate"], v1
+
+        # An operator promotes it; the ticket is done exactly when its version is live.
+        promoted = client.post("/v1/lineages/default/promote", headers=headers,
+                               json={"version": 1})
+        assert promoted.status_code == 200, promoted.text
+        assert promoted.json()["aliases"] == ["live"]
         ticket = client.get(f"/v1/tickets/{first.json()['id']}", headers=headers).json()
         assert ticket["status"] == "done", ticket
 

@@ -10,20 +10,42 @@ import time
 import pytest
 from sqlalchemy import select
 
-from storage.models import AdapterVersion, Job, JobStatus, Ticket, TicketStatus, VersionStatus
+from storage.models import (
+    AdapterVersion,
+    Job,
+    JobStatus,
+    Ticket,
+    TicketStatus,
+    VersionStatus,
+    utcnow,
+)
 
 
-def _train_worker_pids() -> list[int]:
-    """Ray titles its worker processes `ray::<Actor>...`: find the training ranks (Ray
-    Train's workers, or the warm ranks that CPU jobs use by default)."""
+def _ray_actor_pids(*titles: str) -> list[int]:
+    """Ray titles its worker processes `ray::<Actor>...`: the live ones with these titles."""
     import psutil
 
     pids = []
-    for proc in psutil.process_iter(["cmdline"]):
+    for proc in psutil.process_iter(["cmdline", "status"]):
         cmdline = " ".join(proc.info.get("cmdline") or [])
-        if cmdline.startswith(("ray::RayTrainWorker", "ray::WarmRank")):
+        if proc.info.get("status") != psutil.STATUS_ZOMBIE and cmdline.startswith(
+                tuple(f"ray::{t}" for t in titles)):
             pids.append(proc.pid)
     return pids
+
+
+def _train_worker_pids() -> list[int]:
+    # Ray Train's workers, or the warm ranks that CPU jobs use by default.
+    return _ray_actor_pids("RayTrainWorker", "WarmRank")
+
+
+def _wait_until_no_training_processes(timeout: float = 60.0) -> list[int]:
+    """The run's TrainController and its ranks (the killed one's peer too) must exit."""
+    deadline = time.monotonic() + timeout
+    while (left := _ray_actor_pids("RayTrainWorker", "WarmRank", "TrainController")) and (
+            time.monotonic() < deadline):
+        time.sleep(0.5)
+    return left
 
 
 def _live_placement_groups() -> list[str]:
@@ -38,11 +60,13 @@ def test_killing_a_train_worker_mid_training_retries_the_ticket_to_done(flow):
 
     settings, sessions = flow.settings, flow.sessions
     # Long enough (tiny model: a few ms a step) to be caught mid-training.
-    settings = settings.model_copy(update={"recipe": {**settings.recipe, "max_steps": 400}})
+    settings = settings.model_copy(update={"recipe": {**settings.recipe, "max_steps": 400,
+                                                      "eval_every": 0}})
     ticket_id = flow.submit(key="crash-1")
     loop = DispatcherLoop(settings.worker_config())
 
-    first = threading.Thread(target=loop.run_once)
+    # A daemon thread: should the job hang, the test fails without keeping pytest alive.
+    first = threading.Thread(target=loop.run_once, daemon=True)
     first.start()
     killed = None
     deadline = time.monotonic() + 120
@@ -57,6 +81,8 @@ def test_killing_a_train_worker_mid_training_retries_the_ticket_to_done(flow):
     first.join(timeout=180)
     assert killed is not None, "training never reached step 2"
     assert not first.is_alive()
+    # Nothing of the failed run survives it: not the controller, not the surviving rank.
+    assert _wait_until_no_training_processes() == []
 
     # The failed run holds no CPUs any more: its placement group is gone (else the retry
     # could wait forever on a small cluster).
@@ -69,9 +95,16 @@ def test_killing_a_train_worker_mid_training_retries_the_ticket_to_done(flow):
         failed = s.scalars(select(AdapterVersion)).all()
         assert [v.status for v in failed] == [VersionStatus.failed]  # never visible as ready
 
-    fast = settings.model_copy(update={"recipe": {**settings.recipe, "max_steps": 3}})
-    assert DispatcherLoop(fast.worker_config()).run_once() == 1
+        # A transient failure: retried, after the backoff (1 s in these settings).
+        assert ticket.not_before is not None
+        wait = (ticket.not_before.replace(tzinfo=None) - utcnow().replace(tzinfo=None))
+    assert wait.total_seconds() <= 1.0  # 1 s after the failure, which is already past
+    time.sleep(max(0.0, wait.total_seconds()) + 0.2)
+
+    # The retry, with the flow's normal recipe (it forgets, so its version goes live).
+    assert DispatcherLoop(flow.settings.worker_config()).run_once() == 1
     with sessions() as s:
         ticket = s.get_one(Ticket, ticket_id)
         assert ticket.status == TicketStatus.done, ticket.error
         assert ticket.attempts == 2
+    assert _wait_until_no_training_processes() == []

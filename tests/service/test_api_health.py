@@ -25,7 +25,7 @@ def test_healthz_needs_no_token(api: Api) -> None:
 def test_readyz_is_ready_with_a_reachable_db_and_store(api: Api) -> None:
     r = api.client.get("/readyz")
     assert r.status_code == 200, r.text
-    assert r.json()["checks"] == {"database": "ok", "object_store": "ok"}
+    assert r.json()["checks"] == {"database": "ok", "object_store": "ok", "data_dir": "ok"}
 
 
 @pytest.fixture
@@ -110,3 +110,36 @@ def test_openapi_documents_the_ticket_body_and_the_bearer_scheme(api: Api) -> No
     assert body["schema"]["discriminator"]["propertyName"] == "kind"
     assert "HTTPBearer" in spec["components"]["securitySchemes"]
     assert api.client.get("/docs").status_code == 200
+
+
+@pytest.mark.postgres
+def test_readyz_is_503_and_names_the_database_when_it_goes_away(
+        postgres_server_url: str, fresh_postgres_url: str, tmp_path: Path) -> None:
+    from sqlalchemy.engine import make_url
+
+    from storage.db import make_engine, make_session_factory
+    from tests.conftest import Database
+    from tests.fixtures.postgres import _admin
+
+    engine = make_engine(fresh_postgres_url)
+    db = Database("postgresql", fresh_postgres_url, engine, make_session_factory(engine))
+    settings = make_settings(tmp_path, fresh_postgres_url, readyz_timeout_seconds=5.0)
+    try:
+        for api in start_api(db, settings):
+            assert api.client.get("/readyz").status_code == 200
+            engine.dispose()
+            # The database disappears under the running service (as when its server stops).
+            name = make_url(fresh_postgres_url).database
+            with _admin(postgres_server_url) as conn:
+                conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+            started = time.monotonic()
+            r = api.client.get("/readyz")
+            assert time.monotonic() - started < 10
+            assert r.status_code == 503, r.text
+            body = r.json()
+            assert body["checks"]["database"] != "ok"
+            assert body["checks"]["object_store"] == "ok"
+            assert "database" in body["message"]
+            assert api.client.get("/healthz").status_code == 200
+    finally:
+        engine.dispose()

@@ -366,8 +366,23 @@ def test_local_store_refuses_a_symlink_that_leads_out_of_its_root(tmp_path: Path
 
 # --- opening, readiness ------------------------------------------------------------------
 
-def test_ping_answers_for_a_live_store(store: ObjectStore) -> None:
-    store.ping()
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_ping_answers_while_the_store_is_there_and_fails_once_it_is_gone(
+        kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    # Both halves on one store: a ping that checked nothing would pass the first alone.
+    if kind == "local":
+        store = LocalObjectStore(tmp_path / "objects")
+        assert store.ping() is None
+        store.root.rmdir()
+    else:
+        server: S3Server = request.getfixturevalue("s3_server")
+        bucket = f"ping-{uuid.uuid4().hex[:12]}"
+        server.client().create_bucket(Bucket=bucket)
+        store = open_object_store(f"s3://{bucket}/p", **server.options())
+        assert store.ping() is None
+        server.client().delete_bucket(Bucket=bucket)
+    with pytest.raises(StoreUnavailable):
+        store.ping()
 
 
 def test_ping_fails_quickly_for_an_unreachable_s3_endpoint() -> None:
@@ -394,14 +409,6 @@ def test_ping_fails_for_a_missing_bucket_or_wrong_secret(s3_server: S3Server) ->
     wrong = {**options, "secret_access_key": "not-the-secret"}
     with pytest.raises(StoreUnavailable):
         open_object_store(s3_server.url("x"), **wrong).ping()
-
-
-def test_ping_fails_for_a_local_root_that_is_gone(tmp_path: Path) -> None:
-    store = LocalObjectStore(tmp_path / "objects")
-    store.ping()
-    store.root.rmdir()
-    with pytest.raises(StoreUnavailable):
-        store.ping()
 
 
 @pytest.mark.parametrize("url", ["", "objects", "ftp://host/x", "file://relative/dir",
@@ -452,4 +459,4 @@ def test_readyz_is_200_with_a_real_s3_store(s3_server: S3Server, tmp_path: Path)
     with TestClient(create_app(settings)) as client:
         res = client.get("/readyz")
     assert res.status_code == 200, res.text
-    assert res.json()["checks"] == {"database": "ok", "object_store": "ok"}
+    assert res.json()["checks"] == {"database": "ok", "object_store": "ok", "data_dir": "ok"}

@@ -60,10 +60,16 @@ def test_two_processes_converting_the_bundled_gguf_at_once_agree(tmp_path: Path,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     results = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err[-2000:]
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err[-2000:]
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    finally:  # a failed assert or a timeout must not leave the other converter running
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=30)
     assert results[0] == results[1]
     path, sha = Path(results[0][0]), results[0][1]
     # The same GGUF converts to the same weights as the session's cached copy.

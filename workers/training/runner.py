@@ -231,6 +231,7 @@ def _metrics(result: LoopResult) -> dict[str, Any]:
         "loop_finished_at": result.finished_at,
         "params_local": local,
         "params_full": full,
+        **result.extra,
     }
 
 
