@@ -170,6 +170,7 @@ def main() -> None:
             rows.append({"mode": mode, "status": f"error (exit {out.returncode})"})
             continue
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"{mode}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)  # as it comes
 
     plain = next((r for r in rows if r["mode"] == "plain" and r.get("train_s")), None)
     print(f"\nforget ticket: {rows[0].get('forget_items', '?')} QA pairs about "

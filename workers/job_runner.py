@@ -386,6 +386,10 @@ def _finish_job(ctx: JobContext, job_id: uuid.UUID, status: JobStatus,
         job = s.get_one(Job, job_id)
         job.status, job.error, job.finished_at = status, error, utcnow()
         job.progress = merge_progress(job.progress, {**(phases or {}), "phase": status.value})
+        if phases:
+            # The phase clock's spans are the job's record: they replace the running
+            # per-progress-phase sums (telemetry) once the job is over.
+            job.progress = {**job.progress, "phase_seconds": phases["phase_seconds"]}
     if phases:
         log.info("job %s phases (s): %s", job_id,
                  {name: p["seconds"] for name, p in phases["phases"].items()})
@@ -395,7 +399,9 @@ def _save_phases(ctx: JobContext, job_id: uuid.UUID, clock: PhaseClock) -> None:
     """The phases so far, on the job only (GET /v1/jobs/{id} shows them while it runs)."""
     with transaction(ctx.sessions) as s:
         job = s.get_one(Job, job_id)
-        job.progress = {**(job.progress or {}), **clock.record(live=False)}
+        # (phase_seconds stays the telemetry's running sums until the job is over.)
+        record = {k: v for k, v in clock.record(live=False).items() if k != "phase_seconds"}
+        job.progress = {**(job.progress or {}), **record}
 
 
 ProgressFn = Callable[[dict[str, Any]], None]

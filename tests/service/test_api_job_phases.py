@@ -39,6 +39,8 @@ def test_a_jobs_phases_tile_its_time_from_submission_to_live(api: Api, model_sid
     for earlier, later in zip(list(spans), list(spans)[1:]):
         assert spans[earlier]["finished_at"] <= spans[later]["started_at"]
     assert 0 <= job["outside_training_share"] <= 1
+    # /metrics' oblivio_job_duration_seconds{phase} reads these: the same phases, no others.
+    assert job["progress"]["phase_seconds"] == job["phases"]
 
     model_side["next"] = HELD
     held = submit(api, "John von Neumann")

@@ -101,6 +101,9 @@ class WarmPool:
 
         cls = _rank_cls()
         self.world = world
+        # The Ray session (driver job) the ranks belong to: after a ray.shutdown() and a new
+        # ray.init() in this process their handles are dead, and a new pool is needed.
+        self.session = ray.get_runtime_context().get_job_id()
         self.ranks = [cls.remote() for _ in range(world)]
         try:
             master, port = ray.get(self.ranks[0].address.remote())
@@ -147,8 +150,14 @@ class WarmPool:
 
 def warm_pool(world: int) -> WarmPool:
     """This process's pool of `world` warm ranks, started on first use."""
+    import ray
+
+    session = ray.get_runtime_context().get_job_id()
     with _POOLS_LOCK:
         pool = _POOLS.get(world)
+        if pool is not None and pool.session != session:
+            del _POOLS[world]  # from an earlier Ray session: its actors are gone
+            pool = None
     if pool is not None:
         return pool
     pool = WarmPool(world)
