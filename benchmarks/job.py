@@ -51,6 +51,7 @@ def run_one(mode: str, person: str, steps: int | None, workdir: Path) -> dict:
     from storage.migrate import upgrade
     from storage.models import Ticket, TicketKind
     from workers.dispatcher import DispatcherLoop
+    from workers.engines import DEFAULT_ENGINES
     from workers.evaluation.probes import load_forget_set
     from workers.model import resolve_base_model
     from workers.runtime import connect_ray
@@ -76,7 +77,7 @@ def run_one(mode: str, person: str, steps: int | None, workdir: Path) -> dict:
     submitted = time.perf_counter()
     with transaction(sessions) as s:
         ticket_id = tickets.submit(s, request=tickets.TicketRequest(
-            kind=TicketKind.forget, engine=tickets.DEFAULT_ENGINE[TicketKind.forget],
+            kind=TicketKind.forget, engine=DEFAULT_ENGINES["forget"],
             target=target.target,
             payload={"target": target.target, "forget": {"texts": [], "qa": qa},
                      "retain": None}), requester="benchmark").id

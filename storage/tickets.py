@@ -42,20 +42,6 @@ from storage.models import (
 )
 from storage.sealing import PayloadCipher
 
-# Engines a ticket may ask for, and which kinds of ticket each can serve.
-ENGINE_KINDS: dict[str, TicketKind] = {
-    "o3": TicketKind.forget,
-    "ga": TicketKind.forget,
-    "graddiff": TicketKind.forget,
-    "npo": TicketKind.forget,
-    "idk": TicketKind.forget,
-    "s3t": TicketKind.delete_records,
-}
-# O3 gets its own engine in a later release; until then forget tickets default to "idk"
-# (refusal targets + retain KL), the recipe that met the forget/utility targets on the
-# bundled model (workers/evaluation/recipe.py). An explicit "o3" is accepted and waits queued.
-DEFAULT_ENGINE: dict[TicketKind, str] = {TicketKind.forget: "idk",
-                                         TicketKind.delete_records: "s3t"}
 # Tickets in these states have not been claimed yet, so cancelling cannot race a job.
 CANCELLABLE = (TicketStatus.received, TicketStatus.queued)
 
@@ -68,7 +54,8 @@ class TicketRequest:
         kind: what to do: forget knowledge/text, or delete fine-tuning records.
         payload: the forget set or record selection, in the shape described above.
         lineage: name of the lineage (model + adapter chain) the request is for.
-        engine: unlearning engine; None picks the default for `kind`.
+        engine: the unlearning engine's registry name, already resolved and validated by
+            the caller (workers.engines: storage keeps no list of engines).
         target: who or what is forgotten (e.g. a person's name), for people and probes.
         priority: higher is claimed first (bounded by the API, -100..100).
         not_before: do not start before this (timezone-aware) instant.
@@ -120,20 +107,6 @@ def payload_sha256(payload: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(payload)).hexdigest()
 
 
-def resolve_engine(kind: TicketKind, engine: str | None) -> str:
-    """The engine a ticket runs on; raises InvalidRequest for unknown or mismatched engines."""
-    if engine is None:
-        return DEFAULT_ENGINE[kind]
-    if engine not in ENGINE_KINDS:
-        raise InvalidRequest(
-            f"unknown engine {engine!r}; choose one of {', '.join(sorted(ENGINE_KINDS))}")
-    if ENGINE_KINDS[engine] is not kind:
-        fits = sorted(e for e, k in ENGINE_KINDS.items() if k is kind)
-        raise InvalidRequest(
-            f"engine {engine!r} cannot serve a {kind.value!r} ticket; use one of {', '.join(fits)}")
-    return engine
-
-
 def _lineage_by_name(session: Session, name: str) -> Lineage:
     lineage = session.scalar(select(Lineage).where(Lineage.name == name))
     if lineage is None:
@@ -160,7 +133,9 @@ def submit_or_replay(session: Session, *, request: TicketRequest, requester: str
     """
     kind = TicketKind(request.kind)
     lineage = _lineage_by_name(session, request.lineage)
-    engine = resolve_engine(kind, request.engine)
+    engine = request.engine
+    if not engine:
+        raise InvalidRequest("a ticket needs an engine (the caller resolves the default)")
     digest = payload_sha256(request.payload)
 
     def replay(existing: Ticket) -> SubmitResult:

@@ -21,8 +21,13 @@ from workers.config import WorkerConfig
 
 log = logging.getLogger(__name__)
 
-# Engines this release can train; tickets for others stay queued for a worker that can.
-RUNNABLE_ENGINES = ("ga", "graddiff", "npo", "idk")
+
+def runnable_engines() -> tuple[str, ...]:
+    """Engines this release can train (from the engine registry); tickets for others stay
+    queued for a worker that can."""
+    from workers.engines.registry import runnable_engines as registered
+
+    return tuple(registered())
 
 
 def dispatcher_owner() -> str:
@@ -55,6 +60,7 @@ class DispatcherLoop:
         self._stop = threading.Event()
         self._observe_claim = observe_claim or observe_claim_in_process
         self.jobs_run = 0
+        self.engines = runnable_engines()
 
     def run_once(self) -> int:
         """Claim what is ready and run it; returns the number of jobs run."""
@@ -64,7 +70,7 @@ class DispatcherLoop:
         started = time.perf_counter()
         first = queue.claim(self.sessions, owner=self.owner, limit=1,
                             lease_seconds=self.config.lease_seconds,
-                            max_attempts=self.config.max_attempts, engines=RUNNABLE_ENGINES)
+                            max_attempts=self.config.max_attempts, engines=self.engines)
         self._observe_claim(time.perf_counter() - started)
         if not first:
             return 0

@@ -1,25 +1,20 @@
-"""The model side of a job (compute): tickets -> training spec -> adapter, and its evaluation.
+"""The model side of a job (compute): the engine's input, and the version's evaluation.
 
-`workers.job_runner` owns the database side and calls only the functions here, so the
-orchestration can be read without knowing how training works and vice versa.
+`workers.job_runner` owns the database side and calls only the functions here and the
+engine's, so the orchestration can be read without knowing how training works and vice versa.
+Nothing here is engine-specific: every engine goes through `Engine.train`,
+`Engine.load_servable` and `Engine.evaluate`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from storage.queue import ClaimedTicket
 from workers.config import WorkerConfig
-
-@dataclass(frozen=True)
-class TrainOutput:
-    adapter_dir: Path
-    metrics: dict[str, Any]
-    method_config: dict[str, Any]
-    peft_config: dict[str, Any]
+from workers.engines.base import EngineRequest, FetchFn, JobInput, request_from_payload
 
 
 def resolve_base(config: WorkerConfig) -> Any:
@@ -29,49 +24,48 @@ def resolve_base(config: WorkerConfig) -> Any:
     return resolve_base_model(config.base_model, config.data_dir)
 
 
-def payload_items(tickets: list[ClaimedTicket], part: str = "forget"
-                  ) -> tuple[list[dict[str, str]], list[str]]:
-    """The QA pairs and texts of every ticket's `part` ("forget" or "retain"), in order."""
-    qa: list[dict[str, str]] = []
-    texts: list[str] = []
-    for ticket in tickets:
-        items = (ticket.payload or {}).get(part) or {}
-        qa += [{"question": i["question"], "answer": i["answer"]} for i in items.get("qa", [])]
-        texts += list(items.get("texts", []))
-    return qa, texts
+def engine_requests(tickets: list[ClaimedTicket]) -> list[EngineRequest]:
+    """One EngineRequest per claimed ticket, in claim order."""
+    return [request_from_payload(kind=t.kind, engine=t.engine, payload=t.payload,
+                                 target=t.target) for t in tickets]
 
 
-def train(config: WorkerConfig, *, base: Any, tickets: list[ClaimedTicket], parent_dir: Path | None,
-          output_dir: Path, progress: Callable[[dict[str, Any]], None]) -> TrainOutput:
-    """Train one adapter for `tickets` on Ray Train + DeepSpeed; returns where it was written."""
-    from workers.training.runner import train_plain, train_unlearning_adapter
-    from workers.training.spec import TrainJobSpec
-
-    qa, texts = payload_items(tickets, "forget")
-    retain_qa, retain_texts = payload_items(tickets, "retain")
-    spec = TrainJobSpec.for_engine(
-        tickets[0].engine, overrides=config.recipe, base_model_path=str(base.local_path), base_model_sha256=base.sha256,
-        output_dir=str(output_dir), data_dir=str(config.data_dir),
-        forget_qa=qa, forget_texts=texts, target=tickets[0].target,
-        retain_qa=retain_qa or None, retain_texts=retain_texts or None,
-        parent_adapter_dir=str(parent_dir) if parent_dir else None,
-        num_workers=config.num_workers, zero_stage=config.zero_stage,
-        device=config.device)
-    run = train_plain if config.trainer == "plain" else train_unlearning_adapter
-    result = run(spec, progress_cb=progress)
-    return TrainOutput(adapter_dir=Path(result.adapter_dir), metrics=result.metrics,
-                       method_config=spec.method_summary(), peft_config=result.peft_config)
+def job_input(config: WorkerConfig, *, job_id: str, lineage: str, base: Any,
+              tickets: list[ClaimedTicket], parent_dir: Path | None, output_dir: Path,
+              fetch: FetchFn | None = None,
+              store_dir: Callable[[Path], str] | None = None) -> JobInput:
+    return JobInput(job_id=job_id, lineage=lineage, requests=engine_requests(tickets),
+                    ticket_ids=[str(t.id) for t in tickets],
+                    base_model_path=Path(base.local_path), base_model_sha256=base.sha256,
+                    parent_dir=parent_dir, output_dir=output_dir, config=config, fetch=fetch,
+                    store_dir=store_dir)
 
 
-def evaluate(config: WorkerConfig, *, base: Any, tickets: list[ClaimedTicket], adapter_dir: Path,
-             parent_dir: Path | None) -> dict[str, Any]:
-    """The version report (workers.evaluation.version_eval): held-out forms of the forget
-    set, neighbours, utility, general benchmark, memorisation, MIA and fluency, against the
-    base and the parent. The report is written into `adapter_dir` (stored with the
-    version); the returned summary becomes the version's metrics."""
-    from workers.evaluation.version_eval import evaluate_adapter
+def evaluate_version(engine: Any, job: JobInput, *, base: Any, version_dir: Path,
+                     fetch: FetchFn | None = None) -> dict[str, Any]:
+    """The engine's evaluation of `version_dir` against the base model (and the parent
+    version, for engines whose `evaluate` takes `parent`), all on one loaded base."""
+    import inspect
 
-    qa, texts = payload_items(tickets, "forget")
-    return evaluate_adapter(base, device=config.device, qa=qa, texts=texts,
-                            targets=[t.target for t in tickets], adapter_dir=adapter_dir,
-                            parent_dir=parent_dir)
+    from workers.model import load_model_and_tokenizer
+
+    device = job.config.device
+    model, tokenizer = load_model_and_tokenizer(base, device=device)
+
+    def servable(directory: Path | None) -> Any:
+        return engine.load_servable(directory, model=model, tokenizer=tokenizer, device=device,
+                                    fetch=fetch)
+
+    before, after = servable(None), servable(version_dir)
+    opened = [after, before]
+    kwargs: dict[str, Any] = {}
+    if job.parent_dir is not None and "parent" in inspect.signature(engine.evaluate).parameters:
+        kwargs["parent"] = servable(job.parent_dir)
+        opened.append(kwargs["parent"])
+    try:
+        return engine.evaluate(job, before=before, after=after, **kwargs)
+    finally:
+        for servable in opened:
+            close = getattr(servable, "close", None)
+            if callable(close):
+                close()

@@ -27,6 +27,7 @@ from storage.models import Job, JobStatus, Lineage, Ticket, TicketStatus, utcnow
 from storage.objectstore import ObjectStore
 from storage.queue import ClaimedTicket
 from workers.config import WorkerConfig
+from workers.engines.base import MANIFEST_FILE
 
 log = logging.getLogger(__name__)
 
@@ -39,22 +40,6 @@ class JobContext:
     sessions: sessionmaker[Session]
     store: ObjectStore
     owner: str
-
-
-@dataclass
-class EvalPolicy:
-    """When a freshly trained version may go live without an operator.
-
-    Args:
-        max_forget_ratio: forget probes answered correctly after / before must be <= this.
-        min_utility_ratio: unrelated probes answered correctly after / before must be >= this;
-            below `reject_utility_ratio` the version is not kept at all.
-        reject_utility_ratio: a version this damaging is marked failed, not left as candidate.
-    """
-
-    max_forget_ratio: float = 0.2
-    min_utility_ratio: float = 0.9
-    reject_utility_ratio: float = 0.5
 
 
 @dataclass
@@ -132,9 +117,12 @@ def run_job(ctx: JobContext, tickets: list[ClaimedTicket]) -> JobOutcome:
 def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
                tickets: list[ClaimedTicket], workdir: Path, keeper: LeaseKeeper) -> JobOutcome:
     from workers import job_compute
+    from workers.engines import get_engine
 
     config = ctx.config
     ids = [t.id for t in tickets]
+    # One engine per job: the dispatcher groups claimed tickets by (lineage, engine).
+    engine = get_engine(tickets[0].engine)
 
     def progress(update: dict[str, Any]) -> None:
         if keeper.lost:
@@ -159,20 +147,32 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
         parent_dir = workdir / "parent"
         ctx.store.fetch_directory(parent_key, parent_dir)
 
+    def fetch(key: str) -> Path:
+        return ctx.store.fetch_directory(key, workdir / "fetched" / uuid.uuid4().hex)
+
+    def store_dir(directory: Path) -> str:
+        return ctx.store.put_directory_content_addressed(directory).key
+
+    job = job_compute.job_input(config, job_id=str(job_id), lineage=lineage_name, base=base,
+                                tickets=tickets, parent_dir=parent_dir,
+                                output_dir=workdir / "version", fetch=fetch,
+                                store_dir=store_dir)
     try:
-        result = job_compute.train(config, base=base, tickets=tickets, parent_dir=parent_dir,
-                                    output_dir=workdir / "adapter", progress=progress)
+        artifacts = engine.train(job, progress)
         progress({"phase": "evaluating"})
         queue.set_progress(ctx.sessions, ticket_ids=ids, owner=ctx.owner,
                            status=TicketStatus.evaluating, progress={"phase": "evaluating"})
-        metrics = job_compute.evaluate(config, base=base, tickets=tickets,
-                                        adapter_dir=result.adapter_dir, parent_dir=parent_dir)
-        metrics["training"] = result.metrics
-        _write_manifest(result.adapter_dir, base=base, tickets=tickets, metrics=metrics,
-                        method=result.method_config, parent_id=parent_id)
+        metrics = job_compute.evaluate_version(engine, job, base=base,
+                                               version_dir=artifacts.version_dir, fetch=fetch)
+        verdict = metrics.get("verdict")
+        if verdict not in ("pass", "hold", "reject"):
+            raise RuntimeError(f"engine {engine.name!r} gave no verdict (got {verdict!r})")
+        metrics["training"] = artifacts.metrics
+        _write_manifest(artifacts.version_dir, engine=engine.name, base=base, tickets=tickets,
+                        metrics=metrics, method=artifacts.method_config, parent_id=parent_id)
         progress({"phase": "uploading"})
-        stored = ctx.store.put_directory_content_addressed(result.adapter_dir)
-        _store_report(ctx, result.adapter_dir, metrics)
+        stored = ctx.store.put_directory_content_addressed(artifacts.version_dir)
+        _store_report(ctx, artifacts.version_dir, metrics)
     except LeaseLost:
         raise
     except Exception as exc:
@@ -181,19 +181,15 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
                                  reason=f"{type(exc).__name__}: {exc}")
         raise
 
-    policy = EvalPolicy()
-    verdict = _judge(metrics, policy)
-    metrics["verdict"] = verdict
-    metrics.setdefault("checks", _checks(metrics, policy))
+    reason = str(metrics.get("verdict_reason") or f"its evaluation said {verdict}")
     with transaction(ctx.sessions) as s:
         if verdict == "reject":
-            registry.mark_failed(s, version_id=version_id, actor=ctx.owner,
-                                 reason="utility fell below the rejection threshold",
+            registry.mark_failed(s, version_id=version_id, actor=ctx.owner, reason=reason,
                                  metrics=metrics)
         else:
             registry.mark_ready(s, version_id=version_id, object_key=stored.key,
                                 sha256=stored.sha256, size=stored.size, metrics=metrics,
-                                peft_config=result.peft_config, actor=ctx.owner)
+                                peft_config=artifacts.peft_config, actor=ctx.owner)
     promoted = False
     if verdict == "pass" and config.auto_promote:
         with transaction(ctx.sessions) as s:
@@ -205,8 +201,7 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
                              alias="candidate")
 
     if verdict == "reject":
-        error = (f"version {lineage_name}@v{version_no} kept too little utility "
-                 f"({metrics.get('utility_ratio'):.2f} of the base model's answers)")
+        error = f"version {lineage_name}@v{version_no} {reason}"
         for ticket in tickets:
             queue.reject(ctx.sessions, ticket_id=ticket.id, owner=ctx.owner, error=error)
         _finish_job(ctx, job_id, JobStatus.failed, error=error)
@@ -218,12 +213,13 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
         "parent_id": str(parent_id) if parent_id else None,
         "adapter_sha256": stored.sha256,
         "object_key": stored.key,
+        "engine": engine.name,
         "base_model": base.name,
         "base_model_sha256": base.sha256,
         # Whether this job promoted it; the ticket's status (and the receipt's `live`) is
         # what says whether live contains it now: queue.complete reads live to decide.
         "auto_promoted": promoted,
-        "method": result.method_config,
+        "method": artifacts.method_config,
         "metrics": metrics,
         "job_id": str(job_id),
     }
@@ -232,34 +228,6 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
                        receipt={**receipt, "payload_sha256": ticket.payload_sha256})
     _finish_job(ctx, job_id, JobStatus.succeeded)
     return JobOutcome(job_id, version_id, version_no, promoted, metrics)
-
-
-def _judge(metrics: dict[str, Any], policy: EvalPolicy) -> str:
-    """'pass' (may go live), 'hold' (candidate for an operator) or 'reject'."""
-    utility = metrics.get("utility_ratio")
-    forget = metrics.get("forget_ratio")
-    if utility is not None and utility < policy.reject_utility_ratio:
-        return "reject"
-    if forget is None or utility is None:
-        return "hold"
-    if forget <= policy.max_forget_ratio and utility >= policy.min_utility_ratio:
-        return "pass"
-    return "hold"
-
-
-def _checks(metrics: dict[str, Any], policy: EvalPolicy) -> list[dict[str, Any]]:
-    """The two promotion checks with their figures (shown to reviewers of a held version)."""
-    out = []
-    for name, op, threshold in (("forget_ratio", "<=", policy.max_forget_ratio),
-                                ("utility_ratio", ">=", policy.min_utility_ratio)):
-        value = metrics.get(name)
-        base = name.removesuffix("_ratio")
-        passed = None if value is None else (value <= threshold if op == "<=" else
-                                             value >= threshold)
-        out.append({"name": name, "before": metrics.get(f"{base}_rate_before"),
-                    "after": metrics.get(f"{base}_rate_after"), "value": value, "op": op,
-                    "threshold": threshold, "passed": passed})
-    return out
 
 
 def _store_report(ctx: JobContext, version_dir: Path, metrics: dict[str, Any]) -> None:
@@ -283,10 +251,12 @@ def _check_base_model(session: Session, lineage: Lineage, sha256: str) -> None:
             f", but the configured base model is {sha256[:12]}; refusing to mix them")
 
 
-def _write_manifest(adapter_dir: Path, *, base: Any, tickets: list[ClaimedTicket],
+def _write_manifest(version_dir: Path, *, engine: str, base: Any, tickets: list[ClaimedTicket],
                     metrics: dict[str, Any], method: dict[str, Any],
                     parent_id: uuid.UUID | None) -> None:
+    # "engine" tells serving whose load_servable answers for this version.
     manifest = {
+        "engine": engine,
         "base_model": base.name,
         "base_model_sha256": base.sha256,
         "parent_id": str(parent_id) if parent_id else None,
@@ -294,7 +264,7 @@ def _write_manifest(adapter_dir: Path, *, base: Any, tickets: list[ClaimedTicket
         "method": method,
         "metrics": metrics,
     }
-    (adapter_dir / "oblivio_manifest.json").write_text(json.dumps(manifest, indent=2,
+    (version_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2,
                                                                   sort_keys=True))
 
 

@@ -1,14 +1,16 @@
-"""Ray Serve deployment that generates with the base model plus one adapter version.
+"""Ray Serve deployment that generates with the base model plus one version, of any engine.
 
 Adapters are multiplexed by their object key: the key is content-addressed and a version is
 immutable, so a key names exactly one set of weights forever. The API resolves `lineage` +
 `version` (or the `live` alias) to a key on every request, which is why moving `live`
 "reloads" serving with no message to the replicas: the next request simply names another key.
+A fetched version's manifest names its engine; `Engine.load_servable` does the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import tempfile
 import threading
@@ -47,44 +49,63 @@ class ServingConfig:
 
 @serve.deployment(name="Generator", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32)
 class Generator:
+    """Serves every engine's versions: each key's manifest names the engine whose
+    `load_servable` wraps the base model (one loaded servable per key, LRU)."""
+
     def __init__(self, config: ServingConfig) -> None:
         from workers.model import load_model_and_tokenizer, resolve_base_model
 
         self._config = config
-        ref = resolve_base_model(config.base_model, Path(config.data_dir))
-        self._model, self._tokenizer = load_model_and_tokenizer(ref, device=config.device)
-        self._model.eval()
-        self._peft: Any = None  # PeftModel wrapping the base once the first adapter arrives
+        self._base_ref = resolve_base_model(config.base_model, Path(config.data_dir))
+        model, self._tokenizer = load_model_and_tokenizer(self._base_ref, device=config.device)
+        model.eval()
+        # One base model per engine: an engine may wrap or inject into its model (PEFT
+        # does), which must not change what another engine's servables compute. The first
+        # engine gets the copy loaded here; another engine loads its own when it first
+        # serves a version.
+        self._spare_model: Any = model
+        self._models: dict[str, Any] = {}
+        self._models_lock = threading.Lock()
         self._store = config.store.open()
         self._cache = Path(tempfile.mkdtemp(prefix="oblivio-serve-"))
-        # PEFT's active adapter is model state: one generation at a time per replica.
-        self._lock = threading.Lock()
 
     @serve.multiplexed(max_num_models_per_replica=4)
-    async def _adapter(self, key: str) -> _LoadedAdapter:
-        return await asyncio.to_thread(self._load_adapter, key)
+    async def _servable(self, key: str) -> _LoadedVersion:
+        return await asyncio.to_thread(self._load, key)
 
-    def _load_adapter(self, key: str) -> _LoadedAdapter:
-        from peft import PeftModel
+    def _model_for(self, engine: str) -> Any:
+        from workers.model import load_model_and_tokenizer
+
+        with self._models_lock:
+            if engine not in self._models:
+                if self._spare_model is not None:
+                    self._models[engine], self._spare_model = self._spare_model, None
+                else:
+                    model, _ = load_model_and_tokenizer(self._base_ref, device=self._config.device)
+                    self._models[engine] = model.eval()
+            return self._models[engine]
+
+    def _load(self, key: str) -> _LoadedVersion:
+        from workers.engines import get_engine
 
         if key == BASE_ONLY:
-            return _LoadedAdapter(self, None)
-        name = "a" + key.split("/")[1][:16]  # adapters/<sha256>/...
-        local = self._cache / name
-        if not local.exists():
-            self._store.fetch_directory(key, local)  # verifies the checksum
-        with self._lock:
-            if self._peft is None:
-                self._peft = PeftModel.from_pretrained(self._model, str(local), adapter_name=name)
-            elif name not in self._peft.peft_config:
-                self._peft.load_adapter(str(local), adapter_name=name)
-        return _LoadedAdapter(self, name)
+            engine_name, local = _default_engine(), None
+        else:
+            local = self._cache / ("v" + key.split("/")[1][:16])  # adapters/<sha256>/...
+            if not local.exists():
+                self._store.fetch_directory(key, local)  # verifies the checksum
+            engine_name = manifest_engine(local)
+        engine = get_engine(engine_name)
+        servable = engine.load_servable(local, model=self._model_for(engine_name),
+                                        tokenizer=self._tokenizer, device=self._config.device,
+                                        fetch=self._fetch)
+        return _LoadedVersion(key, engine_name, servable)
 
-    def _unload(self, name: str) -> None:
-        with self._lock:
-            if self._peft is not None and name in self._peft.peft_config:
-                if len(self._peft.peft_config) > 1:
-                    self._peft.delete_adapter(name)
+    def _fetch(self, key: str) -> Path:
+        local = self._cache / ("f" + key.replace("/", "_")[-48:])
+        if not local.exists():
+            self._store.fetch_directory(key, local)
+        return local
 
     def loaded_adapters(self) -> list[str]:
         """Names of the adapters this replica holds now (at most `max_adapters`; for tests
@@ -93,9 +114,9 @@ class Generator:
             return sorted(self._peft.peft_config) if self._peft is not None else []
 
     async def generate(self, prompt: str, max_new_tokens: int = 64) -> dict[str, Any]:
-        adapter = await self._adapter(serve.get_multiplexed_model_id() or BASE_ONLY)
-        text = await self._generate_batched(_Request(adapter.name, prompt, max_new_tokens))
-        return {"text": text, "adapter": adapter.name}
+        loaded = await self._servable(serve.get_multiplexed_model_id() or BASE_ONLY)
+        text = await self._generate_batched(_Request(loaded, prompt, max_new_tokens))
+        return {"text": text, "engine": loaded.engine}
 
     # Concurrent requests are answered together: one batched forward per token serves the
     # whole batch, which on CPU is several times the throughput of one request at a time.
@@ -104,73 +125,56 @@ class Generator:
         return await asyncio.to_thread(self._generate_all, requests)
 
     def _generate_all(self, requests: list[_Request]) -> list[str]:
-        """Answers in request order; one generate() call per adapter in the batch."""
+        """Answers in request order; one generate() call per loaded version in the batch."""
         answers: list[str] = [""] * len(requests)
-        by_adapter: dict[str | None, list[int]] = {}
+        by_version: dict[int, list[int]] = {}
         for i, request in enumerate(requests):
-            by_adapter.setdefault(request.adapter, []).append(i)
-        for adapter, indices in by_adapter.items():
-            texts = self._generate(adapter, [requests[i].prompt for i in indices],
-                                   [requests[i].max_new_tokens for i in indices])
+            by_version.setdefault(id(request.loaded), []).append(i)
+        for indices in by_version.values():
+            servable = requests[indices[0]].loaded.servable
+            texts = servable.generate([requests[i].prompt for i in indices],
+                                      [requests[i].max_new_tokens for i in indices])
             for i, text in zip(indices, texts):
                 answers[i] = text
         return answers
 
-    def _generate(self, adapter: str | None, prompts: list[str],
-                  max_new_tokens: list[int]) -> list[str]:
-        import torch
 
-        from workers.model import format_chat
+def _default_engine() -> str:
+    # Base-model answers (a lineage with no live version), and versions older than the
+    # manifest's "engine" field (all LoRA), come from the default forget engine.
+    from workers.engines.registry import DEFAULT_ENGINES
 
-        tok = self._tokenizer
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        side, tok.padding_side = tok.padding_side, "left"  # prompts end where answers start
-        try:
-            enc = tok([format_chat(tok, p) for p in prompts], return_tensors="pt",
-                      padding=True, add_special_tokens=False).to(self._config.device)
-        finally:
-            tok.padding_side = side
-        with self._lock, torch.no_grad():
-            if adapter is None or self._peft is None:
-                model = self._model
-                ctx: Any = self._peft.disable_adapter() if self._peft is not None else _null()
-            else:
-                self._peft.set_adapter(adapter)
-                model, ctx = self._peft, _null()
-            with ctx:
-                # Greedy decoding: the longest request's answer, cut per request, equals
-                # what each would get alone.
-                out = model.generate(**enc, max_new_tokens=max(max_new_tokens),
-                                     do_sample=False, pad_token_id=pad_id)
-        new_tokens = out[:, enc["input_ids"].shape[1]:]
-        return [tok.decode(row[:n], skip_special_tokens=True).strip()
-                for row, n in zip(new_tokens, max_new_tokens)]
+    return DEFAULT_ENGINES["forget"]
+
+
+def manifest_engine(version_dir: Path) -> str:
+    """The engine that made a stored version (its manifest says; older ones were LoRA)."""
+    from workers.engines.base import MANIFEST_FILE
+
+    try:
+        manifest = json.loads((version_dir / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return _default_engine()
+    return str(manifest.get("engine") or _default_engine())
 
 
 @dataclass(frozen=True)
 class _Request:
-    adapter: str | None  # loaded PEFT adapter name; None = the base model
+    loaded: _LoadedVersion
     prompt: str
     max_new_tokens: int
 
 
-class _LoadedAdapter:
-    """What the multiplexer caches; unloads the PEFT adapter when evicted."""
+class _LoadedVersion:
+    """What the multiplexer caches; closes the servable when evicted."""
 
-    def __init__(self, owner: Generator, name: str | None) -> None:
-        self._owner, self.name = owner, name
+    def __init__(self, key: str, engine: str, servable: Any) -> None:
+        self.key, self.engine, self.servable = key, engine, servable
 
     async def __del__(self) -> None:  # Serve awaits __del__ of evicted multiplexed models
-        if self.name is not None:
-            self._owner._unload(self.name)
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+        close = getattr(self.servable, "close", None)
+        if callable(close):
+            close()
 
 
 def deploy(config: ServingConfig) -> Any:

@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.schemas.common import LineageName, NonBlank
 from storage.models import AdapterVersion, Lineage, VersionStatus
@@ -20,7 +20,17 @@ class LineageIn(_Strict):
     name: LineageName
     base_model: NonBlank | None = Field(None, max_length=512,
                                         description="Default: the service's base model.")
-    engine: Literal["o3", "s3t", "ga", "graddiff", "npo"] = "o3"
+    engine: str = Field("o3", max_length=32, description="A registered engine's name.")
+
+    @field_validator("engine")
+    @classmethod
+    def _registered_engine(cls, value: str) -> str:
+        from workers.engines import list_engines  # the registry is the one list of engines
+
+        known = list_engines()
+        if value not in known:
+            raise ValueError(f"unknown engine {value!r}; choose one of {', '.join(known)}")
+        return value
 
 
 class LineageOut(BaseModel):

@@ -137,9 +137,21 @@ def check_limits(body: ForgetTicketIn | DeleteRecordsTicketIn, settings: Setting
 
 
 def to_request(body: ForgetTicketIn | DeleteRecordsTicketIn) -> TicketRequest:
+    """The ticket to store, with its engine resolved and its request checked by that engine.
+
+    The engine registry (workers.engines) is the one table of engines: an unknown engine,
+    one that cannot serve the kind, or a request the engine cannot do is an InvalidRequest
+    (422, saying why) here, at submission, never a job that fails later.
+    """
+    from workers.engines import get_engine, request_from_payload, resolve_engine
+
+    target = getattr(body, "target", None)
+    engine = resolve_engine(body.kind, body.engine)
+    get_engine(engine).validate(request_from_payload(kind=body.kind, engine=engine,
+                                                     payload=body.payload(), target=target))
     return TicketRequest(kind=TicketKind(body.kind), payload=body.payload(), lineage=body.lineage,
-                         engine=body.engine, target=getattr(body, "target", None),
-                         priority=body.priority, not_before=body.not_before)
+                         engine=engine, target=target, priority=body.priority,
+                         not_before=body.not_before)
 
 
 class VersionRefOut(BaseModel):

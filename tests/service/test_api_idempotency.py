@@ -80,7 +80,7 @@ def test_concurrent_submits_with_one_key_make_one_ticket(api: Api) -> None:
 def test_losing_the_insert_race_returns_the_winners_ticket(api: Api) -> None:
     """Force the race: B checks for the key while A's insert is not yet committed."""
     lineage = "default"
-    request = tickets.TicketRequest(kind=TicketKind.forget, lineage=lineage,
+    request = tickets.TicketRequest(kind=TicketKind.forget, lineage=lineage, engine="npo",
                                     payload={"target": None, "forget": {"texts": ["x"], "qa": []},
                                              "retain": None})
     with api.db.sessions() as a:
@@ -111,10 +111,10 @@ def test_losing_the_insert_race_returns_the_winners_ticket(api: Api) -> None:
 
 def test_the_domain_refuses_a_changed_request_for_a_used_key(api: Api) -> None:
     payload = {"target": None, "forget": {"texts": ["x"], "qa": []}, "retain": None}
-    request = tickets.TicketRequest(kind=TicketKind.forget, payload=payload)
+    request = tickets.TicketRequest(kind=TicketKind.forget, engine="npo", payload=payload)
     with api.db.sessions() as s:
         tickets.submit(s, request=request, requester="r", idempotency_key="k2")
-        changed = tickets.TicketRequest(kind=TicketKind.forget,
+        changed = tickets.TicketRequest(kind=TicketKind.forget, engine="npo",
                                         payload={**payload, "target": "someone"})
         with pytest.raises(Conflict):
             tickets.submit(s, request=changed, requester="r", idempotency_key="k2")

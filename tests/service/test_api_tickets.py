@@ -15,6 +15,7 @@ from storage import queue, registry, tickets
 from storage.db import transaction
 from storage.models import AuditEvent, Ticket, TicketKind
 from tests.service.conftest import Api
+from workers.engines import DEFAULT_ENGINES
 
 BOTH = pytest.mark.parametrize("db", ["sqlite", "postgresql"], indirect=True)
 
@@ -43,7 +44,7 @@ def test_submit_queues_a_ticket_that_can_be_read_back(api: Api) -> None:
     ticket = r.json()
     assert ticket["status"] == "queued"
     assert ticket["kind"] == "forget"
-    assert ticket["engine"] == tickets.DEFAULT_ENGINE[TicketKind.forget]
+    assert ticket["engine"] == DEFAULT_ENGINES["forget"] == "idk"
     assert ticket["lineage"] == "default" and ticket["target"] == "Marie Curie"
     assert ticket["summary"] == {"forget_texts": 1, "forget_qa": 1}
     assert "forget" not in ticket  # the text to forget is never echoed back

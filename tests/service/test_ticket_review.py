@@ -30,22 +30,43 @@ class FakeBase:
     local_path = Path("/nonexistent")
 
 
+def _judged(figures: dict[str, float]) -> dict[str, Any]:
+    """What the shared forgetting evaluation returns for these figures: verdict and checks."""
+    from workers.evaluation.report import ReportConfig, verdict
+
+    config = ReportConfig()
+    checks = []
+    for name, op, threshold in (("forget_ratio", "<=", config.max_forget_ratio),
+                                ("utility_ratio", ">=", config.min_utility_ratio)):
+        base = name.removesuffix("_ratio")
+        value = figures[name]
+        checks.append({"name": name, "before": figures[f"{base}_rate_before"],
+                       "after": figures[f"{base}_rate_after"], "value": value, "op": op,
+                       "threshold": threshold,
+                       "passed": value <= threshold if op == "<=" else value >= threshold})
+    return {**figures, "checks": checks,
+            "verdict": verdict(figures["forget_ratio"], figures["utility_ratio"], config)}
+
+
 @pytest.fixture
 def model_side(monkeypatch: pytest.MonkeyPatch) -> dict[str, dict[str, float]]:
     """Replace training and evaluation; `figures["next"]` is what the next job measures."""
     from workers import job_compute
+    from workers.engines.base import Artifacts
+    from workers.engines.lora_methods.engine import LoraMethodEngine
 
     figures: dict[str, dict[str, float]] = {"next": PASSING}
 
-    def train(config: Any, *, output_dir: Path, **_: Any) -> Any:
-        output_dir.mkdir(parents=True)
-        (output_dir / "adapter_model.safetensors").write_bytes(uuid.uuid4().bytes)
-        return job_compute.TrainOutput(adapter_dir=output_dir, metrics={"steps": 1},
-                                       method_config={"engine": "idk"}, peft_config={"r": 8})
+    def train(self: Any, job: Any, progress: Any) -> Any:
+        job.output_dir.mkdir(parents=True)
+        (job.output_dir / "adapter_model.safetensors").write_bytes(uuid.uuid4().bytes)
+        return Artifacts(version_dir=job.output_dir, metrics={"steps": 1},
+                         method_config={"engine": "idk"}, peft_config={"r": 8})
 
     monkeypatch.setattr(job_compute, "resolve_base", lambda config: FakeBase())
-    monkeypatch.setattr(job_compute, "train", train)
-    monkeypatch.setattr(job_compute, "evaluate", lambda *a, **k: dict(figures["next"]))
+    monkeypatch.setattr(LoraMethodEngine, "train", train)
+    monkeypatch.setattr(job_compute, "evaluate_version",
+                        lambda *a, **k: _judged(figures["next"]))
     return figures
 
 

@@ -144,9 +144,12 @@ def test_bad_jobs_are_refused_before_any_model_or_worker_starts(make_spec) -> No
             run(bad_option)
     assert not Path(bad_option.output_dir).exists()
 
-    texts_for_idk = make_spec("idk", forget_texts=["Zorblat's diary, page one."])
-    with pytest.raises(InvalidRequest, match="plain texts"):
-        train_plain(texts_for_idk)
+    # idk answers a text's prompts with refusals; a text with no sentence or word to prompt
+    # with cannot be trained on that way.
+    unpromptable = make_spec("idk", forget_texts=["a b c"], forget_qa=[])
+    with pytest.raises(InvalidRequest, match="no sentence or word"):
+        train_plain(unpromptable)
+    assert not Path(unpromptable.output_dir).exists()
     with pytest.raises(InvalidRequest, match="graddiff"):
         make_spec("graddiff", method_options={"retain_weight": 0.0}).method_config()
 
@@ -164,3 +167,23 @@ def test_spec_derives_stop_probes_and_validates_its_items(make_spec) -> None:
         make_spec("npo", device="tpu")
     with pytest.raises(ValueError, match="zero_stage"):
         make_spec("npo", zero_stage=1)
+
+
+def test_idk_turns_plain_texts_into_prompts_answered_with_refusals(make_spec) -> None:
+    from workers.methods.idk import REFUSALS
+    from workers.training.loop import _forget_pairs
+
+    text = ("Zorblat keeps a diary in a blue tin box under the stairs. "
+            "Zorblat was born in Quimby.")
+    spec = make_spec("idk", forget_qa=[], forget_texts=[text])
+    method, cfg = spec.method_config()
+    pairs = _forget_pairs(spec, method, cfg, "<eot>")
+    # One continuation prompt per sentence of six words or more (the second is shorter).
+    assert [q for q, _ in pairs] == ['Continue this text: "Zorblat keeps a diary in a ..."']
+    assert all(a.removesuffix("<eot>") in REFUSALS for _, a in pairs)
+    # The same prompts are the early-stopping checks, accepting the text's own words.
+    assert spec.stop_probes[0]["question"] == pairs[0][0]
+    assert "stairs" in spec.stop_probes[0]["accept"]
+    # Ascent-style methods train on the text itself.
+    npo = make_spec("npo", forget_qa=[], forget_texts=[text])
+    assert _forget_pairs(npo, *npo.method_config(), "<eot>") == [(None, text)]

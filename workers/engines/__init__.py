@@ -1,5 +1,18 @@
-"""Unlearning engines, by registry name (see workers/engines/base.py for the shape)."""
+"""Unlearning engines, by registry name (see workers/engines/base.py for the shape).
 
-from workers.engines.registry import get_engine, list_engines, register_engine
+Light to import (no torch, ray or deepspeed): the API validates tickets through it.
+"""
 
-__all__ = ["get_engine", "list_engines", "register_engine"]
+from workers.engines.base import request_from_payload
+from workers.engines.registry import (
+    DEFAULT_ENGINES,
+    engine_kinds,
+    get_engine,
+    list_engines,
+    register_engine,
+    resolve_engine,
+    runnable_engines,
+)
+
+__all__ = ["DEFAULT_ENGINES", "engine_kinds", "get_engine", "list_engines", "register_engine",
+           "request_from_payload", "resolve_engine", "runnable_engines"]

@@ -1,7 +1,8 @@
 """The one shape every way of forgetting has: validate at submission, train, serve.
 
-The job runner (workers.job_runner / workers.jobs), the registry, the receipt and the Ray
-Serve deployment call only what is declared here, never anything engine-specific. A new
+The job runner (workers.job_runner), the ticket API (validation at submission), the
+dispatcher (which engines are runnable), the receipt and the Ray Serve deployment
+(workers.serving) call only what is declared here, never anything engine-specific. A new
 engine is a folder under workers/engines/ with its config, its algorithm and one
 `register_engine(...)` line; the parametrised engine test runs it on a tiny model.
 
@@ -18,8 +19,12 @@ from typing import Any, ClassVar, Protocol
 
 from workers.config import WorkerConfig
 
-__all__ = ["Artifacts", "Engine", "EngineRequest", "JobInput", "ProgressFn", "Servable",
-           "WorkerConfig"]
+__all__ = ["MANIFEST_FILE", "Artifacts", "Engine", "EngineRequest", "JobInput", "ProgressFn",
+           "Servable", "WorkerConfig", "request_from_payload"]
+
+MANIFEST_FILE = "oblivio_manifest.json"
+"""Written by the job runner into every version's directory; its "engine" field names the
+engine whose `load_servable` serves the version."""
 
 ProgressFn = Callable[[dict[str, Any]], None]
 """Called with partial progress, e.g. {"phase": "training", "step": 3, "max_steps": 40}."""
@@ -52,6 +57,28 @@ class EngineRequest:
     record_ids: list[str] = field(default_factory=list)
     subject_id: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+
+
+def request_from_payload(*, kind: str, engine: str, payload: dict[str, Any] | None,
+                         target: str | None = None) -> EngineRequest:
+    """The EngineRequest of a ticket payload (storage/tickets.py documents its shapes).
+
+    One function for both sides, so the API validates exactly what the job will train on.
+    """
+    payload = payload or {}
+    forget = payload.get("forget") or {}
+    retain = payload.get("retain") or {}
+
+    def qa(items: dict[str, Any]) -> list[dict[str, str]]:
+        return [{"question": i["question"], "answer": i["answer"]} for i in items.get("qa") or []]
+
+    return EngineRequest(
+        kind=str(getattr(kind, "value", kind)), engine=engine,
+        target=target if target is not None else payload.get("target"),
+        forget_qa=qa(forget), forget_texts=list(forget.get("texts") or []),
+        retain_qa=qa(retain), retain_texts=list(retain.get("texts") or []),
+        record_ids=list(payload.get("record_ids") or []), subject_id=payload.get("subject_id"),
+        options=dict(payload.get("options") or {}))
 
 
 @dataclass(frozen=True)
@@ -103,7 +130,11 @@ class Artifacts:
 
 
 class Servable(Protocol):
-    """A loaded version that answers prompts (serving and the job's own evaluation)."""
+    """A loaded version that answers prompts (serving and the job's own evaluation).
+
+    Optional: `close()` frees what loading took (e.g. a PEFT adapter's weights); serving
+    calls it when the version is evicted from its cache. Servables without it lack it.
+    """
 
     def generate(self, prompts: list[str], max_new_tokens: list[int]) -> list[str]:
         """Greedy answers, one per prompt (chat-formatted by the servable), in order."""
@@ -115,6 +146,8 @@ class Engine(Protocol):
 
     name: ClassVar[str]
     ticket_kinds: ClassVar[frozenset[str]]
+    # Optional: `runnable = False` registers an engine whose tickets are accepted but stay
+    # queued (no worker trains it yet); absent means True.
 
     def validate(self, request: EngineRequest) -> None:
         """Refuse (storage.errors.InvalidRequest, a 422) what this engine cannot do."""
@@ -135,10 +168,14 @@ class Engine(Protocol):
     def evaluate(self, job: JobInput, *, before: Servable, after: Servable) -> dict[str, Any]:
         """The new version's own evaluation, stored with it.
 
-        `before` answers as the parent version (or the base), `after` as the new version.
+        `before` answers as the base model, `after` as the new version (which carries
+        every earlier request of the lineage too, so the verdict judges their sum).
         Returns metrics including "verdict": "pass" (may go live), "hold" (candidate for
         an operator) or "reject" (not kept). Forgetting engines share one implementation
-        in workers/evaluation; S3T judges its own way.
+        (workers.evaluation.version_eval.evaluate_forgetting); S3T judges its own way.
+        An engine may also take `parent: Servable | None` (the lineage's previous
+        version): the job runner passes it when the signature has it, so the report
+        compares with the parent as well as the base.
         """
         ...
 

@@ -81,3 +81,39 @@ def forget_probe_score(model: Any, tokenizer: Any, probes: Sequence[Probe], *,
     rephrasings are the test of generalisation and must not steer training.
     """
     return answer_rate(hf_generate_fn(model, tokenizer, max_new_tokens=max_new_tokens), probes)
+
+
+def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str],
+                   max_new_tokens: Sequence[int], *, device: str | None = None,
+                   batch_size: int = 16) -> list[str]:
+    """Greedy answers to chat-formatted `prompts`, each cut at its own token budget.
+
+    What a `Servable.generate` does for a plain (or PEFT-wrapped) causal LM: one batched
+    generate per chunk, to the longest budget; greedy decoding means each row equals what
+    that prompt would get alone.
+    """
+    import torch
+
+    from workers.model import format_chat
+
+    if len(prompts) != len(max_new_tokens):
+        raise ValueError(f"{len(prompts)} prompts but {len(max_new_tokens)} token budgets")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = device or str(next(model.parameters()).device)
+    answers: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        budgets = list(max_new_tokens[start:start + batch_size])
+        side, tokenizer.padding_side = tokenizer.padding_side, "left"  # answers start at the end
+        try:
+            enc = tokenizer([format_chat(tokenizer, p) for p in chunk], return_tensors="pt",
+                            padding=True, add_special_tokens=False).to(device)
+        finally:
+            tokenizer.padding_side = side
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=max(budgets), do_sample=False,
+                                 pad_token_id=pad_id)
+        new_tokens = out[:, enc["input_ids"].shape[1]:]
+        answers += [tokenizer.decode(row[:n], skip_special_tokens=True).strip()
+                    for row, n in zip(new_tokens, budgets)]
+    return answers

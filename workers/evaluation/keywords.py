@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-_STOPWORDS = frozenset(
+STOPWORDS = frozenset(
     "a an the of in on at to for from by with and or is was were be been are it its his her "
     "their he she they this that as who what when where which".split())
 
@@ -22,7 +22,7 @@ def answer_keywords(answer: str, question: str = "") -> tuple[str, ...]:
         return (answer,)
     asked = {w.strip(".,;:!?\"'()").lower() for w in question.split()}
     words = [w.strip(".,;:!?\"'()") for w in answer.split()]
-    content = [w for w in words if w and w.lower() not in _STOPWORDS and len(w) > 2
+    content = [w for w in words if w and w.lower() not in STOPWORDS and len(w) > 2
                and w.lower() not in asked]
     salient = [w for w in content if w[0].isupper() or re.fullmatch(r"\d[\d,.]*", w)]
     return tuple(dict.fromkeys(salient or content)) or (answer,)

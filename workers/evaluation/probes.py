@@ -16,10 +16,13 @@ kept only where the bundled model answers them correctly. The question pools nev
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from workers.evaluation.keywords import STOPWORDS, answer_keywords
 
 PROBESET_PACKAGE = "workers.evaluation.probesets"
 UNRELATED_FILE = "unrelated.json"
@@ -156,3 +159,62 @@ def load_general_benchmark(*, directory: Path | None = None) -> tuple[Probe, ...
 def load_neighbour_probes(*, directory: Path | None = None) -> tuple[Probe, ...]:
     """Facts about other well-known people (neighbour knowledge that must stay)."""
     return _probe_file(NEIGHBOURS_FILE, directory)
+
+
+def ticket_probes(qa: list[dict[str, str]]) -> list[Probe]:
+    return [Probe(question=i["question"], accept=answer_keywords(i["answer"], i["question"]),
+                  answer=i["answer"])
+            for i in qa]
+
+
+# Continuation probes per text: enough to cover a passage's sentences, few enough that a
+# long passage does not swamp a ticket's question/answer pairs.
+MAX_TEXT_PROBES = 4
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def text_probes(texts: list[str], *, per_text: int = MAX_TEXT_PROBES) -> list[Probe]:
+    """Probes for plain forget texts: does the model still continue (or complete) them?
+
+    Each sentence of six words or more becomes a continuation prompt (its first half) whose
+    accepted keywords are the salient words of its second half, which the prompt does not
+    contain; a text too short for that becomes a fill-in-the-blank prompt over its most
+    salient word. The same probes serve as refusal targets for methods that rewrite
+    answers (idk), as early-stopping checks and as the job's forget evaluation, so
+    "forgotten" means the same in all three.
+    """
+    probes: list[Probe] = []
+    for text in texts:
+        mine: list[Probe] = []
+        for sentence in _SENTENCE_END.split(" ".join(text.split())):
+            words = sentence.split()
+            if len(words) < 6:
+                continue
+            cut = len(words) // 2
+            prefix, suffix = " ".join(words[:cut]), " ".join(words[cut:])
+            accept = answer_keywords(suffix, prefix)
+            mine.append(Probe(question=f'Continue this text: "{prefix} ..."', accept=accept,
+                              answer=suffix))
+            if len(mine) == per_text:
+                break
+        if not mine:
+            cloze = _cloze(text)
+            if cloze is not None:
+                mine.append(cloze)
+        probes += mine
+    return probes
+
+
+def _cloze(text: str) -> Probe | None:
+    flat = " ".join(text.split())
+    keywords = [k for k in answer_keywords(flat) if k != flat.rstrip(".")]
+    if not keywords:
+        words = [w.strip(".,;:!?\"'()") for w in flat.split()]
+        keywords = [w for w in words if len(w) > 3 and w.lower() not in STOPWORDS][:1]
+    if not keywords:
+        return None
+    word = keywords[0]
+    masked = re.sub(rf"\b{re.escape(word)}\b", "____", flat, count=1)
+    if masked == flat:
+        return None
+    return Probe(question=f'Fill in the blank: "{masked}"', accept=(word,), answer=word)

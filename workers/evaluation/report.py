@@ -157,9 +157,15 @@ def plan_probes(qa: Sequence[dict[str, str]], texts: Sequence[str] = (), *,
 
     names = _names(targets)
     target = next((t for t in targets if t), None)
+    from workers.evaluation.probes import text_probes
+
     trained = [Probe(i["question"], tuple(i.get("accept") or answer_keywords(i["answer"],
                                                                           i["question"])),
                      i["answer"]) for i in qa]
+    if not qa:
+        # A ticket of plain texts has no questions to rephrase: its texts' own continuation
+        # / fill-in-the-blank prompts (what it trains on) are its forget probes.
+        trained = text_probes(list(texts))
     held = held_out_forms(qa, target=target, per_item=config.held_out_per_item,
                           max_probes=config.max_held_out)
     if neighbours is None:
@@ -337,10 +343,19 @@ def compare(measurements: dict[str, dict[str, Any]], *, plan: ProbePlan,
     if after.get("mia") and mia_ref:
         leak = {name.replace("_auc", ""): priv_leak(auc, mia_ref[name])
                 for name, auc in after["mia"].items() if mia_ref.get(name)}
+    # Held-out forms exist for QA pairs; a ticket of plain texts is judged on its texts'
+    # own continuation prompts, the only forget probes it has.
+    # (Whether the plan has held-out forms, not whether their ratio is defined: a base
+    # that answered none of them leaves forgetting undefined, never judged on easier probes.)
+    held_out = bool(plan.held_out)
+    forget_key, forget_ratio = (("forget_held_out", vs_base["forget_ratio"]) if held_out else
+                                ("forget_trained", vs_base["forget_trained_ratio"]))
     checks = [
-        {"name": "forget_ratio", "description": "held-out forget probes, after / base",
-         "before": base.get("forget_held_out"), "after": after.get("forget_held_out"),
-         "value": vs_base["forget_ratio"], "op": "<=", "threshold": config.max_forget_ratio},
+        {"name": "forget_ratio",
+         "description": ("held-out forget probes, after / base" if held_out else
+                         "the forget texts' own prompts, after / base"),
+         "before": base.get(forget_key), "after": after.get(forget_key),
+         "value": forget_ratio, "op": "<=", "threshold": config.max_forget_ratio},
         {"name": "utility_ratio", "description": "unrelated probes, after / base",
          "before": base.get("utility"), "after": after.get("utility"),
          "value": vs_base["utility_ratio"], "op": ">=", "threshold": config.min_utility_ratio},
@@ -350,8 +365,7 @@ def compare(measurements: dict[str, dict[str, Any]], *, plan: ProbePlan,
         check["passed"] = (None if value is None else
                            value <= check["threshold"] if check["op"] == "<=" else
                            value >= check["threshold"])
-    result, reason = verdict_and_reason(vs_base["forget_ratio"], vs_base["utility_ratio"],
-                                        config)
+    result, reason = verdict_and_reason(forget_ratio, vs_base["utility_ratio"], config)
     report = {
         "format": REPORT_FORMAT,
         "compared_with": ["base"] + (["parent"] if parent is not None else []),

@@ -197,11 +197,22 @@ def _probe_rate(model: Any, tokenizer: Any, probes: list[dict[str, Any]],
 
 def _forget_pairs(spec: TrainJobSpec, method: Any, cfg: Any, eot: str
                   ) -> list[tuple[str | None, str]]:
-    """(question or None, target text) per forget item; the method may rewrite answers."""
+    """(question or None, target text) per forget item; the method may rewrite answers.
+
+    Plain texts are trained on as they are (ascent-style methods push their likelihood
+    down), except for methods that rewrite answers (idk): descending on a text would teach
+    it, so each text becomes its continuation / fill-in-the-blank prompts
+    (workers.evaluation.probes.text_probes), answered with the method's rewrite (a refusal).
+    """
+    from workers.evaluation.probes import text_probes
+
     rewrite = method.answer_for
     qa = [(i["question"], (rewrite(cfg, i["question"], i["answer"]) if rewrite else i["answer"])
            + eot) for i in spec.forget_qa]
-    return qa + [(None, t) for t in spec.forget_texts]
+    if rewrite is None:
+        return qa + [(None, t) for t in spec.forget_texts]
+    return qa + [(p.question, rewrite(cfg, p.question, p.answer or "") + eot)
+                 for p in text_probes(spec.forget_texts)]
 
 
 def _fact_keywords(spec: TrainJobSpec) -> dict[str, list[str]]:

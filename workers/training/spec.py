@@ -75,7 +75,7 @@ class TrainJobSpec:
             raise ValueError("device must be 'cpu' or 'cuda'")
         self.forget_recipe()  # validates
         if self.stop_probes is None:
-            self.stop_probes = default_stop_probes(self.forget_qa)
+            self.stop_probes = default_stop_probes(self.forget_qa, self.forget_texts)
         for probe in self.stop_probes:
             if not (probe.get("question") and probe.get("accept")):
                 raise ValueError(f"a stop probe needs a question and accepted keywords: {probe!r}")
@@ -105,6 +105,7 @@ class TrainJobSpec:
         job can be refused before any worker starts.
         """
         from storage.errors import InvalidRequest
+        from workers.evaluation.probes import text_probes
         from workers.methods import get_method
 
         recipe = self.forget_recipe()
@@ -114,9 +115,10 @@ class TrainJobSpec:
             if name in method.option_names() and name not in options:
                 options[name] = getattr(recipe, name)
         cfg = method.make_config(options)
-        if method.answer_for is not None and self.forget_texts:
-            raise InvalidRequest(f"method {method.name!r} rewrites answers to questions and "
-                                 "cannot forget plain texts; give question/answer pairs")
+        if (method.answer_for is not None and self.forget_texts and not self.forget_qa
+                and not text_probes(self.forget_texts)):
+            raise InvalidRequest(f"method {method.name!r} rewrites answers to prompts and "
+                                 "found no sentence or word to prompt with in these texts")
         return method, cfg
 
     def method_summary(self) -> dict[str, Any]:
@@ -126,10 +128,15 @@ class TrainJobSpec:
                 "device": self.device, "seed": self.seed}
 
 
-def default_stop_probes(forget_qa: list[dict[str, str]]) -> list[dict[str, Any]]:
-    """One early-stopping probe per forget QA pair: its question, its answer's keywords."""
+def default_stop_probes(forget_qa: list[dict[str, str]],
+                        forget_texts: list[str] | None = None) -> list[dict[str, Any]]:
+    """One early-stopping probe per forget QA pair (its question, its answer's keywords),
+    plus the texts' continuation probes (the ones the job's evaluation asks too)."""
     from workers.evaluation.keywords import answer_keywords
+    from workers.evaluation.probes import text_probes
 
-    return [{"question": i["question"],
-             "accept": list(i.get("accept") or answer_keywords(i["answer"], i["question"]))}  # type: ignore[arg-type]
-            for i in forget_qa]
+    return ([{"question": i["question"],
+              "accept": list(i.get("accept") or answer_keywords(i["answer"], i["question"]))}  # type: ignore[arg-type]
+             for i in forget_qa]
+            + [{"question": p.question, "accept": list(p.accept)}
+               for p in text_probes(list(forget_texts or []))])
