@@ -1,10 +1,13 @@
-.PHONY: run test test-e2e bench
+.PHONY: run test test-tour test-e2e bench
 
 run:        ## start the service on embedded defaults with the bundled model
 	bash scripts/serve.sh
 
 test:       ## the test suite CI runs (installs what it needs, starts PostgreSQL and S3)
-	bash scripts/test.sh -m "not e2e"
+	bash scripts/test.sh -m "not e2e and not tour"
+
+test-tour:  ## the README's quick tour, walked literally on the real model (CI runs it too)
+	bash scripts/test.sh -m tour tests/test_quick_tour.py
 
 test-e2e:   ## end-to-end acceptance tests on the real bundled model (slow)
 	bash scripts/test.sh -m e2e

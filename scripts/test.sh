@@ -18,6 +18,7 @@ pg_online() {
 pg_was_online=no
 if pg_online; then pg_was_online=yes; fi
 bash .ci/postgres.sh
+bash .ci/browser.sh   # chromium + chromedriver for the dashboard's browser test
 if [ "$pg_was_online" = no ] && pg_online; then
   trap 'pg_ctlcluster "$PG_VERSION" "$PG_CLUSTER" stop || true' EXIT
 fi

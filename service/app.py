@@ -13,10 +13,24 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from service.api import generate, health, jobs, lineages, system, tickets, tokens, versions
-from service.api import openai_compat
+from service.api import (
+    dashboard,
+    datasets,
+    finetune,
+    generate,
+    health,
+    jobs,
+    lineages,
+    openai_compat,
+    schedules,
+    system,
+    tickets,
+    tokens,
+    versions,
+)
 from service.api.errors import install_error_handlers
 from service.body_limit import BodySizeLimitMiddleware
+from service.concurrency import ConcurrencyLimitMiddleware
 from service.metrics import AppMetrics, RequestCounterMiddleware
 from service.rate_limit import RateLimiter
 from service.settings import Settings, get_settings
@@ -67,10 +81,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.generator = None  # its Ray Serve handle for /v1/generate
 
     install_error_handlers(app)
-    for module in (health, tickets, jobs, lineages, versions, tokens, generate, system):
+    for module in (health, tickets, jobs, lineages, versions, tokens, generate, system,
+                   datasets, finetune):
         app.include_router(module.router)
     app.include_router(openai_compat.router)  # /v1/chat/completions, /v1/models
+    app.include_router(dashboard.router)  # /dashboard and the JSON it reads
+    app.include_router(schedules.router)  # /v1/schedules
     # Added last = outermost: the counter also sees the 413s of the size limit.
+    app.add_middleware(ConcurrencyLimitMiddleware, max_in_flight=settings.max_in_flight_requests)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestCounterMiddleware, metrics=app.state.metrics)
     return app

@@ -35,4 +35,19 @@ def start_background_workers(settings: Settings, app: Any = None) -> BackgroundW
     dashboard = runtime.info.get("ray_dashboard")
     if dashboard:
         print(f"Ray dashboard:   {dashboard}", flush=True)
+    if settings.scheduler_enabled and app is not None:
+        from service.scheduler import SchedulerLoop
+
+        return _WithScheduler(runtime, SchedulerLoop(settings, app.state.sessions).start())
     return runtime
+
+
+class _WithScheduler:
+    """The runtime plus the scheduler thread; stops the scheduler first."""
+
+    def __init__(self, runtime: BackgroundWorkers, scheduler: BackgroundWorkers) -> None:
+        self.runtime, self.scheduler = runtime, scheduler
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+        self.runtime.stop()

@@ -24,6 +24,8 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from service import cli_render as render
+from service.cli_schedule import schedule_app
+from service import cli_watch
 from service.cli_bench import bench
 from service.cli_receipts import receipt_app
 from service.client import ApiError, ApiUnreachable, OblivioClient
@@ -43,6 +45,7 @@ app.add_typer(versions_app, name="versions")
 app.add_typer(lineage_app, name="lineage")
 app.add_typer(token_app, name="token")
 app.add_typer(db_app, name="db")
+app.add_typer(schedule_app, name="schedule")
 app.add_typer(receipt_app, name="receipt")
 app.command("bench")(bench)
 
@@ -144,9 +147,12 @@ def serve(
     from service.background import start_background_workers
     from service.startup import admin_token_path, is_embedded, prepare
 
+    from workers.logcontext import configure_logging
+
     settings = _settings()
     updates = {k: v for k, v in {"api_host": host, "api_port": port}.items() if v is not None}
     settings = settings.model_copy(update=updates)
+    configure_logging(settings.log_format, settings.log_level)
     api_app = create_app(settings)
     try:
         report = prepare(settings, api_app.state.sessions)
@@ -158,6 +164,7 @@ def serve(
     print(f"oblivio API:     {url}", flush=True)
     print(f"OpenAPI docs:    {url}/docs", flush=True)
     print(f"metrics:         {url}/metrics", flush=True)
+    print(f"dashboard:       {url}/dashboard", flush=True)
     token_file = admin_token_path(settings).resolve()
     if report.admin_token_file is not None:
         print(f"admin token written to {report.admin_token_file}", flush=True)
@@ -169,7 +176,9 @@ def serve(
         print("starting Ray, the dispatcher and the generation deployment...", flush=True)
     background = start_background_workers(settings, api_app) if workers else None
     try:
-        uvicorn.run(api_app, host=settings.api_host, port=settings.api_port, log_level="info")
+        # log_config=None: uvicorn's loggers go through the root handler (JSON or text).
+        uvicorn.run(api_app, host=settings.api_host, port=settings.api_port,
+                    log_level=settings.log_level.lower(), log_config=None)
     finally:
         if background is not None:
             background.stop()
@@ -321,13 +330,18 @@ def ticket_submit(
     subject_id: Annotated[str | None, typer.Option(
         help="delete_records: every record of this data subject")] = None,
     lineage: Annotated[str | None, typer.Option(help="Lineage [default: default]")] = None,
-    engine: Annotated[str | None, typer.Option(help="o3, ga, graddiff, npo or s3t")] = None,
+    engine: Annotated[str | None, typer.Option(
+        help="idk (forget default), npo, ga, graddiff, o3; s3t (delete_records)")] = None,
     priority: Annotated[int | None, typer.Option(help="-100..100, higher runs first")] = None,
     not_before: Annotated[str | None, typer.Option(
         help="ISO 8601 time with zone; do not start earlier")] = None,
     idempotency_key: Annotated[str | None, typer.Option(
         help="Retrying with the same key never files a second ticket")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the id")] = False,
+    wait: Annotated[bool, typer.Option(
+        "--wait", help="Follow the ticket with a progress bar until it ends; exit 1 if it "
+                       "fails or is rejected")] = False,
+    timeout: cli_watch.Timeout = None,
     api_url: ApiUrl = None, token: Token = None, as_json: Json = False,
 ) -> None:
     """File a deletion ticket from FILE or from --text/--qa (forget) or --dataset (records)."""
@@ -357,6 +371,17 @@ def ticket_submit(
     body.update({k: v for k, v in overrides.items() if v is not None})
     with api(api_url, token) as client:
         ticket = client.submit_ticket(body, idempotency_key=idempotency_key)
+        if wait:
+            render.err().print(f"ticket {ticket['id']} {ticket['status']} (lineage "
+                               f"{ticket['lineage']}, engine {ticket['engine']})", markup=False)
+            # The bar is on stderr, so `ID=$(oblivio ticket submit ... --wait -q)` shows it.
+            ticket = cli_watch.follow(client, ticket["id"], timeout=timeout,
+                                      show_progress=not as_json)
+    if wait:
+        if quiet and not as_json:
+            print(ticket["id"])
+        cli_watch.finish(ticket, as_json=as_json, quiet=quiet)
+        return
     if as_json:
         render.print_json(ticket)
     elif quiet:
@@ -364,6 +389,16 @@ def ticket_submit(
     else:
         render.out().print(f"ticket {ticket['id']} {ticket['status']} (lineage "
                          f"{ticket['lineage']}, engine {ticket['engine']})", markup=False)
+
+
+@ticket_app.command("watch")
+def ticket_watch(ticket_id: Annotated[str, typer.Argument(help="Ticket id")],
+                 timeout: cli_watch.Timeout = None, api_url: ApiUrl = None,
+                 token: Token = None, as_json: Json = False) -> None:
+    """Follow a ticket with a progress bar until it ends; exit 1 if it fails or is rejected."""
+    with api(api_url, token) as client:
+        ticket = cli_watch.follow(client, ticket_id, timeout=timeout, show_progress=not as_json)
+    cli_watch.finish(ticket, as_json=as_json)
 
 
 @ticket_app.command("show")
@@ -526,6 +561,13 @@ def revoke(version_id: Annotated[str, typer.Argument(help="Version id (UUID)")],
         render.print_json(result)
     else:
         render.out().print(f"{result['label']} revoked", markup=False)
+
+
+# Commands of other areas, in their own modules (imported here, after what they reuse).
+from service import cli_datasets  # noqa: E402
+
+app.add_typer(cli_datasets.dataset_app, name="dataset")
+lineage_app.command("finetune")(cli_datasets.lineage_finetune)
 
 
 def main() -> None:

@@ -99,6 +99,17 @@ class OblivioClient:
                           json={"reason": reason, "tickets": tickets})
 
     # --- tokens -----------------------------------------------------------------------
+    # --- datasets and fine-tunes (S3T) ----------------------------------------------------
+    def add_dataset_jsonl(self, name: str, jsonl: str) -> dict[str, Any]:
+        return self._call("POST", "/v1/datasets", params={"name": name}, content=jsonl,
+                          headers={"Content-Type": "application/jsonl"})
+
+    def get_dataset(self, name: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/datasets/{name}")
+
+    def finetune(self, lineage: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._call("POST", f"/v1/lineages/{lineage}/finetune", json=body)
+
     def create_token(self, *, role: str, name: str) -> dict[str, Any]:
         return self._call("POST", "/v1/tokens", json={"role": role, "name": name})
 

@@ -30,7 +30,7 @@ def payload_cipher(app: Any) -> PayloadCipher:
     with app.state.payload_cipher_lock:
         if app.state.payload_cipher is None:
             settings = app.state.settings
-            app.state.payload_cipher = cipher_from_config(settings.payload_key,
+            app.state.payload_cipher = cipher_from_config(settings.payload_key_text,
                                                           settings.payload_key_file)
         return app.state.payload_cipher
 

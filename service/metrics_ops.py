@@ -109,12 +109,12 @@ class OperationsCollector(Collector):
             values = durations.get(phase, [])
             f["duration"].add_metric([phase], count_value=len(values), sum_value=sum(values))
 
-        counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status))
-                      .tuples())
+        counts = {status: n for status, n in session.execute(
+            select(Job.status, func.count()).group_by(Job.status))}
         for status in JobStatus:
             f["jobs"].add_metric([status.value], float(counts.get(status, 0)))
 
-        names = dict(session.execute(select(Lineage.id, Lineage.name)).tuples())
+        names = {i: n for i, n in session.execute(select(Lineage.id, Lineage.name))}
         latest_loss: dict[str, tuple[Any, float]] = {}
         for lineage_id, created, progress in session.execute(
                 select(Job.lineage_id, Job.created_at, Job.progress)

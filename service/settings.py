@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     api_port: int = 8000
     max_body_bytes: int = Field(1 << 20, description="Larger request bodies get 413.")
     readyz_timeout_seconds: float = Field(5.0, description="/readyz waits this long per check.")
+    max_in_flight_requests: int = Field(
+        16, description="Requests worked on at once; more wait their turn (must stay below "
+        "the 40 worker threads of the API, see service/concurrency.py). 0: no cap.")
+    min_free_disk_bytes: int = Field(
+        64 << 20, description="/readyz reports not ready when the data dir has less free.")
     rate_limit_per_second: float = Field(
         20.0, description="Requests per second allowed per API token on average (0: no "
         "limit); over it the API answers 429 with Retry-After.")
@@ -52,6 +57,10 @@ class Settings(BaseSettings):
         None, description="Key that encrypts forget sets at rest (AES-256-GCM): 32 bytes, "
         "urlsafe base64. Unset: generated once into <data_dir>/payload-key (mode 0600). "
         "Every API and worker process of one deployment needs the same key.")
+
+    log_format: Literal["text", "json"] = Field(
+        "text", description="json: one JSON object per log line, with ticket and job ids.")
+    log_level: str = Field("INFO", description="Root log level of the service and workers.")
 
     # --- ticket limits (validation) ------------------------------------------------
     max_forget_items: int = Field(200, description="Max texts + qa pairs in one ticket.")
@@ -67,7 +76,12 @@ class Settings(BaseSettings):
 
     # --- queue ---------------------------------------------------------------------
     lease_seconds: float = Field(300.0, description="A claim is lost unless renewed within this.")
-    max_attempts: int = Field(3, description="Claims before a ticket fails for good.")
+    max_attempts: int = Field(3, description="Claims before a ticket fails for good; only "
+                              "transient failures are retried, a permanent one fails at once.")
+    retry_backoff_seconds: float = Field(
+        10.0, ge=0, description="Wait before retrying a transiently failed ticket, doubled "
+                                "after each attempt (exponential backoff through not_before).")
+    retry_backoff_max_seconds: float = Field(600.0, ge=0, description="The longest such wait.")
 
     # --- models and training ---------------------------------------------------------
     base_model: str = Field(
@@ -76,13 +90,30 @@ class Settings(BaseSettings):
     )
     device: Literal["cpu", "cuda"] = "cpu"
     ray_address: str | None = Field(None, description="Join this Ray cluster instead of a local one.")
+    ray_dashboard_url: str | None = Field(
+        None, description="Ray dashboard URL the operator dashboard links to (default: the "
+        "one of the cluster `oblivio serve` started or joined).")
     num_workers: int = Field(2, description="Ray Train workers (DeepSpeed ranks) per job.")
     zero_stage: Literal[2, 3] = 2
     trainer: Literal["deepspeed", "plain"] = Field(
         "deepspeed", description="deepspeed: Ray Train workers with DeepSpeed ZeRO (the "
         "product path); plain: one in-process PyTorch loop (benchmark baseline, debugging).")
+    warm_train_workers: bool = Field(
+        True, description="CPU jobs train on DeepSpeed ranks kept alive between jobs "
+        "(workers/training/warm_pool.py) instead of new Ray Train workers each time, which "
+        "spend tens of seconds importing libraries before the first step.")
     batch_window_seconds: float = Field(2.0, description="Wait this long to group tickets in one job.")
+    scheduler_enabled: bool = Field(True, description="Run schedules' windows in this "
+                                    "replica when it leads (needs the background workers).")
+    scheduler_poll_seconds: float = Field(15.0, description="How often the scheduler checks "
+                                          "for due windows and renews its leader lease.")
     auto_promote: bool = Field(True, description="Promote a version to live when its eval passes.")
+    evaluation: dict[str, Any] = Field(
+        default_factory=dict,
+        description='Overrides of a job\'s version report (workers/evaluation/report.py '
+                    'ReportConfig, plus relearn_steps / relearn_lr to run the relearning '
+                    'attack in every job), as JSON: e.g. OBLIVIO_EVALUATION=\'{"max_utility": '
+                    '30, "relearn_steps": 10}\'.')
     recipe: dict[str, Any] = Field(
         default_factory=dict,
         description='Overrides of the forget recipe (workers/evaluation/recipe.py), as JSON: '
@@ -97,7 +128,9 @@ class Settings(BaseSettings):
 
     @property
     def resolved_database_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.data_dir / 'oblivio.db'}"
+        if not self.database_url:
+            return f"sqlite:///{self.data_dir / 'oblivio.db'}"
+        return _absolute_sqlite(self.database_url)
 
     @property
     def payload_key_text(self) -> str | None:
@@ -129,10 +162,15 @@ class Settings(BaseSettings):
             data_dir=self.data_dir, database_url=self.resolved_database_url,
             store=self.store_config(), base_model=self.base_model, device=self.device,
             num_workers=self.num_workers, zero_stage=self.zero_stage, trainer=self.trainer,
-            recipe=dict(self.recipe), lease_seconds=self.lease_seconds,
-            max_attempts=self.max_attempts, batch_window_seconds=self.batch_window_seconds,
+            warm_train_workers=self.warm_train_workers,
+            recipe=dict(self.recipe), evaluation=dict(self.evaluation),
+            lease_seconds=self.lease_seconds,
+            max_attempts=self.max_attempts, retry_backoff_seconds=self.retry_backoff_seconds,
+            retry_backoff_max_seconds=self.retry_backoff_max_seconds,
+            batch_window_seconds=self.batch_window_seconds,
             auto_promote=self.auto_promote, ray_address=self.ray_address,
-            payload_key=self._resolved_payload_key())
+            payload_key=self._resolved_payload_key(), log_format=self.log_format,
+            log_level=self.log_level)
 
     def _resolved_payload_key(self) -> str:
         # Workers run in other processes (Ray), maybe on other nodes: hand them the key
@@ -141,6 +179,22 @@ class Settings(BaseSettings):
 
         key = sealing.load_or_create_key(self.payload_key_text, self.payload_key_file)
         return sealing.encode_key(key)
+
+
+def _absolute_sqlite(url: str) -> str:
+    """A SQLite URL with a relative file, made absolute against the working directory: the
+    dispatcher (a Ray actor) opens the same URL from another working directory."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # not ours to judge here; the engine reports a bad URL clearly
+        return url
+    name = parsed.database
+    if (parsed.get_backend_name() != "sqlite" or not name or name == ":memory:"
+            or name.startswith("file:") or Path(name).is_absolute()):
+        return url
+    return parsed.set(database=str(Path(name).resolve())).render_as_string(hide_password=False)
 
 
 @lru_cache

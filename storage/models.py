@@ -61,6 +61,9 @@ class Base(DeclarativeBase):
 class TicketKind(str, enum.Enum):
     forget = "forget"
     delete_records = "delete_records"
+    # Internal (POST /v1/lineages/{name}/finetune, and S3T's retrain after a deletion):
+    # fine-tunes go through the same durable queue, leases and job runner as deletions.
+    finetune = "finetune"
 
 
 class TicketStatus(str, enum.Enum):
@@ -246,3 +249,89 @@ class AuditEvent(Base):
     subject_type: Mapped[str] = mapped_column(String(32))
     subject_id: Mapped[str] = mapped_column(String(64))
     detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class Schedule(Base):
+    """A recurring window (cron, UTC) in which a lineage's waiting tickets become one job.
+
+    While a lineage has an enabled `unlearn` schedule, its new tickets are held (see
+    storage.schedules) instead of being claimed one by one by the dispatcher.
+    """
+
+    __tablename__ = "schedules"
+    __table_args__ = (UniqueConstraint("lineage_id", "action"),)
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    lineage_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("lineages.id"))
+    action: Mapped[str] = mapped_column(String(32), default="unlearn")
+    cron: Mapped[str] = mapped_column(String(128))
+    min_tickets: Mapped[int] = mapped_column(Integer, default=1)
+    max_tickets: Mapped[int] = mapped_column(Integer, default=64)
+    enabled: Mapped[bool] = mapped_column(default=True)
+    next_run_at: Mapped[datetime]
+    last_run_at: Mapped[datetime | None]
+    last_result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class LeaderLease(Base):
+    """One row per singleton role (e.g. `scheduler`): who holds it and until when."""
+
+    __tablename__ = "leader_leases"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[datetime]
+
+
+# --- S3T: fine-tuning datasets, their records, and content-addressed prefix checkpoints ---
+
+class Dataset(Base):
+    """A registered fine-tuning dataset. `shards`/`slices` are set by its first S3T
+    fine-tune (record placement is then fixed, so later retrains reuse prefixes)."""
+
+    __tablename__ = "datasets"
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    shards: Mapped[int | None] = mapped_column(Integer)
+    slices: Mapped[int | None] = mapped_column(Integer)
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Record(Base):
+    """One training record. `content` (text or prompt/response) is purged on deletion;
+    `content_sha256` stays, so receipts can prove which content a layer group saw."""
+
+    __tablename__ = "records"
+    __table_args__ = (UniqueConstraint("dataset_id", "record_id"),
+                      Index("ix_records_subject", "dataset_id", "subject_id"))
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    dataset_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("datasets.id"))
+    record_id: Mapped[str] = mapped_column(String(256))
+    subject_id: Mapped[str | None] = mapped_column(String(256))
+    content: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    content_sha256: Mapped[str] = mapped_column(String(64))
+    shard: Mapped[int | None] = mapped_column(Integer)
+    slice: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    deleted_at: Mapped[datetime | None]
+    deleted_by_ticket: Mapped[str | None] = mapped_column(String(64))
+
+
+class S3TCheckpoint(Base):
+    """One trained layer group: prefix (hash of base, config and the ordered record sets
+    of its slices) -> the object holding its LoRA weights. Never changes once written."""
+
+    __tablename__ = "s3t_checkpoints"
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    prefix_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    dataset_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("datasets.id"))
+    shard: Mapped[int] = mapped_column(Integer)
+    sequence: Mapped[int] = mapped_column(Integer)
+    position: Mapped[int] = mapped_column(Integer)
+    slices: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    layers: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    record_ids: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    record_set_sha256: Mapped[str] = mapped_column(String(64))
+    object_key: Mapped[str] = mapped_column(String(1024))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

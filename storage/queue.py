@@ -34,12 +34,23 @@ from sqlalchemy.orm import Session, sessionmaker
 from storage import audit, ticket_states
 from storage.db import transaction
 from storage.errors import InvalidRequest
-from storage.models import Lineage, Ticket, TicketKind, TicketStatus, utcnow
+from storage.models import (
+    AdapterVersion,
+    Job,
+    JobStatus,
+    Lineage,
+    Ticket,
+    TicketKind,
+    TicketStatus,
+    VersionStatus,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 
 # States in which a claimer holds the ticket's lease.
 ACTIVE_STATES = (TicketStatus.running, TicketStatus.evaluating)
+_FINISHED_JOBS = (JobStatus.succeeded, JobStatus.failed)
 
 
 @dataclass(frozen=True)
@@ -164,8 +175,30 @@ def _requeue_expired(session: Session, *, max_attempts: int, now: datetime) -> i
         audit.record(session, actor="queue", action=action, subject_type="ticket",
                      subject_id=ticket.id, detail=detail)
     if expired:
+        _abandon_jobs(session, {t.job_id for t in expired if t.job_id is not None}, now=now)
         log.warning("recovered %d ticket(s) with expired leases", len(expired))
     return len(expired)
+
+
+def _abandon_jobs(session: Session, job_ids: set[uuid.UUID], *, now: datetime) -> None:
+    """The jobs of expired leases died with their claimer: mark them failed, and the
+    versions they were still building (training/validating) failed too, so that nothing
+    half-written stays in the registry looking as if it might still finish."""
+    if not job_ids:
+        return
+    reason = "abandoned: the job's claimer stopped renewing its lease (crashed or killed)"
+    jobs = session.scalars(select(Job).where(Job.id.in_(job_ids),
+                                             Job.status.notin_(_FINISHED_JOBS))).all()
+    for job in jobs:
+        job.status, job.error, job.finished_at = JobStatus.failed, reason, now
+    versions = session.scalars(select(AdapterVersion).where(
+        AdapterVersion.job_id.in_(job_ids),
+        AdapterVersion.status.in_((VersionStatus.training, VersionStatus.validating)))).all()
+    for version in versions:
+        version.status = VersionStatus.failed
+        version.metrics = {**(version.metrics or {}), "error": reason}
+        audit.record(session, actor="queue", action="version.failed", subject_type="version",
+                     subject_id=version.id, detail={"reason": reason})
 
 
 def renew_lease(sessions: sessionmaker[Session], *, ticket_ids: Sequence[uuid.UUID], owner: str,

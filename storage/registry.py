@@ -287,6 +287,40 @@ def revoke(session: Session, *, version_id: uuid.UUID, actor: str, reason: str,
     return version
 
 
+def mark_corrupt(session: Session, *, version_id: uuid.UUID, actor: str,
+                 reason: str) -> AdapterVersion:
+    """A stored version whose files fail their sha256 check at load: it becomes `failed`
+    (never served again) and, if it was live, live falls back to the nearest earlier
+    servable version (or the base model), exactly as for a revocation. Idempotent."""
+    version = get_version(session, version_id)
+    lineage = _locked_lineage_by_id(session, version.lineage_id)
+    session.refresh(version, with_for_update={"key_share": True} if _pg(session) else None)
+    if version.status in (VersionStatus.failed, VersionStatus.revoked):
+        return version
+    label = version_label(lineage.name, version.version)
+    detail: dict[str, Any] = {"label": label, "reason": reason, "from": version.status.value}
+    version.status = VersionStatus.failed
+    version.metrics = {**(version.metrics or {}), "error": reason}
+    if _alias_target(session, lineage, CANDIDATE) is version:
+        _drop_alias(session, lineage, CANDIDATE)
+    if _alias_target(session, lineage, LIVE) is version:
+        fallback = _servable_before(session, lineage, version.version)
+        if fallback is None:
+            _drop_alias(session, lineage, LIVE)
+            detail["live"] = None
+        else:
+            _point(session, lineage, LIVE, fallback)
+            fallback.status = VersionStatus.ready
+            detail["live"] = version_label(lineage.name, fallback.version)
+        audit.record(session, actor=actor, action="alias.moved", subject_type="lineage",
+                     subject_id=lineage.id,
+                     detail={"alias": LIVE, "action": "corrupt", "from": label,
+                             "to": detail["live"]})
+    audit.record(session, actor=actor, action="version.corrupt", subject_type="version",
+                 subject_id=version.id, detail=detail)
+    return version
+
+
 def resolve(session: Session, *, lineage_name: str, ref: str | None) -> AdapterVersion | None:
     """The version `ref` names in the lineage: None/"live"/"candidate" (None if the alias is
     unset), a number "3" or "v3", or a version UUID. Unknown numbers/ids raise NotFound.

@@ -62,6 +62,8 @@ def payload_summary(payload: dict[str, Any] | None) -> dict[str, Any] | None:
             out["retain_texts"] = len(payload["retain"].get("texts", []))
             out["retain_qa"] = len(payload["retain"].get("qa", []))
         return out
+    if "options" in payload:  # finetune (internal: a fine-tune or S3T's retrain)
+        return {"dataset": payload.get("dataset"), "retrain": bool(payload.get("retrain"))}
     return {"dataset": payload.get("dataset"),
             "record_ids": len(payload["record_ids"]) if payload.get("record_ids") else 0,
             "by_subject": payload.get("subject_id") is not None}

@@ -6,6 +6,8 @@ The payload stored on a ticket is what the workers read, in one of two shapes:
                       "forget": {"texts": [str], "qa": [{"question": str, "answer": str}]},
                       "retain": {"texts": [...], "qa": [...]} | None}
     delete_records:  {"dataset": str, "record_ids": [str] | None, "subject_id": str | None}
+    finetune:        {"dataset": str, "options": {S3T plan and training options},
+                      "retrain": bool}   (internal: see `submit_finetune`)
 
 `payload_sha256` is the sha256 of its canonical JSON (sorted keys, no whitespace, UTF-8),
 so a receipt can prove what was asked even after the raw text has been purged.
@@ -28,12 +30,14 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from storage import audit
+from storage import audit, schedules
 from storage.errors import Conflict, InvalidRequest, NotFound
 from storage.models import (
     AdapterVersion,
     Alias,
     AuditEvent,
+    Job,
+    JobStatus,
     Lineage,
     Ticket,
     TicketKind,
@@ -137,6 +141,8 @@ def submit_or_replay(session: Session, *, request: TicketRequest, requester: str
     if not engine:
         raise InvalidRequest("a ticket needs an engine (the caller resolves the default)")
     digest = payload_sha256(request.payload)
+    if kind is TicketKind.delete_records:
+        _check_deletion(session, lineage, request.payload, engine)
 
     def replay(existing: Ticket) -> SubmitResult:
         # What was asked, not how it is scheduled: priority and not_before may have been
@@ -181,11 +187,92 @@ def submit_or_replay(session: Session, *, request: TicketRequest, requester: str
         if existing is None:  # the violation was about something else
             raise
         return replay(existing)
+    schedules.hold_if_scheduled(session, ticket)  # a scheduled lineage batches at its window
     audit.record(session, actor=requester, action="ticket.submitted", subject_type="ticket",
                  subject_id=ticket.id,
                  detail={"kind": kind.value, "lineage": lineage.name, "engine": engine,
                          "payload_sha256": digest, "idempotency_key": idempotency_key})
     return SubmitResult(ticket, created=True)
+
+
+def _check_deletion(session: Session, lineage: Lineage, payload: dict[str, Any],
+                    engine: str) -> None:
+    """A delete_records ticket names registered records (422 naming the unknown ones) of a
+    lineage that was fine-tuned with S3T."""
+    from storage import datasets
+
+    datasets.resolve_deletion(session, dataset=payload.get("dataset") or "",
+                              record_ids=payload.get("record_ids"),
+                              subject_id=payload.get("subject_id"))
+    if lineage.engine != engine:
+        raise InvalidRequest(f"lineage {lineage.name!r} was not fine-tuned on a dataset with "
+                             f"{engine} (its engine is {lineage.engine!r}); fine-tune it with "
+                             f"POST /v1/lineages/{lineage.name}/finetune first")
+
+
+@dataclass(frozen=True)
+class FinetuneSubmission:
+    ticket: Ticket
+    job: Job
+
+
+def submit_finetune(session: Session, *, lineage_name: str, dataset: str, engine: str,
+                    options: dict[str, Any], requester: str) -> FinetuneSubmission:
+    """Queue a fine-tune of `lineage_name` on `dataset` as an internal `finetune` ticket
+    (`engine` already resolved and validated by the caller, as for every ticket),
+    with its job row created now (status pending) so the caller gets a job id at once; the
+    job runner adopts that job when it claims the ticket.
+
+    The lineage becomes an S3T lineage; one that already has versions of another engine is
+    refused (Conflict): its versions could not be combined with a fine-tune.
+    """
+    from storage import datasets
+
+    lineage = _lineage_by_name(session, lineage_name)
+    has_versions = session.scalar(select(AdapterVersion.id).where(
+        AdapterVersion.lineage_id == lineage.id).limit(1)) is not None
+    if has_versions and lineage.engine != engine:
+        raise Conflict(f"lineage {lineage.name!r} already has {lineage.engine} versions; "
+                       "fine-tune a new lineage")
+    datasets.check_placement(session, dataset, shards=int(options.get("shards", 0) or 0),
+                             slices=int(options.get("slices", 0) or 0))
+    lineage.engine = engine
+    payload = {"dataset": dataset, "options": options, "retrain": False}
+    job = Job(lineage_id=lineage.id, engine=engine, status=JobStatus.pending,
+              method_config={"kind": "finetune", "dataset": dataset, "options": options},
+              progress={"phase": "queued"})
+    session.add(job)
+    session.flush()
+    ticket = Ticket(kind=TicketKind.finetune, lineage_id=lineage.id, engine=engine,
+                    target=None, payload=payload, payload_sha256=payload_sha256(payload),
+                    status=TicketStatus.queued, requester=requester, job_id=job.id)
+    session.add(ticket)
+    session.flush()
+    job.ticket_ids = [str(ticket.id)]
+    audit.record(session, actor=requester, action="ticket.submitted", subject_type="ticket",
+                 subject_id=ticket.id,
+                 detail={"kind": "finetune", "lineage": lineage.name, "engine": engine,
+                         "dataset": dataset, "job_id": str(job.id)})
+    return FinetuneSubmission(ticket=ticket, job=job)
+
+
+FOLLOW_UP_PRIORITY = -10
+
+
+def submit_follow_up(session: Session, *, lineage_id: uuid.UUID, kind: str, engine: str,
+                     payload: dict[str, Any], requester: str) -> Ticket:
+    """A ticket an engine asked for after publishing a version (S3T: the retrain). Queued
+    below the default priority, so requests that are waiting (deletions) run first."""
+    ticket = Ticket(kind=TicketKind(kind), lineage_id=lineage_id, engine=engine, target=None,
+                    payload=payload, payload_sha256=payload_sha256(payload),
+                    status=TicketStatus.queued, requester=requester,
+                    priority=FOLLOW_UP_PRIORITY)
+    session.add(ticket)
+    session.flush()
+    audit.record(session, actor=requester, action="ticket.submitted", subject_type="ticket",
+                 subject_id=ticket.id, detail={"kind": kind, "engine": engine,
+                                               "follow_up": True})
+    return ticket
 
 
 def _by_idempotency_key(session: Session, key: str) -> Ticket | None:

@@ -92,6 +92,12 @@ def db_url(db: Database) -> str:
     return db.url
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Registered here rather than in pyproject.toml, whose hash is bootstrap.sh's install stamp.
+    config.addinivalue_line("markers", "tour: the README's quick tour, walked by "
+                                       "tests/test_quick_tour.py (make test-tour)")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         callspec = getattr(item, "callspec", None)

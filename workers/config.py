@@ -27,14 +27,24 @@ class WorkerConfig:
         zero_stage: DeepSpeed ZeRO stage, 2 or 3.
         trainer: "deepspeed" (Ray Train + DeepSpeed, the product path) or "plain" (one
             in-process loop: benchmark baseline, debugging).
+        warm_train_workers: with trainer "deepspeed" on CPU, train on this process's warm
+            DeepSpeed ranks (workers/training/warm_pool.py) instead of new Ray Train workers.
         recipe: operator overrides of the forget recipe (workers/evaluation/recipe.py).
+        evaluation: operator overrides of each job's version report (ReportConfig fields,
+            plus relearn_steps / relearn_lr; workers/evaluation/version_eval.configs_from).
         lease_seconds: a claim is lost unless renewed within this.
-        max_attempts: claims before a ticket fails for good.
+        max_attempts: claims before a ticket fails for good (transient failures only: a
+            permanent one, see workers/failures.py, fails the ticket at once).
+        retry_backoff_seconds: a transiently failed ticket waits this long before its
+            second attempt, twice as long before its third, ... (0: retry at once).
+        retry_backoff_max_seconds: the longest such wait.
         batch_window_seconds: the dispatcher waits this long to group tickets in one job.
         auto_promote: promote a version whose evaluation passes.
         ray_address: join this Ray cluster instead of starting a local one.
         payload_key: the key that opens sealed forget sets (storage.sealing); None -> the
             key file in data_dir. Never printed.
+        log_format: "text" or "json" (workers.logcontext) for the dispatcher's logs.
+        log_level: root log level there.
     """
 
     data_dir: Path
@@ -45,13 +55,19 @@ class WorkerConfig:
     num_workers: int = 2
     zero_stage: int = 2
     trainer: str = "deepspeed"
+    warm_train_workers: bool = True
     recipe: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
     lease_seconds: float = 300.0
     max_attempts: int = 3
+    retry_backoff_seconds: float = 10.0
+    retry_backoff_max_seconds: float = 600.0
     batch_window_seconds: float = 2.0
     auto_promote: bool = True
     ray_address: str | None = None
     payload_key: str | None = field(default=None, repr=False)
+    log_format: str = "text"
+    log_level: str = "INFO"
 
     def __post_init__(self) -> None:
         # Paths cross process boundaries (Ray workers, Ray Train storage): relative ones

@@ -66,6 +66,7 @@ class DispatcherLoop:
         """Claim what is ready and run it; returns the number of jobs run."""
         from storage import queue
         from workers.job_runner import JobContext, LeaseLost, run_job
+        from workers.logcontext import log_context
 
         started = time.perf_counter()
         first = queue.claim(self.sessions, owner=self.owner, limit=1,
@@ -76,13 +77,15 @@ class DispatcherLoop:
             return 0
         claimed = list(first)
         # Wait a moment for companions: one job for several tickets of a lineage costs
-        # about as much as one job for one ticket.
+        # about as much as one job for one ticket. Same kind only: an S3T deletion (seconds)
+        # must never wait inside a fine-tune/retrain job (minutes) of the same engine.
         if self.max_batch > 1 and self.config.batch_window_seconds > 0:
             self._stop.wait(self.config.batch_window_seconds)
             claimed += queue.claim(self.sessions, owner=self.owner, limit=self.max_batch - 1,
                                    lease_seconds=self.config.lease_seconds,
                                    max_attempts=self.config.max_attempts,
-                                   lineage_id=first[0].lineage_id, engines=(first[0].engine,))
+                                   lineage_id=first[0].lineage_id, engines=(first[0].engine,),
+                                   kinds=(first[0].kind,))
         claimed = self._open_payloads(claimed)
         groups: dict[tuple[Any, str], list[Any]] = defaultdict(list)
         for ticket in claimed:
@@ -92,7 +95,9 @@ class DispatcherLoop:
         ran = 0
         for tickets in groups.values():
             try:
-                run_job(ctx, tickets)
+                with log_context(ticket_ids=[t.id for t in tickets],
+                                 lineage=tickets[0].lineage_id):
+                    run_job(ctx, tickets)
             except LeaseLost:
                 log.warning("lost the lease on %s; another dispatcher has them", tickets)
             except Exception:
@@ -122,7 +127,23 @@ class DispatcherLoop:
             opened.append(dataclasses.replace(ticket, payload=payload))
         return opened
 
+    def warm_up(self) -> None:
+        """Start the warm training ranks now (CPU DeepSpeed jobs with warm_train_workers),
+        so that even the first job skips their start-up. Failures only cost the speed-up:
+        the first job then starts them itself."""
+        config = self.config
+        if not (config.trainer == "deepspeed" and config.warm_train_workers
+                and config.device == "cpu"):
+            return
+        try:
+            from workers.training.warm_pool import warm_pool
+
+            warm_pool(config.num_workers)
+        except Exception:
+            log.warning("could not start the warm training ranks", exc_info=True)
+
     def run_forever(self) -> None:
+        self.warm_up()
         while not self._stop.is_set():
             try:
                 if self.run_once() == 0:
@@ -143,9 +164,10 @@ def start_dispatcher_actor(config: WorkerConfig) -> Any:
     class DispatcherActor:
         # A thin shell: the loop runs in a thread so the actor still answers `status`.
         def __init__(self, config: WorkerConfig) -> None:
+            from workers.logcontext import configure_logging
             from workers.metrics import ray_claim_latency_observer
 
-            logging.basicConfig(level=logging.INFO)
+            configure_logging(config.log_format, config.log_level)
             self._loop = DispatcherLoop(config, observe_claim=ray_claim_latency_observer())
             self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
             self._thread.start()

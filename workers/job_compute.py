@@ -33,12 +33,12 @@ def engine_requests(tickets: list[ClaimedTicket]) -> list[EngineRequest]:
 def job_input(config: WorkerConfig, *, job_id: str, lineage: str, base: Any,
               tickets: list[ClaimedTicket], parent_dir: Path | None, output_dir: Path,
               fetch: FetchFn | None = None,
-              store_dir: Callable[[Path], str] | None = None) -> JobInput:
+              store_dir: Callable[[Path], str] | None = None, sessions: Any = None) -> JobInput:
     return JobInput(job_id=job_id, lineage=lineage, requests=engine_requests(tickets),
                     ticket_ids=[str(t.id) for t in tickets],
                     base_model_path=Path(base.local_path), base_model_sha256=base.sha256,
                     parent_dir=parent_dir, output_dir=output_dir, config=config, fetch=fetch,
-                    store_dir=store_dir)
+                    store_dir=store_dir, sessions=sessions)
 
 
 def evaluate_version(engine: Any, job: JobInput, *, base: Any, version_dir: Path,
@@ -49,6 +49,8 @@ def evaluate_version(engine: Any, job: JobInput, *, base: Any, version_dir: Path
 
     from workers.model import load_model_and_tokenizer
 
+    from workers.evaluation.answer_cache import AnswerCache, CachedAnswers
+
     device = job.config.device
     model, tokenizer = load_model_and_tokenizer(base, device=device)
 
@@ -56,14 +58,22 @@ def evaluate_version(engine: Any, job: JobInput, *, base: Any, version_dir: Path
         return engine.load_servable(directory, model=model, tokenizer=tokenizer, device=device,
                                     fetch=fetch)
 
-    before, after = servable(None), servable(version_dir)
+    # The base model's answers to each probe set never change: computed once per (weights,
+    # probe set, decoding) and read back by every later job (workers/evaluation/answer_cache).
+    cache = AnswerCache(Path(job.config.data_dir) / "eval-cache")
+    before = CachedAnswers(servable(None), cache, model_sha256=base.sha256,
+                           decoding={"engine": engine.name, "device": device})
+    after = servable(version_dir)
     opened = [after, before]
     kwargs: dict[str, Any] = {}
     if job.parent_dir is not None and "parent" in inspect.signature(engine.evaluate).parameters:
         kwargs["parent"] = servable(job.parent_dir)
         opened.append(kwargs["parent"])
     try:
-        return engine.evaluate(job, before=before, after=after, **kwargs)
+        metrics = engine.evaluate(job, before=before, after=after, **kwargs)
+        # (Not in the stored report: the numbers are the same either way.)
+        return {**metrics, "base_answer_sets_cached": cache.hits,
+                "base_answer_sets_generated": cache.misses}
     finally:
         for servable in opened:
             close = getattr(servable, "close", None)

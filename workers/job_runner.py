@@ -12,22 +12,28 @@ import logging
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage import queue, registry
 from storage.db import transaction
+from storage.errors import InvalidRequest
 from storage.models import Job, JobStatus, Lineage, Ticket, TicketStatus, utcnow
-from storage.objectstore import ObjectStore
+from storage.objectstore import CorruptObject, ObjectStore
 from storage.queue import ClaimedTicket
 from workers.config import WorkerConfig
+from workers.logcontext import bind_log_context, unbind_log_context
+from workers.telemetry import merge_progress
 from workers.engines.base import MANIFEST_FILE
+from workers.job_phases import PhaseClock
+from workers.failures import full_trace, is_permanent, one_line_cause, retry_delay_seconds
 
 log = logging.getLogger(__name__)
 
@@ -93,29 +99,40 @@ def run_job(ctx: JobContext, tickets: list[ClaimedTicket]) -> JobOutcome:
         raise ValueError("a job needs at least one ticket")
     lineage_id = tickets[0].lineage_id
     ids = [t.id for t in tickets]
+    clock = PhaseClock(submitted_at=min(t.created_at for t in tickets))
     job_id = _create_job(ctx, tickets)
+    log_token = bind_log_context(job_id=job_id)  # every log line of this job carries its id
     workdir = Path(tempfile.mkdtemp(prefix="oblivio-job-", dir=_jobs_dir(ctx.config)))
     try:
         with LeaseKeeper(ctx, ids) as keeper:
-            outcome = _run_steps(ctx, job_id, lineage_id, tickets, workdir, keeper)
+            outcome = _run_steps(ctx, job_id, lineage_id, tickets, workdir, keeper, clock)
         return outcome
     except LeaseLost:
         _finish_job(ctx, job_id, JobStatus.failed, error="lease lost to another claimer")
         raise
-    except Exception as exc:  # keep the error on the job and the tickets; retry if allowed
+    except Exception as exc:
+        # The submitter's ticket gets one readable line; the job record keeps the whole
+        # trace for operators. Only a failure that may go away is retried, later each time.
         log.exception("job %s failed", job_id)
-        message = f"{type(exc).__name__}: {exc}"
-        _finish_job(ctx, job_id, JobStatus.failed, error=message)
+        cause = one_line_cause(exc)
+        permanent = is_permanent(exc)
+        _finish_job(ctx, job_id, JobStatus.failed, error=f"{cause}\n\n{full_trace(exc)}")
+        config = ctx.config
         for ticket in tickets:
-            queue.fail(ctx.sessions, ticket_id=ticket.id, owner=ctx.owner, error=message,
-                       retry=True, max_attempts=ctx.config.max_attempts)
+            delay = retry_delay_seconds(ticket.attempts, base=config.retry_backoff_seconds,
+                                        cap=config.retry_backoff_max_seconds)
+            queue.fail(ctx.sessions, ticket_id=ticket.id, owner=ctx.owner, error=cause,
+                       retry=not permanent, max_attempts=config.max_attempts,
+                       retry_delay_seconds=delay)
         raise
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        unbind_log_context(log_token)
 
 
 def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
-               tickets: list[ClaimedTicket], workdir: Path, keeper: LeaseKeeper) -> JobOutcome:
+               tickets: list[ClaimedTicket], workdir: Path, keeper: LeaseKeeper,
+               clock: PhaseClock) -> JobOutcome:
     from workers import job_compute
     from workers.engines import get_engine
 
@@ -145,7 +162,18 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
     parent_dir = None
     if parent_key:
         parent_dir = workdir / "parent"
-        ctx.store.fetch_directory(parent_key, parent_dir)
+        try:
+            ctx.store.fetch_directory(parent_key, parent_dir)
+        except CorruptObject as exc:
+            # The live version's files fail their sha256: it must never be built on or
+            # served again. Live falls back to the version before it; this attempt fails
+            # and the retry stacks on that one instead.
+            with transaction(ctx.sessions) as s:
+                registry.mark_failed(s, version_id=version_id, actor=ctx.owner,
+                                     reason=f"parent adapter is corrupt: {exc}")
+                registry.mark_corrupt(s, version_id=parent_id, actor=ctx.owner,
+                                      reason=f"adapter failed its checksum at load: {exc}")
+            raise
 
     def fetch(key: str) -> Path:
         return ctx.store.fetch_directory(key, workdir / "fetched" / uuid.uuid4().hex)
@@ -156,32 +184,40 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
     job = job_compute.job_input(config, job_id=str(job_id), lineage=lineage_name, base=base,
                                 tickets=tickets, parent_dir=parent_dir,
                                 output_dir=workdir / "version", fetch=fetch,
-                                store_dir=store_dir)
+                                store_dir=store_dir, sessions=ctx.sessions)
     try:
-        artifacts = engine.train(job, progress)
-        progress({"phase": "evaluating"})
-        queue.set_progress(ctx.sessions, ticket_ids=ids, owner=ctx.owner,
-                           status=TicketStatus.evaluating, progress={"phase": "evaluating"})
-        metrics = job_compute.evaluate_version(engine, job, base=base,
-                                               version_dir=artifacts.version_dir, fetch=fetch)
+        with clock.train_call():
+            artifacts = engine.train(job, progress)
+        clock.split_training(artifacts.metrics)
+        _save_phases(ctx, job_id, clock)
+        with clock.phase("evaluation"):
+            progress({"phase": "evaluating"})
+            queue.set_progress(ctx.sessions, ticket_ids=ids, owner=ctx.owner,
+                               status=TicketStatus.evaluating, progress={"phase": "evaluating"})
+            metrics = job_compute.evaluate_version(engine, job, base=base,
+                                                   version_dir=artifacts.version_dir,
+                                                   fetch=fetch)
         verdict = metrics.get("verdict")
         if verdict not in ("pass", "hold", "reject"):
             raise RuntimeError(f"engine {engine.name!r} gave no verdict (got {verdict!r})")
         metrics["training"] = artifacts.metrics
-        _write_manifest(artifacts.version_dir, engine=engine.name, base=base, tickets=tickets,
-                        metrics=metrics, method=artifacts.method_config, parent_id=parent_id)
-        progress({"phase": "uploading"})
-        stored = ctx.store.put_directory_content_addressed(artifacts.version_dir)
-        _store_report(ctx, artifacts.version_dir, metrics)
+        with clock.phase("upload"):
+            _write_manifest(artifacts.version_dir, engine=engine.name, base=base,
+                            tickets=tickets, metrics=metrics, method=artifacts.method_config,
+                            parent_id=parent_id)
+            progress({"phase": "uploading"})
+            stored = ctx.store.put_directory_content_addressed(artifacts.version_dir)
+            _store_report(ctx, artifacts.version_dir, metrics)
     except LeaseLost:
         raise
     except Exception as exc:
         with transaction(ctx.sessions) as s:
             registry.mark_failed(s, version_id=version_id, actor=ctx.owner,
-                                 reason=f"{type(exc).__name__}: {exc}")
+                                 reason=one_line_cause(exc))
         raise
 
-    reason = str(metrics.get("verdict_reason") or f"its evaluation said {verdict}")
+    promote_started = time.time()
+    reason = _verdict_reason(metrics, verdict)
     with transaction(ctx.sessions) as s:
         if verdict == "reject":
             registry.mark_failed(s, version_id=version_id, actor=ctx.owner, reason=reason,
@@ -204,7 +240,8 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
         error = f"version {lineage_name}@v{version_no} {reason}"
         for ticket in tickets:
             queue.reject(ctx.sessions, ticket_id=ticket.id, owner=ctx.owner, error=error)
-        _finish_job(ctx, job_id, JobStatus.failed, error=error)
+        clock.add("promote", promote_started, time.time())
+        _finish_job(ctx, job_id, JobStatus.failed, error=error, phases=clock.record(live=False))
         return JobOutcome(job_id, None, None, False, metrics)
 
     receipt = {
@@ -222,12 +259,31 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
         "method": artifacts.method_config,
         "metrics": metrics,
         "job_id": str(job_id),
+        # What the engine adds (S3T: deleted record ids and the exactness evidence).
+        **artifacts.receipt,
     }
     for ticket in tickets:
         queue.complete(ctx.sessions, ticket_id=ticket.id, owner=ctx.owner, version_id=version_id,
                        receipt={**receipt, "payload_sha256": ticket.payload_sha256})
-    _finish_job(ctx, job_id, JobStatus.succeeded)
+    clock.add("promote", promote_started, time.time())
+    _finish_job(ctx, job_id, JobStatus.succeeded, phases=clock.record(live=promoted))
+    _queue_follow_ups(ctx, lineage_id, artifacts.follow_up)
     return JobOutcome(job_id, version_id, version_no, promoted, metrics)
+
+
+def _queue_follow_ups(ctx: JobContext, lineage_id: uuid.UUID,
+                      follow_up: list[dict[str, Any]]) -> None:
+    """Tickets the engine asked for once its version is published (S3T: the background
+    retrain of the layers a deletion cut), into the same durable queue."""
+    if not follow_up:
+        return
+    from storage import tickets as ticket_store
+
+    with transaction(ctx.sessions) as s:
+        for item in follow_up:
+            ticket_store.submit_follow_up(s, lineage_id=lineage_id, kind=item["kind"],
+                                          engine=item["engine"], payload=item["payload"],
+                                          requester=ctx.owner)
 
 
 def _store_report(ctx: JobContext, version_dir: Path, metrics: dict[str, Any]) -> None:
@@ -240,13 +296,23 @@ def _store_report(ctx: JobContext, version_dir: Path, metrics: dict[str, Any]) -
     ref["object_key"] = stored.key
 
 
+def _verdict_reason(metrics: dict[str, Any], verdict: str) -> str:
+    """Why the version was judged so, as the end of a sentence starting with its label."""
+    if metrics.get("verdict_reason"):
+        return str(metrics["verdict_reason"])
+    utility = metrics.get("utility_ratio")
+    if verdict == "reject" and isinstance(utility, (int, float)):
+        return f"kept too little utility ({utility:.2f} of the base model's answers)"
+    return f"was judged {verdict!r} by its evaluation"
+
+
 def _check_base_model(session: Session, lineage: Lineage, sha256: str) -> None:
     # The first job pins the lineage to the base model's content; any later mismatch means
     # the adapters would be applied to weights they were not trained on.
     if lineage.base_model_sha256 is None:
         lineage.base_model_sha256 = sha256
     elif lineage.base_model_sha256 != sha256:
-        raise RuntimeError(
+        raise InvalidRequest(
             f"lineage {lineage.name!r} was trained on base model {lineage.base_model_sha256[:12]}"
             f", but the configured base model is {sha256[:12]}; refusing to mix them")
 
@@ -276,6 +342,12 @@ def _jobs_dir(config: WorkerConfig) -> Path:
 
 def _create_job(ctx: JobContext, tickets: list[ClaimedTicket]) -> uuid.UUID:
     with transaction(ctx.sessions) as s:
+        adopted = _pending_job(s, tickets)
+        if adopted is not None:
+            # Created with the ticket at submission (a fine-tune answers with its job id);
+            # its first attempt runs under that id. Retries get a job of their own.
+            adopted.status, adopted.started_at = JobStatus.running, utcnow()
+            return adopted.id
         job = Job(lineage_id=tickets[0].lineage_id, engine=tickets[0].engine,
                   ticket_ids=[str(t.id) for t in tickets], status=JobStatus.running,
                   started_at=utcnow(), progress={"phase": "queued"})
@@ -286,22 +358,44 @@ def _create_job(ctx: JobContext, tickets: list[ClaimedTicket]) -> uuid.UUID:
         return job.id
 
 
+def _pending_job(session: Session, tickets: list[ClaimedTicket]) -> Job | None:
+    ids = {t.id for t in tickets}
+    job_ids = set(session.scalars(select(Ticket.job_id).where(Ticket.id.in_(ids))))
+    if len(job_ids) != 1 or None in job_ids:
+        return None
+    job = session.get(Job, job_ids.pop())
+    if (job is None or job.status is not JobStatus.pending
+            or {uuid.UUID(str(i)) for i in job.ticket_ids or []} != ids):
+        return None
+    return job
+
+
 def _set_progress(ctx: JobContext, job_id: uuid.UUID, ticket_ids: list[uuid.UUID],
                   update: dict[str, Any]) -> None:
     with transaction(ctx.sessions) as s:
         job = s.get_one(Job, job_id)
-        job.progress = {**(job.progress or {}), **update}
+        job.progress = merge_progress(job.progress, update)
         if update.get("phase") == "evaluating":
             job.status = JobStatus.evaluating
     queue.set_progress(ctx.sessions, ticket_ids=ticket_ids, owner=ctx.owner, progress=update)
 
 
 def _finish_job(ctx: JobContext, job_id: uuid.UUID, status: JobStatus,
-                error: str | None = None) -> None:
+                error: str | None = None, phases: dict[str, Any] | None = None) -> None:
     with transaction(ctx.sessions) as s:
         job = s.get_one(Job, job_id)
         job.status, job.error, job.finished_at = status, error, utcnow()
-        job.progress = {**(job.progress or {}), "phase": status.value}
+        job.progress = merge_progress(job.progress, {**(phases or {}), "phase": status.value})
+    if phases:
+        log.info("job %s phases (s): %s", job_id,
+                 {name: p["seconds"] for name, p in phases["phases"].items()})
+
+
+def _save_phases(ctx: JobContext, job_id: uuid.UUID, clock: PhaseClock) -> None:
+    """The phases so far, on the job only (GET /v1/jobs/{id} shows them while it runs)."""
+    with transaction(ctx.sessions) as s:
+        job = s.get_one(Job, job_id)
+        job.progress = {**(job.progress or {}), **clock.record(live=False)}
 
 
 ProgressFn = Callable[[dict[str, Any]], None]

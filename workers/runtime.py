@@ -17,15 +17,28 @@ from workers.config import WorkerConfig
 log = logging.getLogger(__name__)
 
 
+# Ray Train's controller checks its workers every 2 s by default, so each state change
+# (workers up, training done) waits up to 2 s; its preemption watcher is one more actor
+# process per run, for spot nodes being drained. A job here is short and mostly start-up:
+# poll often, and leave the watcher to clusters that set it on explicitly.
+RAY_TRAIN_ENV_DEFAULTS = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
+
 def ray_env(config: WorkerConfig) -> dict[str, str]:
-    """Environment every Ray worker needs: no hub access, a cached DeepSpeed op dir."""
+    """Environment every Ray worker needs: no hub access, a cached DeepSpeed op dir, and
+    Ray Train settings for short jobs (an operator's own values win)."""
+    # Absolute: Ray workers run in other working directories.
     cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR")
-                 or config.data_dir / "torch_extensions")
+                 or config.data_dir / "torch_extensions").expanduser().resolve()
     return {
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "TORCH_EXTENSIONS_DIR": str(cache),
         "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+        **{k: os.environ.get(k, v) for k, v in RAY_TRAIN_ENV_DEFAULTS.items()},
     }
 
 

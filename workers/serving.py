@@ -59,10 +59,10 @@ class Generator:
         self._base_ref = resolve_base_model(config.base_model, Path(config.data_dir))
         model, self._tokenizer = load_model_and_tokenizer(self._base_ref, device=config.device)
         model.eval()
-        # One base model per engine: an engine may wrap or inject into its model (PEFT
-        # does), which must not change what another engine's servables compute. The first
-        # engine gets the copy loaded here; another engine loads its own when it first
-        # serves a version.
+        # One base model per engine class: an engine may wrap or inject into its model
+        # (PEFT does), which must not change what another engine's servables compute;
+        # engines of one class (the LoRA methods) wrap it the same way and share it. The
+        # first class gets the copy loaded here; another loads its own when it first serves.
         self._spare_model: Any = model
         self._models: dict[str, Any] = {}
         self._models_lock = threading.Lock()
@@ -74,9 +74,10 @@ class Generator:
     async def _servable(self, key: str) -> _LoadedVersion:
         return await asyncio.to_thread(self._load, key)
 
-    def _model_for(self, engine: str) -> Any:
+    def _model_for(self, engine_obj: Any) -> Any:
         from workers.model import load_model_and_tokenizer
 
+        engine = f"{type(engine_obj).__module__}.{type(engine_obj).__qualname__}"
         with self._models_lock:
             if engine not in self._models:
                 if self._spare_model is not None:
@@ -97,7 +98,7 @@ class Generator:
                 self._store.fetch_directory(key, local)  # verifies the checksum
             engine_name = manifest_engine(local)
         engine = get_engine(engine_name)
-        servable = engine.load_servable(local, model=self._model_for(engine_name),
+        servable = engine.load_servable(local, model=self._model_for(engine),
                                         tokenizer=self._tokenizer, device=self._config.device,
                                         fetch=self._fetch)
         if key != BASE_ONLY:

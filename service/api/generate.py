@@ -3,10 +3,16 @@
 `answer()` is the one generation path of the API: /v1/generate and the OpenAI-compatible
 /v1/chat/completions (service.api.openai_compat) both call it, so a change to how a version
 is resolved or served applies to both.
+
+A stored adapter that fails its sha256 when a replica loads it is taken out of service
+(`registry.mark_corrupt`: failed, live falls back to the previous version) and the request
+is answered by what serving falls back to.
 """
 
 from __future__ import annotations
 
+import logging
+import uuid
 from dataclasses import dataclass
 
 from fastapi import APIRouter, HTTPException, Request
@@ -16,8 +22,12 @@ from starlette.concurrency import run_in_threadpool
 from service.deps import SessionDep, SubmitterDep
 from service.schemas.generate import GenerateIn, GenerateOut
 from storage import registry
+from storage.db import transaction
 from storage.errors import Conflict
-from storage.models import VersionStatus
+from storage.models import AdapterVersion, VersionStatus
+from storage.objectstore.base import CorruptObject
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1", tags=["generate"])
 
@@ -25,6 +35,7 @@ router = APIRouter(prefix="/v1", tags=["generate"])
 # and revoked versions never do.
 _SERVABLE = (VersionStatus.ready, VersionStatus.superseded)
 BASE = "base"  # a version reference meaning the lineage's base model, no adapter
+_CORRUPT_RETRIES = 2
 
 
 @dataclass(frozen=True)
@@ -37,10 +48,8 @@ class Answer:
     version_id: str | None
 
 
-async def answer(request: Request, session: Session, *, lineage: str, ref: str | None,
-                 prompt: str, max_new_tokens: int) -> Answer:
-    """Resolve `ref` (default live; `base` = no adapter) in `lineage`, release the DB,
-    generate through Serve."""
+def _servable(session: Session, lineage: str, ref: str | None) -> AdapterVersion | None:
+    """The version to serve, then the DB released (commit) before the slow generation."""
     if ref == BASE:
         registry.get_lineage(session, lineage)  # 404 for an unknown lineage
         version = None
@@ -49,11 +58,23 @@ async def answer(request: Request, session: Session, *, lineage: str, ref: str |
     if version is not None and version.status not in _SERVABLE:
         raise Conflict(f"version {lineage}@v{version.version} is {version.status.value} "
                        "and cannot be served")
-    key = version.object_key if version is not None else None
-    label = f"{lineage}@v{version.version}" if version is not None else None
-    version_id = str(version.id) if version is not None else None
-    session.commit()  # release the DB before the (slow) generation
+    session.commit()
+    return version
 
+
+def _quarantine(request: Request, version_id: uuid.UUID, reason: str) -> None:
+    with transaction(request.app.state.sessions) as s:
+        registry.mark_corrupt(s, version_id=version_id, actor="serving",
+                              reason=f"adapter failed its checksum at load: {reason}")
+
+
+async def answer(request: Request, session: Session, *, lineage: str, ref: str | None,
+                 prompt: str, max_new_tokens: int) -> Answer:
+    """Resolve `ref` (default live; `base` = no adapter) in `lineage`, release the DB,
+    generate through Serve."""
+    # Database work in a thread, never on the event loop: on SQLite it may wait for the
+    # write lock, and the request holding that lock needs the loop to finish.
+    version = await run_in_threadpool(_servable, session, lineage, ref)
     backend = getattr(request.app.state, "generator", None)
     if backend is None:
         raise HTTPException(status_code=503, detail="generation is not running in this process;"
@@ -62,10 +83,30 @@ async def answer(request: Request, session: Session, *, lineage: str, ref: str |
 
     metrics = getattr(request.app.state, "metrics", None)
     timer = metrics.generate_timer(lineage) if metrics is not None else None
-    result = await run_in_threadpool(serve_generate, backend, prompt=prompt,
-                                     adapter_key=key, max_new_tokens=max_new_tokens)
+    for _ in range(_CORRUPT_RETRIES + 1):
+        key = version.object_key if version is not None else None
+        try:
+            result = await run_in_threadpool(serve_generate, backend, prompt=prompt,
+                                             adapter_key=key, max_new_tokens=max_new_tokens)
+            break
+        except CorruptObject as exc:  # Ray re-raises it as a subclass of the cause
+            if version is None:
+                raise
+            log.error("adapter %s of %s@v%s is corrupt; marking it failed: %s", key, lineage,
+                      version.version, exc)
+            await run_in_threadpool(_quarantine, request, version.id, str(exc))
+            session.expire_all()
+            if ref not in (None, "live"):  # a pinned version is gone: say so, do not swap
+                raise Conflict(f"version {lineage}@v{version.version} failed its checksum "
+                               "and was taken out of service") from exc
+            version = await run_in_threadpool(_servable, session, lineage, ref)
+    else:
+        raise Conflict("the stored adapters of this lineage keep failing their checksum; "
+                       "an operator must look at the object store")
     if timer is not None:
         timer()
+    label = f"{lineage}@v{version.version}" if version is not None else None
+    version_id = str(version.id) if version is not None else None
     return Answer(text=result["text"], lineage=lineage, label=label, version_id=version_id)
 
 

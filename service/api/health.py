@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +26,8 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz", responses={503: {"description": "a dependency is unreachable"}})
 def readyz(request: Request) -> JSONResponse:
-    """The database and the object store answer; 503 names the ones that do not."""
+    """The database and the object store answer and the data dir has room; 503 names the
+    ones that do not."""
     app = request.app
     timeout = app.state.settings.readyz_timeout_seconds
 
@@ -36,8 +38,17 @@ def readyz(request: Request) -> JSONResponse:
     def object_store() -> None:
         _object_store(app).ping()
 
+    def data_dir() -> None:
+        settings = app.state.settings
+        path = settings.data_dir if settings.data_dir.exists() else settings.data_dir.parent
+        free = shutil.disk_usage(path).free
+        if free < settings.min_free_disk_bytes:
+            raise OSError(f"only {free} bytes free in {settings.data_dir.resolve()} "
+                          f"(OBLIVIO_MIN_FREE_DISK_BYTES is {settings.min_free_disk_bytes})")
+
     checks = {name: _check(fn, timeout) for name, fn in
-              (("database", database), ("object_store", object_store))}
+              (("database", database), ("object_store", object_store),
+               ("data_dir", data_dir))}
     failed = [name for name, result in checks.items() if result != "ok"]
     if failed:
         message = "not ready: " + "; ".join(f"{name}: {checks[name]}" for name in failed)

@@ -27,6 +27,8 @@ def list_jobs(session: SessionDep, _caller: OperatorDep, status: JobStatus | Non
 
 @router.get("/{job_id}", response_model=JobOut)
 def get_job(job_id: uuid.UUID, session: SessionDep, caller: SubmitterDep) -> JobOut:
-    """One job; a submitter sees only jobs that serve their own tickets."""
+    """One job; a submitter sees only jobs that serve their own tickets, and of a failed
+    one's error only its one-line cause."""
     job = jobs.get_job(session, job_id, requester=caller.ticket_owner_filter)
-    return JobOut.build(job, jobs.lineage_name(session, job))
+    # The traceback (server paths, internals) is for operators; submitters get its cause.
+    return JobOut.build(job, jobs.lineage_name(session, job), full_error=caller.sees_all_tickets)

@@ -9,6 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.deps import OperatorDep, SessionDep, SettingsDep
+from service.schemas.common import NAME_PATTERN
 from service.schemas.lineages import LineageIn, LineageOut, PromoteIn, VersionOut
 from storage import registry
 from storage.errors import Conflict
@@ -16,7 +17,8 @@ from storage.models import AdapterVersion, Alias, Lineage
 
 router = APIRouter(prefix="/v1/lineages", tags=["lineages"])
 
-LineageName = Annotated[str, Path(max_length=64, description="Lineage name, e.g. `default`.")]
+LineageName = Annotated[str, Path(pattern=NAME_PATTERN,
+                                  description="Lineage name, e.g. `default`.")]
 
 
 def aliases_by_version(session: Session, lineage: Lineage) -> dict[object, list[str]]:

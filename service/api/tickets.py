@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 
 from service.deps import CipherDep, SessionDep, SettingsDep, SubmitterDep
 from service.receipt_keys import receipt_key
+from service.schemas.common import NAME_PATTERN, PLAIN_TEXT_PATTERN
 from service.schemas.tickets import (
     ReceiptOut,
     TicketIn,
@@ -47,8 +48,10 @@ def submit(body: TicketIn, session: SessionDep, settings: SettingsDep, caller: S
 
 @router.get("", response_model=TicketPageOut)
 def list_tickets(session: SessionDep, settings: SettingsDep, caller: SubmitterDep,
-                 status: TicketStatus | None = None, lineage: str | None = None,
-                 requester: str | None = None,
+                 status: TicketStatus | None = None,
+                 lineage: Annotated[str | None, Query(pattern=NAME_PATTERN)] = None,
+                 requester: Annotated[str | None, Query(max_length=128,
+                                                        pattern=PLAIN_TEXT_PATTERN)] = None,
                  limit: Annotated[int, Query(ge=1)] = 50,
                  cursor: Annotated[str | None, Query(max_length=512)] = None) -> TicketPageOut:
     """Newest first. Submitters see only their own tickets. `status=awaiting_review` lists

@@ -16,7 +16,7 @@ from pydantic import (
     model_validator,
 )
 
-from service.schemas.common import LineageName, NonBlank
+from service.schemas.common import DatasetName, LineageName, NonBlank
 from service.settings import Settings
 from storage.models import TicketKind, TicketStatus
 from storage.sealing import payload_summary
@@ -87,7 +87,8 @@ class DeleteRecordsTicketIn(_TicketBase):
     """Delete fine-tuning records, by id or by data subject, exactly (S3T)."""
 
     kind: Literal["delete_records"]
-    dataset: Annotated[NonBlank, StringConstraints(max_length=256)]
+    dataset: DatasetName = Field(description="Registered dataset name: letters, digits, "
+                                 "'.', '_', '-' (at most 128).")
     record_ids: Annotated[list[RecordId], Field(min_length=1)] | None = None
     subject_id: Annotated[NonBlank, StringConstraints(max_length=256)] | None = None
 

@@ -23,13 +23,13 @@ class Flow:
     sessions: sessionmaker[Session]
 
     def submit(self, *, key: str, qa: list[dict[str, str]] | None = None,
-               engine: str = "idk") -> uuid.UUID:
+               engine: str = "idk", texts: list[str] | None = None) -> uuid.UUID:
         """A forget ticket; by default for the first four facts the taught model knows."""
         qa = taught_qa(0, 4) if qa is None else qa
         with transaction(self.sessions) as s:
             request = tickets.TicketRequest(
                 kind=TicketKind.forget, lineage="default", engine=engine, target="Zorblat",
-                payload={"target": "Zorblat", "forget": {"texts": [], "qa": qa},
+                payload={"target": "Zorblat", "forget": {"texts": texts or [], "qa": qa},
                          "retain": None})
             return tickets.submit(s, request=request, requester="test",
                                   idempotency_key=key).id
@@ -46,6 +46,7 @@ def _settings(tmp_path: Path, base_model: Path, **values: object) -> Settings:
         "data_dir": tmp_path / "data", "database_url": f"sqlite:///{tmp_path / 'db.sqlite'}",
         "object_store": f"file://{tmp_path / 'objects'}", "base_model": str(base_model),
         "num_workers": 2, "zero_stage": 2, "batch_window_seconds": 0.0, "lease_seconds": 120,
+        "retry_backoff_seconds": 1.0,
         "recipe": {"max_steps": 3, "eval_every": 0, "retain_prompts": 4,
                    "retain_max_new_tokens": 8}}
     return Settings(**{**defaults, **values})

@@ -159,11 +159,63 @@ def test_a_failing_job_returns_its_ticket_to_the_queue_with_the_error(sqlite_flo
         claims.append(seconds)
         ray_observe(seconds)
 
-    assert DispatcherLoop(broken.worker_config(), observe_claim=observe).run_once() == 1
+    loop = DispatcherLoop(broken.worker_config(), observe_claim=observe)
+    assert loop.run_once() == 1
     assert len(claims) == 1 and 0 < claims[0] < 5
     with sessions() as s:
         ticket = s.get_one(Ticket, ticket_id)
         assert ticket.status == TicketStatus.queued  # retried later, not lost
         assert ticket.attempts == 1
         assert "no-such-model" in (ticket.error or "")
+        # One line for the submitter: no traceback, no server paths.
+        assert "\n" not in ticket.error and str(tmp_path) not in ticket.error
+        # Later, not at once: exponential backoff through not_before.
+        assert ticket.not_before is not None
+        job = s.scalars(select(Job)).one()
+        assert job.error.startswith(ticket.error) and "Traceback" in job.error
         assert s.scalars(select(AdapterVersion)).all() == []
+    assert loop.run_once() == 0  # still backing off
+
+
+def test_a_permanent_error_fails_the_ticket_on_its_first_attempt(flow):
+    from workers.dispatcher import DispatcherLoop
+
+    settings, sessions = flow.settings, flow.sessions
+    refused = settings.model_copy(update={"recipe": {**settings.recipe, "lr": -1.0}})
+    ticket_id = flow.submit(key="t-refused")
+    assert DispatcherLoop(refused.worker_config()).run_once() == 1
+    with sessions() as s:
+        ticket = s.get_one(Ticket, ticket_id)
+        assert ticket.status == TicketStatus.failed and ticket.attempts == 1
+        assert ticket.error == "cannot train this job: lr must be > 0"
+        assert ticket.not_before is None
+
+
+def test_a_text_only_ticket_trains_with_a_relative_data_dir_and_model_path(
+        flow, tmp_path, monkeypatch, tiny_model_dir):
+    """Issue 8: a relative OBLIVIO_DATA_DIR (the default `.oblivio`) once reached Ray Train
+    as a relative storage path, and idk refused texts at job time."""
+    import os
+
+    from service.settings import Settings
+    from workers.dispatcher import DispatcherLoop
+
+    monkeypatch.chdir(tmp_path)
+    settings = Settings(**{**flow.settings.model_dump(), "data_dir": "data",
+                           "base_model": os.path.relpath(tiny_model_dir, tmp_path)})
+    config = settings.worker_config()
+    assert config.data_dir.is_absolute()
+    ticket_id = flow.submit(key="t-text", engine="idk", qa=[], texts=[
+        "Zorblat keeps a diary in a blue tin box under the stairs of the old mill."])
+    assert DispatcherLoop(config).run_once() == 1
+    with flow.sessions() as s:
+        ticket = s.get_one(Ticket, ticket_id)
+        # Trained and kept: live (done) or held for an operator (awaiting_review).
+        assert ticket.status in (TicketStatus.done, TicketStatus.awaiting_review), ticket.error
+        version = s.scalars(select(AdapterVersion)).one()
+        assert version.status in (VersionStatus.ready, VersionStatus.superseded)
+        # Judged on the text's own continuation prompt.
+        assert version.metrics["forget_trained_probes"] == 1
+    manifest = json.loads((settings.store_config().open().fetch_directory(
+        version.object_key, tmp_path / "v") / "oblivio_manifest.json").read_text())
+    assert manifest["engine"] == "idk"

@@ -10,7 +10,15 @@ import time
 import pytest
 from sqlalchemy import select
 
-from storage.models import AdapterVersion, Job, JobStatus, Ticket, TicketStatus, VersionStatus
+from storage.models import (
+    AdapterVersion,
+    Job,
+    JobStatus,
+    Ticket,
+    TicketStatus,
+    VersionStatus,
+    utcnow,
+)
 
 
 def _ray_actor_pids(*titles: str) -> list[int]:
@@ -27,13 +35,14 @@ def _ray_actor_pids(*titles: str) -> list[int]:
 
 
 def _train_worker_pids() -> list[int]:
-    return _ray_actor_pids("RayTrainWorker")
+    # Ray Train's workers, or the warm ranks that CPU jobs use by default.
+    return _ray_actor_pids("RayTrainWorker", "WarmRank")
 
 
 def _wait_until_no_training_processes(timeout: float = 60.0) -> list[int]:
     """The run's TrainController and its ranks (the killed one's peer too) must exit."""
     deadline = time.monotonic() + timeout
-    while (left := _ray_actor_pids("RayTrainWorker", "TrainController")) and (
+    while (left := _ray_actor_pids("RayTrainWorker", "WarmRank", "TrainController")) and (
             time.monotonic() < deadline):
         time.sleep(0.5)
     return left
@@ -85,6 +94,12 @@ def test_killing_a_train_worker_mid_training_retries_the_ticket_to_done(flow):
         assert s.scalars(select(Job.status)).all() == [JobStatus.failed]
         failed = s.scalars(select(AdapterVersion)).all()
         assert [v.status for v in failed] == [VersionStatus.failed]  # never visible as ready
+
+        # A transient failure: retried, after the backoff (1 s in these settings).
+        assert ticket.not_before is not None
+        wait = (ticket.not_before.replace(tzinfo=None) - utcnow().replace(tzinfo=None))
+    assert wait.total_seconds() <= 1.0  # 1 s after the failure, which is already past
+    time.sleep(max(0.0, wait.total_seconds()) + 0.2)
 
     # The retry, with the flow's normal recipe (it forgets, so its version goes live).
     assert DispatcherLoop(flow.settings.worker_config()).run_once() == 1

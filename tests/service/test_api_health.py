@@ -25,7 +25,7 @@ def test_healthz_needs_no_token(api: Api) -> None:
 def test_readyz_is_ready_with_a_reachable_db_and_store(api: Api) -> None:
     r = api.client.get("/readyz")
     assert r.status_code == 200, r.text
-    assert r.json()["checks"] == {"database": "ok", "object_store": "ok"}
+    assert r.json()["checks"] == {"database": "ok", "object_store": "ok", "data_dir": "ok"}
 
 
 @pytest.fixture

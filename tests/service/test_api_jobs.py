@@ -59,3 +59,14 @@ def test_job_list_is_for_operators_and_filters_by_status(api) -> None:
     assert r.json()["items"][0]["error"] == "boom"
     everything = api.client.get("/v1/jobs", headers=api.headers("operator")).json()["items"]
     assert {j["id"] for j in everything} == {running, failed}
+
+
+def test_a_failed_jobs_trace_is_for_operators_its_submitter_reads_the_cause(api) -> None:
+    error = ("ActorDiedError: The actor died unexpectedly before finishing this task.\n\n"
+             "Traceback (most recent call last):\n  File \"/srv/oblivio/workers/x.py\"")
+    job = _job_for(api, _ticket(api, "submitter"), error=error)
+    mine = api.client.get(f"/v1/jobs/{job}", headers=api.headers("submitter")).json()
+    assert mine["error"] == ("ActorDiedError: The actor died unexpectedly before finishing "
+                             "this task.")
+    full = api.client.get(f"/v1/jobs/{job}", headers=api.headers("operator")).json()
+    assert full["error"] == error

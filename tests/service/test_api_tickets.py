@@ -15,7 +15,7 @@ from storage import queue, registry, tickets
 from storage.db import transaction
 from storage.models import AuditEvent, Ticket, TicketKind
 from tests.service.conftest import Api
-from workers.engines import DEFAULT_ENGINES
+from workers.engines import DEFAULT_ENGINES, list_engines, runnable_engines
 
 BOTH = pytest.mark.parametrize("db", ["sqlite", "postgresql"], indirect=True)
 
@@ -76,14 +76,19 @@ def test_submit_queues_a_ticket_that_can_be_read_back(api: Api) -> None:
 
 @BOTH
 def test_delete_records_defaults_to_the_s3t_engine(api: Api) -> None:
-    r = submit(api, {"kind": "delete_records", "dataset": "support-chats",
+    from tests.fixtures.datasets import register_s3t_lineage
+
+    register_s3t_lineage(api, dataset="support-chats", lineage="support", records=[
+        {"id": "r1", "text": "a"}, {"id": "r2", "text": "b"},
+        {"id": "r3", "subject_id": "u-7", "text": "c"}])
+    r = submit(api, {"kind": "delete_records", "dataset": "support-chats", "lineage": "support",
                      "record_ids": ["r1", "r2"]})
     assert r.status_code == 202, r.text
     assert r.json()["engine"] == "s3t"
     assert r.json()["summary"] == {"dataset": "support-chats", "record_ids": 2,
                                    "by_subject": False}
     r = submit(api, {"kind": "delete_records", "dataset": "support-chats", "subject_id": "u-7",
-                     "priority": 5, "not_before": "2030-01-01T00:00:00+02:00"})
+                     "lineage": "support", "priority": 5, "not_before": "2030-01-01T00:00:00+02:00"})
     assert r.status_code == 202, r.text
     assert r.json()["priority"] == 5
     assert r.json()["not_before"].startswith("2029-12-31T22:00:00")
@@ -198,3 +203,25 @@ def test_unknown_ticket_is_404_and_a_bad_uuid_is_422(api: Api) -> None:
     r = api.client.post("/v1/tickets/not-a-uuid/cancel", headers=api.headers())
     assert r.status_code == 422
     assert api.client.get("/v1/nothing-here").status_code == 404
+
+
+@pytest.mark.parametrize("engine", list_engines())
+def test_a_text_only_ticket_is_accepted_only_by_engines_that_train_it(api: Api,
+                                                                       engine: str) -> None:
+    """Issue 8: a text-only ticket was accepted with 202, then failed at job time. Every
+    engine either refuses it here (422, saying why) or trains it: the runnable ones that
+    accept it are exactly the ones tests/workers/test_engines.py trains on a text-only
+    ticket through the engine shape; a planned engine's accepted ticket waits queued."""
+    from tests.workers.test_engines import runnable_forget_engines
+
+    body = {"kind": "forget", "engine": engine, "forget": {
+        "texts": ["Zorblat keeps a diary in a blue tin box under the stairs of the mill."]}}
+    r = api.client.post("/v1/tickets", json=body, headers=api.headers())
+    if r.status_code == 422:
+        assert engine in r.json()["message"] or "cannot" in r.json()["message"]
+        return
+    assert r.status_code == 202, r.text
+    if engine in runnable_engines():
+        assert engine in runnable_forget_engines()
+    else:
+        assert r.json()["status"] == "queued"

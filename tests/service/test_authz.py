@@ -38,6 +38,7 @@ PUBLIC = {
     ("GET", "/docs"): 200,
     ("GET", "/docs/oauth2-redirect"): 200,
     ("GET", "/redoc"): 200,
+    ("GET", "/dashboard"): 200,  # the page only: it asks for a token and holds no data
 }
 
 # (method, route template) -> (lowest role admitted, status that role gets for a request
@@ -59,10 +60,19 @@ ROUTE_ROLES: dict[tuple[str, str], tuple[str, int]] = {
     ("POST", "/v1/versions/{version_id}/revoke"): ("operator", 422),
     ("GET", "/v1/system"): ("operator", 200),
     ("GET", "/v1/jobs"): ("operator", 200),
+    ("POST", "/v1/datasets"): ("operator", 422),
+    ("GET", "/v1/datasets/{name}"): ("operator", 404),
+    ("POST", "/v1/lineages/{name}/finetune"): ("operator", 422),
     ("GET", "/v1/jobs/{job_id}"): ("submitter", 404),
     ("POST", "/v1/chat/completions"): ("submitter", 400),  # OpenAI: 400 for bad bodies
     ("GET", "/v1/models"): ("submitter", 200),
     ("GET", "/v1/models/{model}"): ("submitter", 404),
+    ("GET", "/v1/dashboard/overview"): ("operator", 200),
+    ("POST", "/v1/tickets/{ticket_id}/retry"): ("operator", 404),
+    ("GET", "/v1/schedules"): ("operator", 200),
+    ("POST", "/v1/schedules"): ("operator", 422),
+    ("GET", "/v1/schedules/{schedule_id}"): ("operator", 404),
+    ("DELETE", "/v1/schedules/{schedule_id}"): ("operator", 404),
     ("POST", "/v1/tokens"): ("admin", 422),
     ("GET", "/v1/tokens"): ("admin", 200),
     ("DELETE", "/v1/tokens/{token_id}"): ("admin", 404),
@@ -94,6 +104,7 @@ def _concrete(template: str) -> str:
             .replace("{version_id}", str(uuid.uuid4()))
             .replace("{token_id}", str(uuid.uuid4()))
             .replace("{job_id}", str(uuid.uuid4()))
+            .replace("{schedule_id}", str(uuid.uuid4()))
             .replace("{model}", "no-such-model")
             .replace("{name}", "default"))
 

@@ -61,8 +61,12 @@ def test_submit_show_list_cancel(live_server: LiveServer) -> None:
 
 
 def test_submit_from_a_json_file_and_refusals(live_server: LiveServer, tmp_path: Path) -> None:
+    from tests.fixtures.datasets import register_s3t_lineage
+
+    register_s3t_lineage(live_server.api, dataset="chats", lineage="chats", records=[
+        {"id": "r1", "text": "a"}, {"id": "r2", "text": "b"}])
     body = tmp_path / "ticket.json"
-    body.write_text(json.dumps({"kind": "delete_records", "dataset": "chats",
+    body.write_text(json.dumps({"kind": "delete_records", "dataset": "chats", "lineage": "chats",
                                 "record_ids": ["r1", "r2"]}))
     r = oblivio(live_server, "ticket", "submit", str(body), "--priority", "7", "--json")
     assert r.exit_code == 0, r.output

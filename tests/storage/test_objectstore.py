@@ -459,4 +459,4 @@ def test_readyz_is_200_with_a_real_s3_store(s3_server: S3Server, tmp_path: Path)
     with TestClient(create_app(settings)) as client:
         res = client.get("/readyz")
     assert res.status_code == 200, res.text
-    assert res.json()["checks"] == {"database": "ok", "object_store": "ok"}
+    assert res.json()["checks"] == {"database": "ok", "object_store": "ok", "data_dir": "ok"}

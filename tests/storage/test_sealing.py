@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from storage import queue, registry, sealing, tickets
 from storage.db import transaction
@@ -132,3 +133,29 @@ def test_dispatcher_fails_a_ticket_it_cannot_decrypt_with_the_reason(db, tmp_pat
         assert row.status is TicketStatus.failed and row.payload is None
         assert "every process needs the same OBLIVIO_PAYLOAD_KEY" in row.error
         assert hashlib.sha256(b"").hexdigest() != row.payload_sha256
+
+
+def test_a_configured_key_is_shared_by_the_api_and_the_workers(db, tmp_path: Path) -> None:
+    """OBLIVIO_PAYLOAD_KEY set: the API seals with it and a dispatcher built from the same
+    settings opens it (no key file is written)."""
+    from service.settings import Settings
+    from tests.service.conftest import start_api
+    from workers.dispatcher import DispatcherLoop
+
+    settings = Settings(data_dir=tmp_path / "data", database_url=db.url,
+                        object_store=f"file://{tmp_path / 'objects'}", base_model="m",
+                        payload_key=sealing.generate_key())
+    api_gen = start_api(db, settings)
+    api = next(api_gen)
+    try:
+        r = api.client.post("/v1/tickets", headers=api.headers("submitter"), json={
+            "kind": "forget", "forget": {"texts": ["Ada's secret diary entry"]}})
+        assert r.status_code == 202, r.text
+    finally:
+        api_gen.close()
+    loop = DispatcherLoop(settings.worker_config())
+    with db.sessions() as s:
+        row = s.scalars(select(Ticket)).one()
+    assert loop.cipher.open(row.payload, expected_sha256=row.payload_sha256)["forget"][
+        "texts"] == ["Ada's secret diary entry"]
+    assert not settings.payload_key_file.exists()

@@ -78,3 +78,11 @@ def test_a_model_that_is_not_local_is_refused_never_downloaded(tmp_path: Path) -
     empty.mkdir()
     with pytest.raises(ValueError, match="no weight files"):
         resolve_base_model(str(empty), tmp_path)
+
+
+def test_a_relative_model_path_is_resolved_absolute(tiny_model_dir: Path, tmp_path: Path,
+                                                    monkeypatch) -> None:
+    # It travels to Ray Train workers, which run in another working directory.
+    monkeypatch.chdir(tiny_model_dir.parent)
+    ref = resolve_base_model(tiny_model_dir.name, tmp_path)
+    assert ref.local_path.is_absolute() and ref.local_path == tiny_model_dir.resolve()

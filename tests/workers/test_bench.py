@@ -70,10 +70,10 @@ def test_oblivio_bench_quick_prints_the_table_on_a_tiny_model(tmp_path: Path, bu
     assert r.exit_code == 0, r.output
     assert "| method | requests | forget efficacy" in r.stdout
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ga |")]
-    assert [line.split("|")[2].strip() for line in rows] == ["1", "3"]
+    assert [line.split("|")[2].strip() for line in rows] == ["1", "2"]
     assert "o3: engine not registered yet, skipped" in r.stdout
     saved = json.loads((out / "bench_quick.json").read_text())
-    assert [row["requests"] for row in saved["rows"]] == [1, 3]
+    assert [row["requests"] for row in saved["rows"]] == [1, 2]
     assert (out / "tradeoff_quick.png").exists() and (out / "sequential_quick.png").exists()
     bad = CliRunner().invoke(app, ["bench", "--suite", "nope"])
     assert bad.exit_code == 2 and "unknown suite" in bad.stderr

@@ -231,3 +231,14 @@ def test_loaders_read_a_custom_directory(tmp_path: Path):
     assert load_unrelated_probes(directory=tmp_path)[0].question == "2+2?"
     with pytest.raises(ValueError, match="unknown forget probe set 'nope'"):
         load_forget_set("nope", directory=tmp_path)
+
+
+def test_only_checks_that_can_take_part_in_a_stop_are_run():
+    r = DEFAULT_FORGET_RECIPE.with_(max_steps=45, min_steps=30, eval_every=5, stop_patience=1)
+    assert r.first_useful_check() == 30
+    assert r.with_(stop_patience=2).first_useful_check() == 25  # 25 and 30 decide a stop at 30
+    assert r.with_(min_steps=32).first_useful_check() == 35
+    assert r.with_(min_steps=45).first_useful_check() is None  # no check before max_steps
+    assert r.with_(max_steps=10, min_steps=10).first_useful_check() is None  # fixed steps
+    assert r.with_(eval_every=0).first_useful_check() is None
+    assert r.with_(min_steps=0, stop_patience=3).first_useful_check() == 5

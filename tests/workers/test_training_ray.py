@@ -108,3 +108,29 @@ def test_bad_method_options_are_refused_before_any_worker_starts(make_spec) -> N
     with pytest.raises(InvalidRequest, match="no sentence or word"):
         train_unlearning_adapter(texts)
     assert not Path(spec.output_dir).exists()
+
+
+def test_warm_ranks_train_the_same_adapter_as_ray_train_and_stay_up(ray_cluster,
+                                                                   make_spec) -> None:
+    """The warm pool runs the same rank code: same losses and weights as a Ray Train run
+    (same seed), and its ranks serve the next job without starting again."""
+    from workers.training import warm_pool
+    from workers.training.runner import train_unlearning_adapter
+
+    def spec(name: str):
+        return make_spec("npo", out=name, recipe={"lr": 1e-2}, zero_stage=2, num_workers=2)
+
+    try:
+        reference = train_unlearning_adapter(spec("ray-train"))
+        warm = train_unlearning_adapter(spec("warm-1"), warm=True)
+        ranks = list(warm_pool.warm_pool(2).ranks)
+        again = train_unlearning_adapter(spec("warm-2"), warm=True)
+        assert warm_pool.warm_pool(2).ranks == ranks  # the same actors, no new start-up
+    finally:
+        warm_pool.shutdown_pools()
+    assert warm.metrics["warm_ranks"] is True
+    assert warm.metrics["losses"] == reference.metrics["losses"] == again.metrics["losses"]
+    _, ref_weights = read_adapter(reference.adapter_dir)
+    _, warm_weights = read_adapter(warm.adapter_dir)
+    assert ref_weights.keys() == warm_weights.keys()
+    assert all(torch.equal(ref_weights[k], warm_weights[k]) for k in ref_weights)

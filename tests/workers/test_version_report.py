@@ -219,3 +219,13 @@ def test_engines_share_one_evaluate_over_servables(tmp_path: Path):
     assert metrics["forget_ratio"] == 0.0 and metrics["forget_trained_ratio"] == 0.0
     assert (tmp_path / REPORT_FILE).exists() and metrics["report"]["path"] == REPORT_FILE
     assert base.asked and parent.asked and after.asked
+
+
+def test_operators_override_the_report_and_typos_are_refused():
+    from workers.evaluation.version_eval import configs_from
+
+    config, relearn = configs_from({"max_utility": 5, "relearn_steps": 3})
+    assert config.max_utility == 5 and relearn is not None and relearn.steps == 3
+    assert configs_from({})[1] is None
+    with pytest.raises(ValueError, match="unknown evaluation settings"):
+        configs_from({"max_utilty": 5})

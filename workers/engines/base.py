@@ -38,13 +38,16 @@ class EngineRequest:
     """What a ticket asks for, as `Engine.validate` sees it at submission time.
 
     Args:
-        kind: "forget" or "delete_records".
+        kind: "forget", "delete_records" or "finetune" (S3T: train a lineage on a
+            registered dataset; also its background retrain after deletions).
         engine: the engine's registry name.
         target: who or what is forgotten (forget tickets), or None.
         forget_qa: [{"question", "answer"}] to forget; forget_texts: passages to forget.
         retain_qa, retain_texts: optional retain data from the ticket.
         record_ids, subject_id: which records to delete (delete_records tickets).
-        options: engine/method options given by the ticket (may be empty).
+        options: engine/method options given by the ticket (may be empty); for finetune
+            the S3T plan (shards, slices, sequences_per_shard, ...).
+        dataset: the registered dataset (delete_records, finetune), or None.
     """
 
     kind: str
@@ -57,6 +60,7 @@ class EngineRequest:
     record_ids: list[str] = field(default_factory=list)
     subject_id: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    dataset: str | None = None
 
 
 def request_from_payload(*, kind: str, engine: str, payload: dict[str, Any] | None,
@@ -78,7 +82,7 @@ def request_from_payload(*, kind: str, engine: str, payload: dict[str, Any] | No
         forget_qa=qa(forget), forget_texts=list(forget.get("texts") or []),
         retain_qa=qa(retain), retain_texts=list(retain.get("texts") or []),
         record_ids=list(payload.get("record_ids") or []), subject_id=payload.get("subject_id"),
-        options=dict(payload.get("options") or {}))
+        options=dict(payload.get("options") or {}), dataset=payload.get("dataset"))
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,8 @@ class JobInput:
         fetch: fetches another stored directory by object key (S3T checkpoints).
         store_dir: stores a directory content-addressed, returns its object key (S3T
             checkpoints); None when the job runner offers no side storage.
+        sessions: a SQLAlchemy sessionmaker, for engines that keep state in their own
+            tables (S3T: records and checkpoints); None when the runner gives none.
     """
 
     job_id: str
@@ -110,6 +116,7 @@ class JobInput:
     config: WorkerConfig
     fetch: FetchFn | None = None
     store_dir: Callable[[Path], str] | None = None
+    sessions: Any = None
 
 
 @dataclass(frozen=True)
@@ -121,12 +128,18 @@ class Artifacts:
         metrics: training metrics (steps, losses, timings, ...), stored with the version.
         method_config: how it was made (recipe, options), recorded in manifest and receipt.
         peft_config: the adapter_config.json contents, when the version is a PEFT adapter.
+        receipt: engine-specific fields added to every ticket's receipt (S3T: deleted record
+            ids and the exactness evidence).
+        follow_up: tickets the job runner queues once this version is published, each
+            {"kind", "engine", "payload"} (S3T: the background retrain after a deletion).
     """
 
     version_dir: Path
     metrics: dict[str, Any] = field(default_factory=dict)
     method_config: dict[str, Any] = field(default_factory=dict)
     peft_config: dict[str, Any] | None = None
+    receipt: dict[str, Any] = field(default_factory=dict)
+    follow_up: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Servable(Protocol):
@@ -161,7 +174,10 @@ class Engine(Protocol):
                       device: str, fetch: FetchFn | None = None) -> Servable:
         """Wrap the loaded base `model` so that it answers as `version_dir` does.
 
-        `version_dir` None means the base model itself.
+        `version_dir` None means the base model itself. A serving replica hands every
+        engine of one class the same `model` (another class gets its own copy), and loads
+        several versions on it at once: the engine may wrap or inject into it, as long as
+        each servable answers as its own version (and None as the base).
         """
         ...
 

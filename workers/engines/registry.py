@@ -15,13 +15,13 @@ _ENGINES: dict[str, Any] = {}
 
 # The engine a ticket of each kind runs on when it names none. idk met the forget/utility
 # targets on the bundled model (workers/evaluation/recipe.py) until O3 lands.
-DEFAULT_ENGINES: dict[str, str] = {"forget": "idk", "delete_records": "s3t"}
+DEFAULT_ENGINES: dict[str, str] = {"forget": "idk", "delete_records": "s3t", "finetune": "s3t"}
 
 # Engines announced in DESIGN.md whose implementation has not landed yet: tickets naming
 # them are accepted and wait queued (the dispatcher only claims runnable engines). When the
 # real engine registers under the same name (its import in `_load_builtin_engines`), the
 # placeholder is simply not created.
-PLANNED_ENGINES: dict[str, str] = {"o3": "forget", "s3t": "delete_records"}
+PLANNED_ENGINES: dict[str, str] = {}
 
 
 def register_engine(engine: Any) -> Any:
@@ -103,7 +103,7 @@ def _load_builtin_engines() -> None:
     global _loaded
     if _loaded:
         return
-    from workers.engines import lora_methods  # noqa: F401
+    from workers.engines import lora_methods, o3, s3t  # noqa: F401
     from workers.engines.planned import PlannedEngine
 
     for name, kind in PLANNED_ENGINES.items():

@@ -16,6 +16,9 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_NEW_TOKENS = 32
 """Probe answers are short facts; 32 tokens fit a sentence and keep 2-core CPU eval fast."""
+EVAL_BATCH_SIZE = 64
+"""A job's evaluation answers all its probes (~80) in one call: on CPU a big batch reads
+the weights once per generated token for many rows; length-sorted batches keep padding low."""
 
 
 def chat_prompts(tokenizer: PreTrainedTokenizerBase, questions: Sequence[str]) -> list[str]:
@@ -41,25 +44,39 @@ def greedy_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
     model.eval()
-    answers: list[str] = []
+    answers: list[str] = [""] * len(questions)
     try:
         prompts = chat_prompts(tokenizer, questions)
         device = next(model.parameters()).device
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
+        for chunk_ids in length_sorted_batches(tokenizer, prompts, batch_size):
+            chunk = [prompts[i] for i in chunk_ids]
             enc = tokenizer(chunk, return_tensors="pt", padding=True,
                             add_special_tokens=False).to(device)
             with torch.no_grad():
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=pad_id, **generate_kwargs)
             new_tokens = out[:, enc["input_ids"].shape[1]:]
-            answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens,
-                                                                     skip_special_tokens=True))
+            for i, text in zip(chunk_ids, tokenizer.batch_decode(new_tokens,
+                                                                 skip_special_tokens=True)):
+                answers[i] = text.strip()
     finally:
         tokenizer.padding_side = previous_side
         if was_training:
             model.train()
     return answers
+
+
+def length_sorted_batches(tokenizer: Any, prompts: Sequence[str], batch_size: int
+                          ) -> list[list[int]]:
+    """Indices of `prompts` in batches of similar token length (longest first).
+
+    Left padding to the longest prompt of a batch is wasted compute at every generated
+    token; grouping similar lengths keeps it small, so one call can take large batches.
+    Deterministic (ties keep their order), so the same prompts always batch the same way.
+    """
+    lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def hf_generate_fn(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *,
@@ -85,12 +102,12 @@ def forget_probe_score(model: Any, tokenizer: Any, probes: Sequence[Probe], *,
 
 def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str],
                    max_new_tokens: Sequence[int], *, device: str | None = None,
-                   batch_size: int = 16) -> list[str]:
+                   batch_size: int = EVAL_BATCH_SIZE) -> list[str]:
     """Greedy answers to chat-formatted `prompts`, each cut at its own token budget.
 
     What a `Servable.generate` does for a plain (or PEFT-wrapped) causal LM: one batched
-    generate per chunk, to the longest budget; greedy decoding means each row equals what
-    that prompt would get alone.
+    generate per chunk of similar prompt lengths (`length_sorted_batches`), to the chunk's
+    longest budget; greedy decoding means each row equals what that prompt would get alone.
     """
     import torch
 
@@ -100,20 +117,21 @@ def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str],
         raise ValueError(f"{len(prompts)} prompts but {len(max_new_tokens)} token budgets")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = device or str(next(model.parameters()).device)
-    answers: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start:start + batch_size])
-        budgets = list(max_new_tokens[start:start + batch_size])
+    formatted = [format_chat(tokenizer, p) for p in prompts]
+    answers: list[str] = [""] * len(prompts)
+    for ids in length_sorted_batches(tokenizer, formatted, batch_size):
+        chunk = [formatted[i] for i in ids]
+        budgets = [max_new_tokens[i] for i in ids]
         side, tokenizer.padding_side = tokenizer.padding_side, "left"  # answers start at the end
         try:
-            enc = tokenizer([format_chat(tokenizer, p) for p in chunk], return_tensors="pt",
-                            padding=True, add_special_tokens=False).to(device)
+            enc = tokenizer(chunk, return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(device)
         finally:
             tokenizer.padding_side = side
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=max(budgets), do_sample=False,
                                  pad_token_id=pad_id)
         new_tokens = out[:, enc["input_ids"].shape[1]:]
-        answers += [tokenizer.decode(row[:n], skip_special_tokens=True).strip()
-                    for row, n in zip(new_tokens, budgets)]
+        for i, row, n in zip(ids, new_tokens, budgets):
+            answers[i] = tokenizer.decode(row[:n], skip_special_tokens=True).strip()
     return answers

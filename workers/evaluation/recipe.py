@@ -101,6 +101,20 @@ class ForgetRecipe:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
 
+    def first_useful_check(self) -> int | None:
+        """The first step whose early-stopping check can take part in a stop, or None when
+        no check can (e.g. min_steps >= max_steps): checks before it only cost generation.
+
+        A stop happens at a check step s with min_steps <= s < max_steps and looks at the
+        last `stop_patience` checks, so the earliest check that can matter is the first
+        such s minus (stop_patience - 1) checks."""
+        if not self.eval_every:
+            return None
+        first_stop = -(-max(self.min_steps, 1) // self.eval_every) * self.eval_every
+        if first_stop >= self.max_steps:
+            return None
+        return max(self.eval_every, first_stop - (self.stop_patience - 1) * self.eval_every)
+
     def should_stop(self, *, step: int, ticket_rates: Sequence[float],
                     base_ticket_rate: float) -> bool:
         """Early-stopping rule: the ticket's own questions are forgotten enough, for

@@ -27,6 +27,23 @@ from workers.evaluation.robustness import relearning_recovery
 from workers.evaluation.scoring import ScoreFn
 
 
+def configs_from(overrides: dict[str, Any] | None) -> tuple[ReportConfig, RelearnConfig | None]:
+    """ReportConfig (and the relearning attack, if `relearn_steps` > 0) from operator
+    overrides; unknown keys are refused so that a typo does not silently do nothing."""
+    from dataclasses import fields
+
+    values = dict(overrides or {})
+    relearn_steps = int(values.pop("relearn_steps", 0))
+    relearn_lr = float(values.pop("relearn_lr", RelearnConfig().lr))
+    known = {f.name for f in fields(ReportConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown evaluation settings {unknown}; known: "
+                         f"{', '.join(sorted(known | {'relearn_steps', 'relearn_lr'}))}")
+    relearn = RelearnConfig(steps=relearn_steps, lr=relearn_lr) if relearn_steps > 0 else None
+    return ReportConfig(**values), relearn
+
+
 def servable_subject(servable: Any, *, max_new_tokens: int = 32,
                      score: ScoreFn | None = None) -> Subject:
     """A `Subject` over an engine's `Servable` (generate(prompts, max_new_tokens))."""
@@ -34,7 +51,12 @@ def servable_subject(servable: Any, *, max_new_tokens: int = 32,
     def generate(prompts: list[str]) -> list[str]:
         return list(servable.generate(prompts, [max_new_tokens] * len(prompts)))
 
-    return Subject(generate=generate, score=score)
+    # A servable that caches per probe set (answer_cache.CachedAnswers: the base model) is
+    # asked set by set, so each shipped set is its own cache entry.
+    each_set = getattr(servable, "generate_each_set", None)
+    generate_sets = ((lambda sets: each_set(sets, max_new_tokens)) if callable(each_set)
+                     else None)
+    return Subject(generate=generate, score=score, generate_sets=generate_sets)
 
 
 def evaluate_subjects(plan: ProbePlan, subjects: dict[str, Subject], *,
@@ -141,7 +163,7 @@ def relearning_result(*, before: Sequence[bool], after: Sequence[bool], relearne
 
 def evaluate_forgetting(job: Any, *, before: Any, after: Any, base: Any | None = None,
                         version_dir: Path | None = None,
-                        config: ReportConfig = ReportConfig()) -> dict[str, Any]:
+                        config: ReportConfig | None = None) -> dict[str, Any]:
     """The shared `Engine.evaluate` of forgetting engines (workers/engines/base.py).
 
     job: a `JobInput` (its requests' forget QA, texts and targets are the forget set).
@@ -151,6 +173,8 @@ def evaluate_forgetting(job: Any, *, before: Any, after: Any, base: Any | None =
     The report is written into `version_dir` (default `job.output_dir`) when it exists.
     Returns the summary metrics, including "verdict".
     """
+    if config is None:  # the operator's overrides (OBLIVIO_EVALUATION), via the job
+        config, _relearn = configs_from(getattr(job.config, "evaluation", None))
     qa = [q for r in job.requests for q in r.forget_qa]
     texts = [t for r in job.requests for t in r.forget_texts]
     plan = plan_probes(qa, texts, targets=[r.target for r in job.requests], config=config)

@@ -44,7 +44,8 @@ def resolve_base_model(spec: str, data_dir: Path) -> BaseModelRef:
     if spec.startswith(BUNDLED_PREFIX):
         local = _converted_bundled(spec.removeprefix(BUNDLED_PREFIX), Path(data_dir).resolve())
     else:
-        local = Path(spec).expanduser()
+        # Absolute: the path travels to Ray workers, which run in other directories.
+        local = Path(spec).expanduser().resolve()
         if not local.is_dir():
             local = _hub_cache_dir(spec)
     return BaseModelRef(name=spec, local_path=local, sha256=_weights_sha256(local))

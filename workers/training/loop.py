@@ -8,6 +8,7 @@ forgotten enough (the held-out rephrasings are never looked at here: they are th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -46,6 +47,10 @@ class LoopResult:
     lora_config: dict[str, Any]
     partition: tuple[int, int] = (0, 0)
     extra: dict[str, Any] = field(default_factory=dict)
+    # Wall-clock (epoch seconds) of the loop's first step and end: the job's phase record
+    # splits the engine's train call into start-up, loop and teardown with them.
+    started_at: float | None = None
+    finished_at: float | None = None
 
 
 def load_for_training(spec: TrainJobSpec) -> tuple[Any, Any]:
@@ -107,29 +112,37 @@ def run_training(spec: TrainJobSpec, strategy: TrainingStrategy,
                     # (answer tokens, vocab), half precision: it is held for the whole run.
                     ref_retain[_key(pair)] = logp[row][labels[row] != IGNORE].half()
 
-    # Early stopping compares with the model as it was before this adapter.
+    # Early stopping compares with the model as it was before this adapter. Checks that
+    # cannot take part in a stop (before min_steps, or all of them when min_steps >=
+    # max_steps) are skipped: the adapter is the same, without their generation cost.
     probes = list(spec.stop_probes or [])
     base_rate = None
-    if recipe.eval_every and probes:
+    first_check = recipe.first_useful_check()
+    if first_check is not None and probes:
         with peft_model.disable_adapter():
             base_rate = _probe_rate(peft_model, tokenizer, probes, strategy, recipe)
 
     params = [p for p in peft_model.parameters() if p.requires_grad]
     trained = strategy.setup(peft_model, params)
+    # Hooked after the strategy's setup, so ZeRO-3 has gathered A when the hook reads it.
+    orthogonal = _orthogonality_regularizer(spec, trained)
     # Per-rank batches of batch_size / world: the averaged gradient is the full batch's.
     forget_iter = cycle_batches(forget_pairs, max(1, recipe.forget_batch_size // world),
                                 spec.seed + rank)
     retain_iter = (cycle_batches(retain_pairs, max(1, recipe.retain_batch_size // world),
                                  spec.seed + 1000 + rank) if retain_pairs else None)
     started = time.perf_counter()
+    started_at = time.time()
     losses: list[float] = []
     rates: list[tuple[int, float]] = []
     step, stopped = 0, False
+    orth_terms: list[float] = []
     trained.train()
     while step < recipe.max_steps:
         chunk = next(forget_iter)
-        logp, ntok = sequence_logp(*shifted_logits_and_labels(
-            trained, encode_pairs(tokenizer, chunk, keywords)))
+        with orthogonal.collecting() if orthogonal else contextlib.nullcontext():
+            logp, ntok = sequence_logp(*shifted_logits_and_labels(
+                trained, encode_pairs(tokenizer, chunk, keywords)))
         ref = (torch.tensor([ref_logp[_key(p)] for p in chunk], device=logp.device)
                if method.needs_reference else None)
         retain = None
@@ -144,14 +157,18 @@ def run_training(spec: TrainJobSpec, strategy: TrainingStrategy,
                 retain = mean_nll(r_logits, r_labels)
         loss = method.loss(forget_logp=logp, forget_tokens=ntok, ref_forget_logp=ref,
                            retain_loss=retain, cfg=method_cfg)
+        penalty = orthogonal.penalty() if orthogonal else None
+        if penalty is not None:
+            loss = loss + penalty
+            orth_terms.append(float(penalty.detach()))
         strategy.backward_and_step(loss)
         step += 1
         losses.append(float(loss.detach()))
         if progress is not None:
             progress({"phase": "training", "step": step, "max_steps": recipe.max_steps,
                       "loss": round(losses[-1], 4)})
-        if (recipe.eval_every and base_rate is not None and step % recipe.eval_every == 0
-                and step < recipe.max_steps):
+        if (base_rate is not None and first_check is not None and step >= first_check
+                and step % recipe.eval_every == 0 and step < recipe.max_steps):
             rate = _probe_rate(trained, tokenizer, probes, strategy, recipe)
             rates.append((step, rate))
             if progress is not None:
@@ -164,10 +181,29 @@ def run_training(spec: TrainJobSpec, strategy: TrainingStrategy,
                 break
             trained.train()
     seconds = time.perf_counter() - started
+    finished_at = time.time()
+    if orthogonal is not None:
+        orthogonal.detach()
     state = strategy.trainable_state_dict(trained)
+    extra = {"orthogonal_terms": [round(x, 6) for x in orth_terms]} if orthogonal else {}
     return LoopResult(steps=step, stopped_early=stopped, losses=losses, ticket_rates=rates,
                       base_ticket_rate=base_rate, seconds=seconds, state_dict=state,
-                      lora_config=lora.to_dict(), partition=strategy.partitioned_numel(trained))
+                      lora_config=lora.to_dict(), partition=strategy.partitioned_numel(trained),
+                      started_at=started_at, finished_at=finished_at, extra=extra)
+
+
+def _orthogonality_regularizer(spec: TrainJobSpec, model: Any) -> Any:
+    """The spec's orthogonality term hooked into `model`, or None when it has none."""
+    if not spec.orthogonal_to_adapter or spec.orthogonal_weight <= 0:
+        return None
+    from workers.training.orthogonal import OrthogonalityRegularizer, frozen_a_matrices
+
+    reg = OrthogonalityRegularizer(frozen_a_matrices(spec.orthogonal_to_adapter),
+                                   spec.orthogonal_weight).attach(model)
+    if reg.matched == 0:
+        log.warning("orthogonal_to_adapter shares no LoRA module with the new adapter")
+        return None
+    return reg
 
 
 def _probe_rate(model: Any, tokenizer: Any, probes: list[dict[str, Any]],

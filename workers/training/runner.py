@@ -64,14 +64,18 @@ def train_plain(spec: TrainJobSpec, progress_cb: ProgressFn | None = None) -> Tr
     return _write_result(spec, result)
 
 
-def train_unlearning_adapter(spec: TrainJobSpec,
-                             progress_cb: ProgressFn | None = None) -> TrainResult:
-    """Train on `spec.num_workers` Ray Train workers, each a DeepSpeed ZeRO rank."""
+def train_unlearning_adapter(spec: TrainJobSpec, progress_cb: ProgressFn | None = None, *,
+                             warm: bool = False) -> TrainResult:
+    """Train on `spec.num_workers` DeepSpeed ZeRO ranks: Ray Train workers, or with `warm`
+    (CPU only) this process's warm ranks (workers/training/warm_pool.py), which skip the
+    per-job start-up and run the same rank code."""
+    spec.method_config()  # refuse a bad method or options before any worker starts
+    if warm and spec.device == "cpu":
+        return _train_on_warm_pool(spec, progress_cb)
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    spec.method_config()  # refuse a bad method or options before any worker starts
     # Always created: besides progress it carries the run's placement group to clean up.
     sink = _progress_sink_cls().options(num_cpus=0).remote()
     Path(spec.output_dir).parent.mkdir(parents=True, exist_ok=True)
@@ -119,24 +123,69 @@ def train_unlearning_adapter(spec: TrainJobSpec,
                        peft_config=_read_config(out))
 
 
+def _train_on_warm_pool(spec: TrainJobSpec, progress_cb: ProgressFn | None) -> TrainResult:
+    import ray
+
+    from workers.training.warm_pool import warm_pool
+
+    sink = _progress_sink_cls().options(num_cpus=0).remote()
+    stop = threading.Event()
+    poller = None
+    if progress_cb is not None:
+        poller = threading.Thread(target=_poll_progress, args=(sink, progress_cb, stop),
+                                  daemon=True)
+        poller.start()
+    out = Path(spec.output_dir)
+    try:
+        if out.exists():
+            shutil.rmtree(out)
+        metrics = warm_pool(spec.num_workers).train(spec, sink, progress_cb is not None, out)
+    finally:
+        stop.set()
+        if poller is not None:
+            poller.join(timeout=15)  # its last drain
+        try:
+            ray.kill(sink)
+        except Exception:
+            log.debug("progress sink already gone", exc_info=True)
+    metrics = {k: v for k, v in metrics.items() if not k.startswith("_")}
+    return TrainResult(adapter_dir=out, metrics={**metrics, "warm_ranks": True},
+                       peft_config=_read_config(out))
+
+
 def _train_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker (rank); rank 0 writes the adapter as the checkpoint."""
     import ray
     import ray.train
-    import ray.util
-    import torch
 
     spec: TrainJobSpec = config["spec"]
-    sink = config["sink"]
-    # As many threads as CPUs Ray gave this rank: more would oversubscribe the cores that
-    # the other ranks use (seen: 2 ranks x 2 threads on 2 cores ran several times slower).
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-    torch.set_num_threads(max(1, int(cpus or os.environ.get("OMP_NUM_THREADS", "1"))))
     if spec.device == "cuda":
         import ray.train.torch
+        import torch
 
         # "cuda" then means this worker's own GPU (Ray Train assigns one per worker).
         torch.cuda.set_device(ray.train.torch.get_device())
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    metrics, adapter = rank_train(spec, config["sink"], config["progress"], cpus)
+    if adapter is not None:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(adapter)))
+        shutil.rmtree(adapter, ignore_errors=True)
+    else:
+        ray.train.report(metrics)
+
+
+def rank_train(spec: TrainJobSpec, sink: Any, progress_enabled: bool, cpus: float | None
+               ) -> tuple[dict[str, Any], Path | None]:
+    """One DeepSpeed rank's share of a job, inside an initialised torch.distributed group
+    (Ray Train's, or a warm pool's): returns its metrics and, on rank 0, a temporary
+    directory holding the stacked adapter (the caller moves or deletes it)."""
+    import ray
+    import ray.util
+    import torch
+
+    # As many threads as CPUs Ray gave this rank: more would oversubscribe the cores that
+    # the other ranks use (seen: 2 ranks x 2 threads on 2 cores ran several times slower).
+    torch.set_num_threads(max(1, int(cpus or os.environ.get("OMP_NUM_THREADS", "1"))))
     from workers.training.strategy import DeepSpeedStrategy
 
     recipe = spec.forget_recipe()
@@ -149,18 +198,19 @@ def _train_worker(config: dict[str, Any]) -> None:
         group = ray.util.get_current_placement_group()
         if group is not None:
             ray.get(sink.set_placement_group.remote(group.id.hex()))
-    if strategy.rank == 0 and config["progress"]:
+    if strategy.rank == 0 and progress_enabled:
         def progress(update: dict[str, Any]) -> None:
             sink.put.remote(update)
-    result = run_training(spec, strategy, progress)
-    metrics = _metrics(result)
-    if strategy.rank == 0:
+    try:
+        result = run_training(spec, strategy, progress)
+        metrics = _metrics(result)
+        if strategy.rank != 0:
+            return metrics, None
         tmp = Path(tempfile.mkdtemp(prefix="adapter-"))
         _write_adapter(spec, result, tmp)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        ray.train.report(metrics)
+        return metrics, tmp
+    finally:
+        strategy.close()
 
 
 def _metrics(result: LoopResult) -> dict[str, Any]:
@@ -177,8 +227,11 @@ def _metrics(result: LoopResult) -> dict[str, Any]:
         "ticket_rate_base": result.base_ticket_rate,
         "ticket_rates": result.ticket_rates,
         "train_seconds": round(result.seconds, 2),
+        "loop_started_at": result.started_at,
+        "loop_finished_at": result.finished_at,
         "params_local": local,
         "params_full": full,
+        **result.extra,
     }
 
 

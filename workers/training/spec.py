@@ -38,6 +38,10 @@ class TrainJobSpec:
         zero3_persistence_threshold: ZeRO-3 keeps parameters smaller than this whole on
             every rank (see DeepSpeedStrategy); 0 partitions all of them.
         device: "cpu" or "cuda". seed: for batch order and LoRA initialisation.
+        orthogonal_to_adapter: a stored PEFT adapter whose lora_A matrices are frozen
+            references: the loss gains `orthogonal_weight * sum_modules
+            ||A_frozen A_new^T||_F^2` (O-LoRA / O3), see workers/training/orthogonal.py.
+        orthogonal_weight: weight of that term (0 or no adapter: no term).
     """
 
     base_model_path: str
@@ -58,6 +62,8 @@ class TrainJobSpec:
     zero3_persistence_threshold: int = 100_000
     device: str = "cpu"
     seed: int = 0
+    orthogonal_to_adapter: str | None = None
+    orthogonal_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.forget_qa and not self.forget_texts:
@@ -71,6 +77,8 @@ class TrainJobSpec:
             raise ValueError("num_workers must be >= 1")
         if self.zero3_persistence_threshold < 0:
             raise ValueError("zero3_persistence_threshold must be >= 0")
+        if self.orthogonal_weight < 0:
+            raise ValueError("orthogonal_weight must be >= 0")
         if self.device not in ("cpu", "cuda"):
             raise ValueError("device must be 'cpu' or 'cuda'")
         self.forget_recipe()  # validates

@@ -126,6 +126,16 @@ class DeepSpeedStrategy:
                                                 config=self.config())
         return self._engine.module
 
+    def close(self) -> None:
+        """Release the DeepSpeed engine (its hooks and optimizer state): a warm rank runs
+        job after job in one process."""
+        engine, self._engine = self._engine, None
+        if engine is not None and hasattr(engine, "destroy"):
+            try:
+                engine.destroy()
+            except Exception:  # best effort: the next job builds a fresh engine anyway
+                pass
+
     def backward_and_step(self, loss: Tensor) -> None:
         self._engine.backward(loss)
         self._engine.step()

@@ -100,8 +100,11 @@ class LoraMethodEngine:
         from workers.training.runner import train_plain, train_unlearning_adapter
 
         spec = self.train_spec(job)
-        run = train_plain if job.config.trainer == "plain" else train_unlearning_adapter
-        result = run(spec, progress_cb=progress)
+        if job.config.trainer == "plain":
+            result = train_plain(spec, progress_cb=progress)
+        else:  # warm: the dispatcher's warm DeepSpeed ranks (CPU), else Ray Train
+            result = train_unlearning_adapter(spec, progress_cb=progress,
+                                              warm=job.config.warm_train_workers)
         return Artifacts(version_dir=Path(result.adapter_dir), metrics=result.metrics,
                          method_config=spec.method_summary(), peft_config=result.peft_config)
 

@@ -1,0 +1,186 @@
+"""N tickets as N jobs vs one scheduled batch job: cost, forget and utility side by side.
+
+Both modes run the whole product path (queue -> job runner -> Ray Train + DeepSpeed ->
+evaluation -> object store -> registry -> promotion) in a fresh data dir:
+
+    per-ticket  the dispatcher claims one ticket per job (max_batch=1): N jobs, N versions
+    scheduled   a schedule holds the N tickets and its window runs them as ONE job
+
+Cost is wall time from the first claim to the last ticket done, and job count. Forget and
+utility are measured the same way for both on the final live version: every ticket's
+questions (forget rate after / before) and the shipped unrelated probes (utility).
+
+    .venv/bin/python benchmarks/batch.py                     # 32 tickets, tiny model
+    .venv/bin/python benchmarks/batch.py --tickets 4         # a quick one
+    .venv/bin/python benchmarks/batch.py --model bundled --tickets 32 --steps 30
+
+On the tiny random model the forget/utility columns only show that both modes evaluate;
+use `--model bundled` (SmolLM2, slow: N full jobs) for meaningful forget/utility numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+# Run as a script, benchmarks/ would shadow stdlib modules (queue.py): use the repo root.
+sys.path[:] = [str(REPO)] + [p for p in sys.path
+                             if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+
+def questions(n: int, model: str) -> list[dict[str, str]]:
+    """One QA pair per ticket: facts of the shipped probe sets (real model) or made up."""
+    if model == "bundled":
+        from workers.evaluation.probes import load_forget_set
+
+        people = ["charles_darwin", "albert_einstein", "marie_curie"]
+        pairs = []
+        for name in people:
+            try:
+                pairs += [{"question": p.question, "answer": p.answer}
+                          for p in load_forget_set(name).ticket]
+            except Exception:  # a person not shipped: use the others
+                continue
+        if len(pairs) >= n:
+            return pairs[:n]
+    return [{"question": f"Where does Zorblat {i} live?", "answer": f"In Quimby{i}."}
+            for i in range(n)]
+
+
+def base_model(model: str, workdir: Path) -> str:
+    from workers.model import resolve_base_model
+
+    bundled = resolve_base_model("bundled:smollm2-135m-instruct", REPO / ".cache" / "oblivio-data")
+    if model == "bundled":
+        return "bundled:smollm2-135m-instruct"
+    from workers.model.tiny import build_tiny_llama
+
+    return str(build_tiny_llama(workdir / "tiny", tokenizer_from=bundled.local_path))
+
+
+def run_mode(mode: str, n: int, model: str, steps: int, workdir: Path) -> dict[str, Any]:
+    from service.scheduler import SchedulerLoop
+    from service.settings import Settings
+    from storage import registry, schedules, tickets
+    from storage.db import make_engine, make_session_factory, transaction
+    from storage.migrate import upgrade
+    from storage.models import Job, TicketKind
+    from workers.dispatcher import DispatcherLoop
+
+    data = workdir / mode
+    settings = Settings(
+        data_dir=data, database_url=f"sqlite:///{data / 'db.sqlite'}",
+        object_store=f"file://{data / 'objects'}",
+        base_model=base_model(model, workdir) if model != "bundled" else
+        "bundled:smollm2-135m-instruct",
+        num_workers=2, zero_stage=2, batch_window_seconds=0.0, lease_seconds=600,
+        recipe={"max_steps": steps, "min_steps": steps, "eval_every": 0})
+    if model == "bundled":
+        settings = settings.model_copy(update={"data_dir": REPO / ".cache" / "oblivio-data"})
+    upgrade(settings.resolved_database_url)
+    sessions = make_session_factory(make_engine(settings.resolved_database_url))
+    qa = questions(n, model)
+    with transaction(sessions) as s:
+        registry.ensure_lineage(s, name="default", base_model=settings.base_model)
+        if mode == "scheduled":
+            schedules.create_schedule(s, lineage_name="default", cron="0 2 * * *",
+                                      min_tickets=n, max_tickets=n, actor="bench")
+        for i, pair in enumerate(qa):
+            tickets.submit(s, request=tickets.TicketRequest(
+                kind=TicketKind.forget, lineage="default", engine="npo", target=f"t{i}",
+                payload={"target": f"t{i}", "forget": {"texts": [], "qa": [pair]},
+                         "retain": None}), requester="bench")
+    started = time.perf_counter()
+    if mode == "per-ticket":
+        loop = DispatcherLoop(settings.worker_config(), max_batch=1)
+        while loop.run_once():
+            pass
+    else:
+        from datetime import timedelta
+
+        with sessions() as s:
+            window = s.query(schedules.Schedule).one().next_run_at
+        SchedulerLoop(settings, sessions).run_once(now=window + timedelta(seconds=1))
+    seconds = time.perf_counter() - started
+    with sessions() as s:
+        jobs = s.query(Job).count()
+        live = registry.resolve(s, lineage_name="default", ref="live")
+        key = live.object_key if live else None
+    quality = evaluate_final(settings, qa, key, workdir / f"{mode}-final")
+    return {"mode": mode, "tickets": n, "jobs": jobs, "seconds": seconds, **quality}
+
+
+def evaluate_final(settings: Any, qa: list[dict[str, str]], key: str | None,
+                   dest: Path) -> dict[str, Any]:
+    """Forget over every ticket's question and utility, on the final live version."""
+    import uuid
+    from datetime import datetime, timezone
+
+    from storage.models import TicketKind
+    from storage.queue import ClaimedTicket
+    from workers import job_compute
+
+    if key is None:
+        return {"forget_ratio": None, "utility_ratio": None}
+    settings.store_config().open().fetch_directory(key, dest)
+    now = datetime.now(timezone.utc)
+    fake = [ClaimedTicket(id=uuid.uuid4(), lineage_id=uuid.uuid4(), kind=TicketKind.forget,
+                          engine="npo", target=None,
+                          payload={"target": None, "forget": {"texts": [], "qa": qa}, "retain": None},
+                          payload_sha256="0" * 64, priority=0, attempts=1, requester="bench",
+                          created_at=now, lease_owner="bench", lease_expires_at=now)]
+    from workers.engines.registry import get_engine
+
+    config = settings.worker_config()
+    base = job_compute.resolve_base(config)
+    job = job_compute.job_input(config, job_id="bench-final", lineage="default", base=base,
+                                tickets=fake, parent_dir=None, output_dir=dest)
+    # The job path's own evaluation (held-out forms of every ticket's question, utility).
+    metrics = job_compute.evaluate_version(get_engine("npo"), job, base=base,
+                                           version_dir=dest)
+    return {"forget_ratio": metrics.get("forget_ratio"),
+            "utility_ratio": metrics.get("utility_ratio")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tickets", type=int, default=32)
+    parser.add_argument("--model", choices=["tiny", "bundled"], default="tiny")
+    parser.add_argument("--steps", type=int, default=3, help="training steps per job")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {k: os.environ[k] for k in
+                                       ("RAY_AUTH_MODE", "HF_HUB_OFFLINE",
+                                        "TORCH_EXTENSIONS_DIR")}})
+    try:
+        with tempfile.TemporaryDirectory(prefix="oblivio-batch-") as tmp:
+            rows = [run_mode(m, args.tickets, args.model, args.steps, Path(tmp))
+                    for m in ("per-ticket", "scheduled")]
+    finally:
+        ray.shutdown()
+    per, batch = rows
+    print(f"\n{args.tickets} tickets, {args.model} model, {args.steps} steps per job\n")
+    print("| mode | jobs | wall s | x scheduled | s / ticket | forget ratio | utility ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+        print(f"| {r['mode']} | {r['jobs']} | {r['seconds']:.1f} | "
+              f"{r['seconds'] / batch['seconds']:.2f} | {r['seconds'] / r['tickets']:.2f} | "
+              f"{fmt(r['forget_ratio'])} | {fmt(r['utility_ratio'])} |")
+    print(f"\nscheduled batch is {per['seconds'] / batch['seconds']:.1f}x cheaper in wall time "
+          f"({per['jobs']} jobs vs {batch['jobs']})")
+
+
+if __name__ == "__main__":
+    main()

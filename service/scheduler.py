@@ -1,0 +1,139 @@
+"""The in-service scheduler: one leader among the API replicas runs the schedules' windows.
+
+Each replica started with workers runs a `SchedulerLoop` thread. Every `poll_seconds` it
+tries to take (or renew) the `scheduler` leader lease in the database; the one that holds
+it takes the due windows (storage.schedules.take_due_windows) and runs each window's
+tickets as one job per engine, through the same job runner as the dispatcher.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.settings import Settings
+from storage import schedules
+from storage.queue import ClaimedTicket
+
+log = logging.getLogger(__name__)
+
+RunBatch = Callable[[list[ClaimedTicket]], Any]
+
+
+def scheduler_owner() -> str:
+    return f"scheduler:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class SchedulerLoop:
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], *,
+                 run_batch: RunBatch | None = None, owner: str | None = None) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.owner = owner or scheduler_owner()
+        self._run_batch = run_batch or self._run_job
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.jobs_run = 0
+
+    @property
+    def ttl_seconds(self) -> float:
+        # Long enough to survive a slow poll, short enough that a dead leader is replaced
+        # within a few polls.
+        return max(3 * self.settings.scheduler_poll_seconds, 10.0)
+
+    def run_once(self, now: datetime | None = None) -> list[schedules.Window]:
+        """If this replica leads: run every due window. Returns the windows taken."""
+        if not schedules.acquire_leadership(self.sessions, owner=self.owner,
+                                            ttl_seconds=self.ttl_seconds, now=now):
+            return []
+        windows = schedules.take_due_windows(self.sessions, owner=self.owner,
+                                             lease_seconds=self.settings.lease_seconds,
+                                             engines=self._engines(), now=now)
+        for window in windows:
+            if window.skipped:
+                log.info("schedule %s (%s): window %s skipped: %s", window.schedule_id,
+                         window.lineage, window.due_at.isoformat(), window.skipped)
+                continue
+            by_engine: dict[str, list[ClaimedTicket]] = defaultdict(list)
+            for ticket in self._open_payloads(window.tickets):
+                by_engine[ticket.engine].append(ticket)
+            for tickets in by_engine.values():
+                log.info("schedule %s (%s): one job for %d ticket(s)", window.schedule_id,
+                         window.lineage, len(tickets),
+                         extra={"schedule_id": str(window.schedule_id)})
+                try:
+                    self._run_batch(tickets)
+                    self.jobs_run += 1
+                except Exception:  # the job runner already put the tickets back
+                    log.exception("scheduled job for %d ticket(s) failed", len(tickets))
+        return windows
+
+    @staticmethod
+    def _engines() -> list[str] | None:
+        """Engines this release can train (as the dispatcher claims); None: no workers."""
+        try:
+            from workers.dispatcher import runnable_engines
+        except ImportError:
+            return None
+        return list(runnable_engines())
+
+    def _open_payloads(self, claimed: list[ClaimedTicket]) -> list[ClaimedTicket]:
+        """Decrypt the claimed tickets' sealed forget sets in memory, as the dispatcher does;
+        one that cannot be opened (another key, tampered) fails for good with the reason."""
+        import dataclasses
+
+        from storage import queue
+        from storage.sealing import PayloadUnreadable, cipher_from_config
+
+        config = self.settings.worker_config()
+        cipher = cipher_from_config(config.payload_key, config.data_dir / "payload-key")
+        opened = []
+        for ticket in claimed:
+            try:
+                payload = cipher.open(ticket.payload, expected_sha256=ticket.payload_sha256)
+            except PayloadUnreadable as exc:
+                log.error("ticket %s: %s", ticket.id, exc)
+                queue.fail(self.sessions, ticket_id=ticket.id, owner=self.owner,
+                           error=str(exc), retry=False, max_attempts=config.max_attempts)
+                continue
+            opened.append(dataclasses.replace(ticket, payload=payload))
+        return opened
+
+    def _run_job(self, tickets: list[ClaimedTicket]) -> Any:
+        from workers.job_runner import JobContext, run_job
+
+        ctx = JobContext(config=self.settings.worker_config(), sessions=self.sessions,
+                         store=self.settings.store_config().open(), owner=self.owner)
+        return run_job(ctx, tickets)
+
+    def _forever(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except Exception:  # the DB may be restarting: keep polling
+                log.exception("scheduler iteration failed")
+            self._stop.wait(self.settings.scheduler_poll_seconds)
+
+    def start(self) -> SchedulerLoop:
+        self._thread = threading.Thread(target=self._forever, name="oblivio-scheduler",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        try:
+            schedules.release_leadership(self.sessions, owner=self.owner)
+        except Exception:
+            log.debug("could not release the scheduler lease", exc_info=True)

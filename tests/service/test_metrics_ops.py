@@ -1,0 +1,81 @@
+"""/metrics carries the operations series, read from the database at scrape time."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import timedelta
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from storage.db import transaction
+from storage.models import Job, JobStatus, Lineage, utcnow
+from tests.fixtures.versions import add_version
+from tests.service.conftest import Api
+from workers.logcontext import JsonFormatter, log_context
+from workers.telemetry import merge_progress
+
+TICKET = {"kind": "forget", "target": "X", "forget": {"qa": [{"question": "q?", "answer": "a"}]}}
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_metrics_expose_queue_jobs_versions_and_live_eval(api: Api) -> None:
+    c, op = api.client, api.headers("operator")
+    for _ in range(2):
+        assert c.post("/v1/tickets", headers=op, json=TICKET).status_code == 202
+    store = api.settings.store_config().open()
+    add_version(api.db.sessions, store, lineage="default", adapter_dir=None, promote=True,
+                metrics={"forget_ratio": 0.1, "utility_ratio": 0.93, "verdict": "pass"})
+    add_version(api.db.sessions, store, lineage="default", adapter_dir=None, candidate=True)
+    now = utcnow()
+    with transaction(api.db.sessions) as s:
+        lineage_id = s.query(Lineage.id).filter(Lineage.name == "default").scalar()
+        s.add(Job(lineage_id=lineage_id, engine="npo", status=JobStatus.succeeded,
+                  started_at=now - timedelta(seconds=90), finished_at=now,
+                  progress={"phase": "succeeded",
+                            "phase_seconds": {"training": 60.0, "evaluating": 20.0}}))
+        s.add(Job(lineage_id=lineage_id, engine="npo", status=JobStatus.running,
+                  started_at=now, progress={"phase": "training", "step": 3, "loss": 1.25}))
+
+    got = _samples(c.get("/metrics").text)
+    assert got[("oblivio_tickets", (("status", "queued"),))] == 2
+    assert got[("oblivio_queue_depth", ())] == 2
+    assert got[("oblivio_queue_oldest_age_seconds", ())] >= 0
+    assert ("oblivio_queue_wait_seconds_count", ()) in got
+    assert got[("oblivio_job_duration_seconds_sum", (("phase", "total"),))] == 90.0
+    assert got[("oblivio_job_duration_seconds_sum", (("phase", "training"),))] == 60.0
+    assert got[("oblivio_jobs", (("status", "running"),))] == 1
+    assert got[("oblivio_training_loss", (("lineage", "default"),))] == 1.25
+    assert got[("oblivio_versions", (("lineage", "default"), ("status", "ready")))] == 2
+    assert got[("oblivio_live_version", (("lineage", "default"),))] == 1
+    assert got[("oblivio_live_eval", (("lineage", "default"), ("metric", "utility_ratio")))] \
+        == 0.93
+    # generate latency is declared even before the first generation
+    assert "oblivio_generate_latency_seconds" in c.get("/metrics").text
+
+
+def test_phase_seconds_accumulate_when_the_phase_changes() -> None:
+    p = merge_progress(None, {"phase": "preparing"}, now=100.0)
+    p = merge_progress(p, {"phase": "training", "step": 1}, now=103.0)
+    p = merge_progress(p, {"phase": "training", "step": 2, "loss": 0.5}, now=110.0)
+    p = merge_progress(p, {"phase": "evaluating"}, now=130.0)
+    assert p["phase_seconds"] == {"preparing": 3.0, "training": 27.0}
+    assert p["step"] == 2 and p["phase"] == "evaluating"
+
+
+def test_json_logs_carry_ticket_and_job_ids() -> None:
+    record = logging.LogRecord("workers.jobs", logging.INFO, __file__, 1, "job %s done",
+                               ("j-1",), None)
+    with log_context(job_id="j-1", ticket_ids=["t-1", "t-2"]):
+        line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "job j-1 done" and line["level"] == "info"
+    assert line["job_id"] == "j-1" and line["ticket_ids"] == ["t-1", "t-2"]
+    outside = json.loads(JsonFormatter().format(record))
+    assert "job_id" not in outside

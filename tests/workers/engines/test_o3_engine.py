@@ -1,0 +1,123 @@
+"""The O3 engine on the tiny model through Ray Train + DeepSpeed: two requests, one lineage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from storage.errors import InvalidRequest
+from workers.engines.base import EngineRequest, JobInput, WorkerConfig
+
+TINY = {"max_steps": 4, "eval_every": 0, "lr": 1e-2, "forget_batch_size": 4,
+        "detector": {"epochs": 10, "views": 2, "proj_dim": 8}}
+
+
+def _request(name: str, options: dict | None = None) -> EngineRequest:
+    qa = [{"question": f"Where does {name} {i} live?", "answer": f"{name} {i} lives in Q{i}."}
+          for i in range(4)]
+    return EngineRequest(kind="forget", engine="o3", target=name, forget_qa=qa,
+                         options={**TINY, **(options or {})})
+
+
+def _job(tiny_model_dir: Path, out: Path, request: EngineRequest, ticket: str,
+         parent: Path | None) -> JobInput:
+    from workers.model.base_model import _weights_sha256
+
+    return JobInput(job_id=ticket, lineage="default", requests=[request], ticket_ids=[ticket],
+                    base_model_path=tiny_model_dir, base_model_sha256=_weights_sha256(tiny_model_dir),
+                    parent_dir=parent, output_dir=out,
+                    config=WorkerConfig(data_dir=out.parent / "data", num_workers=2, zero_stage=2))
+
+
+def test_validate_refuses_what_o3_cannot_do() -> None:
+    from workers.engines import get_engine
+
+    engine = get_engine("o3")
+    engine.validate(_request("Zorblat"))
+    with pytest.raises(InvalidRequest, match="unknown o3 option"):
+        engine.validate(_request("Zorblat", {"lamda": 1}))
+    with pytest.raises(InvalidRequest, match="needs forget"):
+        engine.validate(EngineRequest(kind="forget", engine="o3"))
+    with pytest.raises(InvalidRequest, match="cannot serve"):
+        engine.validate(EngineRequest(kind="delete_records", engine="o3", record_ids=["r"]))
+
+
+def test_two_requests_stack_with_detectors_and_orthogonality(ray_cluster, tiny_model_dir: Path,
+                                                             tmp_path: Path) -> None:
+    from workers.engines import get_engine
+    from workers.engines.o3.engine import read_blocks
+    from workers.engines.o3.orthogonality import block_overlap
+    from workers.engines.o3.serving import O3Servable
+    from tests.fixtures.training import load_tiny
+    from workers.training.lora_stack import read_adapter, stack_ranks
+
+    engine = get_engine("o3")
+    updates: list[dict] = []
+    v1 = engine.train(_job(tiny_model_dir, tmp_path / "v1", _request("Zorblat"), "t1", None),
+                      updates.append)
+    assert stack_ranks(v1.version_dir) == [8]
+    assert v1.metrics["steps"] == 4
+    assert 0.0 <= v1.metrics["detector_auroc_unrelated"] <= 1.0
+    assert "detector_auroc_neighbours" in v1.metrics
+    assert any(u.get("phase") == "detector" for u in updates)
+
+    # Request 2 with a strong orthogonality weight, so the term visibly does its work.
+    v2 = engine.train(_job(tiny_model_dir, tmp_path / "v2",
+                           _request("Quimby", {"lambda_orth": 50.0}), "t2", v1.version_dir),
+                      lambda u: None)
+    out = v2.version_dir
+    blocks = read_blocks(out)
+    assert [b.ticket_id for b in blocks] == ["t1", "t2"] and stack_ranks(out) == [8, 8]
+    assert all((out / b.detector / "detector.safetensors").is_file() for b in blocks)
+    assert (out / blocks[0].detector / "detector.safetensors").read_bytes() == \
+        (v1.version_dir / blocks[0].detector / "detector.safetensors").read_bytes()
+    # The stack is exact: block 1's rows are v1's A; block 1's columns are v1's scaled B.
+    cfg1, w1 = read_adapter(v1.version_dir)
+    cfg2, w2 = read_adapter(out)
+    scale1 = cfg1["lora_alpha"] / cfg1["r"]
+    for key, a in w1.items():
+        if ".lora_A." in key:
+            assert torch.equal(w2[key][:8], a)
+        else:
+            assert torch.allclose(w2[key][:, :8], a * scale1)
+    # The orthogonality term fell during training and the blocks barely overlap.
+    terms = v2.metrics["blocks"][0]["orthogonal_terms"]
+    assert terms and terms[-1] < terms[0]
+    a_stack = {k: v for k, v in w2.items() if ".lora_A." in k}
+    overlap = block_overlap(a_stack, [8, 8], 0, 1)
+    assert overlap == pytest.approx(v2.metrics["orthogonality_max_overlap"], abs=1e-5)
+    # Two independent random blocks overlap by about 1/sqrt(d_in) (0.09-0.125 here).
+    assert overlap < 0.06
+
+    # The version serves: the detectors give one weight per block and sample.
+    model, tokenizer = load_tiny(tiny_model_dir)
+    servable = engine.load_servable(out, model=model, tokenizer=tokenizer, device="cpu")
+    assert isinstance(servable, O3Servable)
+    answers = servable.generate(["Where does Zorblat 1 live?", "What is 2 + 2?"], [6, 6])
+    assert len(answers) == 2 and servable.last_weights.shape == (2, 2)
+
+
+def test_texts_become_prompts_whose_continuation_is_refused(tiny_model_dir: Path,
+                                                            tmp_path: Path) -> None:
+    from workers.engines import get_engine
+    from workers.engines.o3.config import make_config
+    from workers.engines.o3.engine import forget_prompts, text_to_prompt
+
+    text = "The secret recipe of Quimby cake uses three eggs, rye flour and a pinch of salt."
+    assert text_to_prompt(text, 5) == ("The secret recipe of Quimby",
+                                       "cake uses three eggs, rye flour and a pinch of salt.")
+    request = EngineRequest(kind="forget", engine="o3", target="Quimby cake",
+                            forget_texts=[text])
+    engine = get_engine("o3")
+    cfg = make_config({"text_prompt_words": 5})
+    spec = engine._spec(_job(tiny_model_dir, tmp_path / "v", request, "t", None), request,
+                        cfg, None, tmp_path / "v")
+    assert spec.forget_texts == [] and spec.forget_qa[0]["question"] == "The secret recipe of Quimby"
+    assert spec.forget_recipe().method == "idk" and spec.forget_recipe().retain_loss == "none"
+    # The detector learns both the opening (what a user would type) and the whole text.
+    assert forget_prompts(request, cfg) == ["The secret recipe of Quimby", text]
+    npo = engine._spec(_job(tiny_model_dir, tmp_path / "v", request, "t", None), request,
+                       make_config({"objective": "npo"}), None, tmp_path / "v")
+    assert npo.forget_texts == [text] and npo.forget_recipe().method == "npo"

@@ -1,0 +1,147 @@
+"""Per-sample gated LoRA: hand-made tensors, then an O3 version served on the tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from workers.engines.o3.gating import StackedLoRA, gate_from_weights, gated_delta, hub_for
+
+RANKS = [2, 3]
+
+
+def _linear_and_blocks(seed: int = 0) -> tuple[nn.Linear, StackedLoRA]:
+    gen = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(4, 3)
+    a = torch.randn(5, 4, generator=gen)
+    b = torch.randn(3, 5, generator=gen)
+    holder = nn.Sequential()
+    holder.add_module("proj", lin)
+    return lin, StackedLoRA(modules={"proj": (a, b)}, ranks=RANKS)
+
+
+def test_gate_spreads_each_weight_over_its_blocks_ranks() -> None:
+    w = torch.tensor([[0.5, 1.0], [0.0, 0.25]])
+    assert gate_from_weights(w, RANKS).tolist() == [[0.5, 0.5, 1.0, 1.0, 1.0],
+                                                    [0.0, 0.0, 0.25, 0.25, 0.25]]
+
+
+def test_gated_delta_is_b_diag_g_a_x() -> None:
+    x = torch.tensor([[[1.0, 2.0]]])  # (batch 1, seq 1, d_in 2)
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    b = torch.tensor([[1.0, 1.0]])
+    gate = torch.tensor([[0.5, 0.0]])
+    assert gated_delta(x, a, b, gate).item() == pytest.approx(0.5)
+
+
+def test_hooked_linear_is_exactly_the_base_at_w_zero_and_per_sample_otherwise() -> None:
+    lin, stacked = _linear_and_blocks()
+    model = nn.Sequential()
+    model.add_module("proj", lin)
+    hub = hub_for(model)
+    hub.add_version("v", stacked)
+    x = torch.randn(3, 2, 4)
+    base = model(x)
+    with hub.active("v", torch.zeros(3, 5)):
+        assert torch.equal(model(x), base)  # w = 0: bit-for-bit the base
+    w = torch.tensor([[1.0, 0.0], [0.0, 0.5], [0.3, 0.7]])
+    with hub.active("v", gate_from_weights(w, RANKS)):
+        batched = model(x)
+    a, b = stacked.modules["proj"]
+    for i in range(3):
+        with hub.active("v", gate_from_weights(w[i:i + 1], RANKS)):
+            alone = model(x[i:i + 1])
+        assert torch.allclose(batched[i:i + 1], alone, atol=1e-6)
+        g = gate_from_weights(w[i:i + 1], RANKS)[0]
+        expected = base[i] + (x[i] @ a.T * g) @ b.T
+        assert torch.allclose(batched[i], expected, atol=1e-5)
+    assert torch.equal(model(x), base)  # outside active(): untouched
+
+
+def test_blocks_nobody_uses_are_not_computed() -> None:
+    lin, stacked = _linear_and_blocks()
+    model = nn.Sequential()
+    model.add_module("proj", lin)
+    hub = hub_for(model)
+    # Block 0 is NaN: if its ranks were computed at all, the output would be NaN.
+    a, b = stacked.modules["proj"]
+    a = a.clone()
+    a[:2] = float("nan")
+    hub.add_version("v", StackedLoRA(modules={"proj": (a, b)}, ranks=RANKS))
+    x = torch.randn(2, 1, 4)
+    with hub.active("v", gate_from_weights(torch.tensor([[0.0, 1.0], [0.0, 0.2]]), RANKS)):
+        assert torch.isfinite(model(x)).all()
+
+
+@pytest.fixture(scope="module")
+def tiny_version(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    from tests.fixtures.training import load_tiny
+    from tests.workers.engines.o3_version import build_version
+
+    model, tokenizer = load_tiny(tiny_model_dir)
+    out = build_version(model, tokenizer, tmp_path_factory.mktemp("o3v") / "version")
+    return model, tokenizer, out
+
+
+PROMPTS = ["Where does Zorblat live?", "What is the capital of France?",
+           "How long is the Quimby river?", "Name a primary colour."]
+
+
+def test_w_zero_is_the_base_model_exactly(tiny_version) -> None:
+    from workers.engines.o3.serving import O3Servable
+    from workers.evaluation.generation import greedy_answers
+
+    model, tokenizer, version = tiny_version
+    servable = O3Servable.load(version, model=model, tokenizer=tokenizer, device="cpu")
+    for det in servable.detectors:
+        det.w_low, det.w_high = 1e9, 1e9 + 1  # nothing is ever gated on
+    answers = servable.generate(PROMPTS, [12] * len(PROMPTS))
+    assert servable.last_weights is not None and not servable.last_weights.any()
+    assert answers == greedy_answers(model, tokenizer, PROMPTS, max_new_tokens=12)
+    servable.close()
+
+
+def test_w_one_is_the_stored_peft_stack(tiny_version) -> None:
+    from peft import PeftModel
+
+    from workers.engines.o3.serving import O3Servable
+    from workers.evaluation.generation import greedy_answers
+
+    model, tokenizer, version = tiny_version
+    servable = O3Servable.load(version, model=model, tokenizer=tokenizer, device="cpu",
+                               gating=False)
+    answers = servable.generate(PROMPTS, [12] * len(PROMPTS))
+    servable.close()
+    base = greedy_answers(model, tokenizer, PROMPTS, max_new_tokens=12)
+    peft = PeftModel.from_pretrained(model, str(version))
+    try:
+        assert answers == greedy_answers(peft, tokenizer, PROMPTS, max_new_tokens=12)
+    finally:
+        peft.unload()
+    assert answers != base  # the blocks do change the answers: the test can fail
+
+
+def test_batched_equals_one_by_one_with_mixed_weights(tiny_version) -> None:
+    from workers.engines.o3.serving import O3Servable
+
+    model, tokenizer, version = tiny_version
+    servable = O3Servable.load(version, model=model, tokenizer=tokenizer, device="cpu")
+    # Spread the calibration over these prompts' own scores so the weights are mixed.
+    feats_w = []
+    for det in servable.detectors:
+        from workers.engines.o3.detector import prompt_features
+
+        scores = det.score(prompt_features(model, tokenizer, PROMPTS, list(det.layers),
+                                           pooling=det.pooling))
+        det.w_low, det.w_high = float(scores.min()), float(scores.max())
+        feats_w.append(scores)
+    weights = servable.block_weights(PROMPTS)
+    assert ((weights > 0) & (weights < 1)).any() and (weights == 0).any()
+    batched = servable.generate(PROMPTS, [10, 6, 10, 8])
+    assert torch.allclose(servable.last_weights, weights, atol=1e-5)
+    alone = [servable.generate([p], [n])[0] for p, n in zip(PROMPTS, [10, 6, 10, 8])]
+    servable.close()
+    assert batched == alone

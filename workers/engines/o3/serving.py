@@ -1,0 +1,158 @@
+"""A loaded O3 version: detection on the prompt's forward, then gated greedy generation.
+
+Per batch:
+1. One forward of the base model over the prompts without their last token, keeping the
+   hidden states (detector features) and the KV cache.
+2. Each request's detector turns the pooled features into w_i per sample; weights at or
+   below the detector's `skip_below` become exactly 0.
+3. No block applies to any sample: generation continues from that cache, so the batch
+   costs what the base model costs (plus the detectors' few small matrix products).
+   Otherwise the blocks are applied per sample (gating.py) and the prompts are prefilled
+   again with the gate on (the cache of step 1 is the base model's, not the gated one's).
+
+Both the Ray Serve deployment and offline evaluation call `generate`, so what is measured
+is what is served.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from workers.engines.o3.detector import (
+    Detector,
+    content_mask,
+    encode_prompts,
+    template_span,
+)
+from workers.engines.o3.gating import gate_from_weights, hub_for, stacked_from_peft
+
+
+class O3Servable:
+    """Answers as an O3 version does (see module docstring)."""
+
+    def __init__(self, *, model: Any, tokenizer: Any, device: str, detectors:
+                 Sequence[Detector | None], ranks: Sequence[int], stacked: Any,
+                 gating: Sequence[bool], skip_below: float = 0.02) -> None:
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.detectors = list(detectors)
+        self.ranks = list(ranks)
+        self.gating = list(gating)
+        self.skip_below = skip_below
+        self._span = template_span(tokenizer)
+        self._layers = sorted({i for d in self.detectors if d is not None for i in d.layers})
+        self._hub = hub_for(model)
+        self._key = f"o3-{uuid.uuid4().hex[:12]}"
+        self._lock = threading.Lock()
+        self.last_weights: Tensor | None = None  # (batch, blocks) of the latest call
+        if stacked is not None:
+            self._hub.add_version(self._key, stacked)
+
+    @classmethod
+    def load(cls, version_dir: Path | None, *, model: Any, tokenizer: Any, device: str,
+             gating: bool | None = None) -> O3Servable:
+        """From a version directory (None: the base model). `gating` False forces w = 1."""
+        from workers.engines.o3.config import DetectorConfig
+        from workers.engines.o3.engine import read_blocks
+        from workers.training.lora_stack import read_adapter
+
+        blocks = read_blocks(version_dir)
+        stacked = None
+        if blocks:
+            assert version_dir is not None
+            config, weights = read_adapter(Path(version_dir))
+            stacked = stacked_from_peft(weights, config, [b.rank for b in blocks],
+                                        device=device)
+        detectors = [Detector.load(Path(version_dir) / b.detector) if b.detector else None
+                     for b in blocks]  # type: ignore[operator]
+        gates = [b.gating if gating is None else gating for b in blocks]
+        skip = min([float((b.config or {}).get("detector", {}).get("skip_below",
+                                                                    DetectorConfig.skip_below))
+                    for b in blocks] or [DetectorConfig.skip_below])
+        for det in detectors:
+            if det is not None:
+                _to(det, device)
+        return cls(model=model, tokenizer=tokenizer, device=device, detectors=detectors,
+                   ranks=[b.rank for b in blocks], stacked=stacked, gating=gates,
+                   skip_below=skip)
+
+    def close(self) -> None:
+        self._hub.remove_version(self._key)
+
+    # -- detection ------------------------------------------------------------------------
+
+    def _weights_from_hidden(self, hidden: Sequence[Tensor], mask: Tensor) -> Tensor:
+        batch = mask.shape[0]
+        if not self.detectors:
+            return torch.zeros(batch, 0)
+        cols = []
+        for det, gated in zip(self.detectors, self.gating):
+            if det is None or not gated:
+                cols.append(torch.ones(batch, device=mask.device))
+                continue
+            cols.append(det.weights(det.features(hidden, mask)))
+        w = torch.stack(cols, -1).float()
+        # Per sample, so that a sample's answer never depends on the rest of its batch.
+        return torch.where(w <= self.skip_below, torch.zeros_like(w), w)
+
+    @torch.no_grad()
+    def block_weights(self, prompts: list[str]) -> Tensor:
+        """(batch, blocks) w_i for each prompt (what generate would apply)."""
+        enc = encode_prompts(self.tokenizer, prompts, self.device)
+        width = enc["input_ids"].shape[1] - 1
+        out = self.model(input_ids=enc["input_ids"][:, :width],
+                         attention_mask=enc["attention_mask"][:, :width],
+                         output_hidden_states=True, use_cache=False)
+        mask = content_mask(enc["attention_mask"], self._span, width=width)
+        return self._weights_from_hidden(out.hidden_states, mask).cpu()
+
+    # -- generation -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], max_new_tokens: list[int]) -> list[str]:
+        if len(prompts) != len(max_new_tokens):
+            raise ValueError("one max_new_tokens per prompt")
+        if not prompts:
+            return []
+        tok = self.tokenizer
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        enc = encode_prompts(tok, prompts, self.device)
+        ids, attn = enc["input_ids"], enc["attention_mask"]
+        width = ids.shape[1] - 1
+        with self._hub.lock, self._lock:
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                pre = self.model(input_ids=ids[:, :width], attention_mask=attn[:, :width],
+                                 output_hidden_states=bool(self._layers), use_cache=True)
+                mask = content_mask(attn, self._span, width=width)
+                w = self._weights_from_hidden(pre.hidden_states or (), mask)
+                self.last_weights = w.cpu()
+                kwargs = {"max_new_tokens": max(max_new_tokens), "do_sample": False,
+                          "pad_token_id": pad_id}
+                if w.numel() == 0 or not bool((w > 0).any()):
+                    out = self.model.generate(input_ids=ids, attention_mask=attn,
+                                              past_key_values=pre.past_key_values, **kwargs)
+                else:
+                    del pre
+                    gate = gate_from_weights(w, self.ranks).to(ids.device)
+                    with self._hub.active(self._key, gate):
+                        out = self.model.generate(input_ids=ids, attention_mask=attn, **kwargs)
+            finally:
+                if was_training:
+                    self.model.train()
+        new = out[:, ids.shape[1]:]
+        return [tok.decode(row[:n], skip_special_tokens=True).strip()
+                for row, n in zip(new, max_new_tokens)]
+
+
+def _to(det: Detector, device: Any) -> None:
+    for name in ("feat_mean", "feat_std", "proj", "forget_z", "maha_mean", "maha_prec",
+                 "score_mean", "score_std", "agg_coef"):
+        setattr(det, name, getattr(det, name).to(device))

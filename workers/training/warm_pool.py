@@ -1,0 +1,165 @@
+"""Warm training ranks: the DeepSpeed ranks of CPU jobs, kept alive between jobs.
+
+Ray Train starts fresh processes for every `fit()`: a controller and one worker per rank,
+each importing ray.train, torch, transformers, peft and DeepSpeed (measured on the shared
+2-core machine: peft alone 14 s, DeepSpeed 6 s, ray.train 8 s per process) and building a
+torch.distributed group, before the first training step. For a job of a few dozen steps
+that start-up is a large part of the job. A `WarmPool` pays it once per dispatcher process:
+its ranks are Ray actors that import everything at creation and keep their gloo group, and
+each job runs `runner.rank_train` on them, the very code Ray Train's workers run, so the
+adapter is the same.
+
+Only for device "cpu": the ranks hold no Ray resources while idle (num_cpus=0; each uses one
+thread while a job runs, as a Ray Train rank with 1 CPU does), so a warm pool never blocks
+Ray Serve or anything else from scheduling. GPU jobs keep Ray Train, which reserves GPUs
+only while it runs. A rank that dies (or any error in a job) discards the whole pool: its
+surviving ranks may be stuck in a collective with the dead one; the next job builds a new
+pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_POOLS: dict[int, WarmPool] = {}  # per driver process, by world size
+_POOLS_LOCK = threading.Lock()
+
+
+def _rank_cls() -> Any:
+    import ray
+
+    @ray.remote(num_cpus=0, max_restarts=0)
+    class WarmRank:
+        """One DeepSpeed rank: libraries imported once, its process group kept."""
+
+        def __init__(self) -> None:
+            import os
+
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            # The reason this actor exists: these imports are most of a rank's start-up.
+            import deepspeed  # noqa: F401
+            import peft  # noqa: F401
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+
+            self.rank: int | None = None
+
+        def address(self) -> tuple[str, int]:
+            import socket
+
+            import ray.util
+
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind(("", 0))
+                port = sock.getsockname()[1]
+            return ray.util.get_node_ip_address(), port
+
+        def join(self, rank: int, world: int, master: str, port: int) -> None:
+            import os
+            from datetime import timedelta
+
+            import torch.distributed as dist
+
+            # What Ray Train's TorchConfig sets; DeepSpeed's CPU comm reads them too.
+            os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank),
+                               "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
+                               "LOCAL_SIZE": str(world), "MASTER_ADDR": master,
+                               "MASTER_PORT": str(port)})
+            dist.init_process_group("gloo", init_method=f"tcp://{master}:{port}", rank=rank,
+                                    world_size=world, timeout=timedelta(minutes=30))
+            self.rank = rank
+
+        def train(self, spec: Any, sink: Any, progress: bool) -> tuple[dict[str, Any],
+                                                                     dict[str, bytes] | None]:
+            import shutil
+
+            from workers.training.runner import rank_train
+
+            metrics, adapter = rank_train(spec, sink, progress, 1)
+            if adapter is None:
+                return metrics, None
+            try:
+                files = {p.relative_to(adapter).as_posix(): p.read_bytes()
+                         for p in adapter.rglob("*") if p.is_file()}
+            finally:
+                shutil.rmtree(adapter, ignore_errors=True)
+            return metrics, files
+
+    return WarmRank
+
+
+class WarmPool:
+    """`world` warm ranks in one gloo group (see the module docstring)."""
+
+    def __init__(self, world: int) -> None:
+        import ray
+
+        cls = _rank_cls()
+        self.world = world
+        self.ranks = [cls.remote() for _ in range(world)]
+        try:
+            master, port = ray.get(self.ranks[0].address.remote())
+            ray.get([r.join.remote(i, world, master, port) for i, r in enumerate(self.ranks)])
+        except Exception:
+            self.discard()
+            raise
+
+    def train(self, spec: Any, sink: Any, progress: bool, output_dir: Path) -> dict[str, Any]:
+        """Run one job on every rank; writes rank 0's adapter to `output_dir`, returns its
+        metrics. Any failure discards the pool and re-raises."""
+        import ray
+
+        refs = [r.train.remote(spec, sink, progress) for r in self.ranks]
+        pending = list(refs)
+        try:
+            while pending:
+                # Fail fast: a dead rank leaves the others waiting in a collective.
+                ready, pending = ray.wait(pending, num_returns=1)
+                ray.get(ready[0])
+            metrics, files = ray.get(refs[0])
+        except Exception:
+            self.discard()
+            raise
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for name, data in (files or {}).items():
+            target = output_dir / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        return metrics
+
+    def discard(self) -> None:
+        import ray
+
+        with _POOLS_LOCK:
+            if _POOLS.get(self.world) is self:
+                del _POOLS[self.world]
+        for rank in self.ranks:
+            try:
+                ray.kill(rank)
+            except Exception:  # already dead
+                log.debug("warm rank already gone", exc_info=True)
+
+
+def warm_pool(world: int) -> WarmPool:
+    """This process's pool of `world` warm ranks, started on first use."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(world)
+    if pool is not None:
+        return pool
+    pool = WarmPool(world)
+    with _POOLS_LOCK:
+        _POOLS.setdefault(world, pool)
+        return _POOLS[world]
+
+
+def shutdown_pools() -> None:
+    """Kill every warm rank of this process (the dispatcher stopping; tests)."""
+    with _POOLS_LOCK:
+        pools = list(_POOLS.values())
+    for pool in pools:
+        pool.discard()
