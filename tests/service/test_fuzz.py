@@ -49,11 +49,25 @@ def _no_fault(method: str, path: str, status: int, body: str) -> str | None:
     return None
 
 
+def _register_jsonl_serializer(schemathesis: Any) -> None:
+    """POST /v1/datasets also takes JSON Lines (one record per line), which schemathesis
+    does not know: a generated value becomes one line per item, or one line."""
+    import json
+
+    @schemathesis.serializer("application/jsonl")
+    def jsonl(_ctx: Any, value: Any) -> bytes:
+        if isinstance(value, str):
+            return value.encode("utf-8", "surrogatepass")
+        items = value if isinstance(value, list) else [value]
+        return "\n".join(json.dumps(item) for item in items).encode()
+
+
 def test_schemathesis_finds_no_server_error_on_any_operation(
         fuzz_api: Api, caplog: pytest.LogCaptureFixture) -> None:
     import schemathesis
     from schemathesis import GenerationMode
 
+    _register_jsonl_serializer(schemathesis)
     app = fuzz_api.client.app
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     auth = fuzz_api.headers("admin")
