@@ -68,6 +68,7 @@ class Generator:
         self._models_lock = threading.Lock()
         self._store = config.store.open()
         self._cache = Path(tempfile.mkdtemp(prefix="oblivio-serve-"))
+        self._loaded: set[str] = set()  # keys of loaded versions, until evicted
 
     @serve.multiplexed(max_num_models_per_replica=4)
     async def _servable(self, key: str) -> _LoadedVersion:
@@ -100,7 +101,9 @@ class Generator:
         servable = engine.load_servable(local, model=self._model_for(engine),
                                         tokenizer=self._tokenizer, device=self._config.device,
                                         fetch=self._fetch)
-        return _LoadedVersion(key, engine_name, servable)
+        if key != BASE_ONLY:
+            self._loaded.add(key)
+        return _LoadedVersion(key, engine_name, servable, on_close=self._loaded.discard)
 
     def _fetch(self, key: str) -> Path:
         local = self._cache / ("f" + key.replace("/", "_")[-48:])
@@ -108,11 +111,11 @@ class Generator:
             self._store.fetch_directory(key, local)
         return local
 
-    def loaded_adapters(self) -> list[str]:
-        """Names of the adapters this replica holds now (at most `max_adapters`; for tests
-        and operators: the multiplexer evicts the least recently used beyond that)."""
-        with self._lock:
-            return sorted(self._peft.peft_config) if self._peft is not None else []
+    def loaded_versions(self) -> list[str]:
+        """Object keys of the versions this replica holds loaded now (the base model is
+        not one). At most `max_num_models_per_replica`: the multiplexer evicts the least
+        recently used beyond that, closing its servable. For tests and operators."""
+        return sorted(self._loaded)
 
     async def generate(self, prompt: str, max_new_tokens: int = 64) -> dict[str, Any]:
         loaded = await self._servable(serve.get_multiplexed_model_id() or BASE_ONLY)
@@ -169,13 +172,17 @@ class _Request:
 class _LoadedVersion:
     """What the multiplexer caches; closes the servable when evicted."""
 
-    def __init__(self, key: str, engine: str, servable: Any) -> None:
+    def __init__(self, key: str, engine: str, servable: Any,
+                 on_close: Any = None) -> None:
         self.key, self.engine, self.servable = key, engine, servable
+        self._on_close = on_close
 
     async def __del__(self) -> None:  # Serve awaits __del__ of evicted multiplexed models
         close = getattr(self.servable, "close", None)
         if callable(close):
             close()
+        if self._on_close is not None:
+            self._on_close(self.key)
 
 
 def deploy(config: ServingConfig) -> Any:

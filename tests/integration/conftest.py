@@ -16,6 +16,7 @@ from storage.migrate import upgrade
 from storage.models import TicketKind
 from tests.fixtures.taught import taught_qa
 
+
 @dataclass
 class Flow:
     settings: Settings

@@ -77,8 +77,8 @@ def test_generate_shows_the_live_adapter_and_refuses_a_revoked_pinned_version(fl
     alone = [ask(KEPT, **t)["text"] for t in targets]
     assert alone[0] == base_kept["text"] and alone[5] == base_kept["text"]
     assert len(set(alone[1:5])) == 4 and base_kept["text"] not in alone[1:5], alone
-    # LRU: the replica holds at most 4 adapters after five were used.
-    loaded = app_generator(client).loaded_adapters.remote().result()
+    # LRU: after five versions (and the base) were used, the replica holds at most 4.
+    loaded = app_generator(client).loaded_versions.remote().result()
     assert 1 <= len(loaded) <= 4, loaded
 
     # Concurrent requests are batched by the replica, mixing adapters (and evicted ones
@@ -87,7 +87,7 @@ def test_generate_shows_the_live_adapter_and_refuses_a_revoked_pinned_version(fl
     with ThreadPoolExecutor(max_workers=18) as pool:
         replies = list(pool.map(lambda a: ask(KEPT, **a[0]), asks))
     assert [r["text"] for r in replies] == [alone[i % 6] for _t, i in asks]
-    assert len(app_generator(client).loaded_adapters.remote().result()) <= 4
+    assert len(app_generator(client).loaded_versions.remote().result()) <= 4
 
     revoked = client.post(f"/v1/versions/{live_forgotten['version_id']}/revoke",
                           headers=headers, json={"reason": "test"})

@@ -107,4 +107,11 @@ def test_killing_a_train_worker_mid_training_retries_the_ticket_to_done(flow):
         ticket = s.get_one(Ticket, ticket_id)
         assert ticket.status == TicketStatus.done, ticket.error
         assert ticket.attempts == 2
-    assert _wait_until_no_training_processes() == []
+    # After a good run only the warm pool's ranks stay (by design, until Ray shuts down,
+    # which scripts/no_leftovers.py checks at the end of the suite): one per worker, and
+    # no Ray Train process.
+    deadline = time.monotonic() + 60
+    while _ray_actor_pids("RayTrainWorker", "TrainController") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _ray_actor_pids("RayTrainWorker", "TrainController") == []
+    assert len(_ray_actor_pids("WarmRank")) <= settings.num_workers

@@ -7,14 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.evaluation.metrics import (
-    answer_rate,
-    correct_flags,
-    forget_ratio,
-    is_correct,
-    judge,
-    utility_ratio,
-)
+from workers.evaluation.metrics import answer_rate, correct_flags, is_correct
 from workers.evaluation.probes import (
     Probe,
     available_forget_sets,
@@ -77,35 +70,56 @@ def test_answer_rate_asks_every_question_once_in_order():
 
 
 # --------------------------------------------------------------------------- ratios + verdict
+# The one promotion decision (workers.evaluation.report.verdict), which the job runner acts on.
 
 
-def test_ratios_are_after_over_before():
-    assert forget_ratio(after=0.1, before=0.5) == pytest.approx(0.2)
-    assert utility_ratio(after=0.45, before=0.5) == pytest.approx(0.9)
+def test_ratios_are_after_over_before_and_undefined_when_the_base_knew_nothing():
+    from workers.evaluation.report import ratios
+
+    out = ratios({"forget_held_out": 0.1, "utility": 0.45, "neighbour": 0.3, "general": 0.0},
+                 {"forget_held_out": 0.5, "utility": 0.5, "neighbour": 0.0, "general": 0.0})
+    assert out["forget_ratio"] == pytest.approx(0.2)
+    assert out["utility_ratio"] == pytest.approx(0.9)
+    # A base that answered none: not "nothing lost" (1.0) or "all forgotten" (0.0).
+    assert out["neighbour_ratio"] is None and out["general_ratio"] is None
+    assert out["forget_trained_ratio"] is None  # not measured at all
 
 
-def test_ratio_is_undefined_when_the_base_knew_nothing():
-    with pytest.raises(ValueError, match="base model answers none"):
-        forget_ratio(after=0.0, before=0.0)
-
-
-@pytest.mark.parametrize(("forget_after", "utility_after", "passed"), [
-    (0.2, 0.9, True),     # exactly on both thresholds
-    (0.21, 1.0, False),   # forgot too little
-    (0.0, 0.89, False),   # broke too much
-    (0.0, 1.0, True),
+@pytest.mark.parametrize(("forget", "utility", "expected"), [
+    (0.2, 0.9, "pass"),      # exactly on both thresholds
+    (0.0, 1.0, "pass"),
+    (0.21, 1.0, "hold"),     # forgot too little
+    (0.0, 0.89, "hold"),     # lost too much to go live unreviewed
+    (1.0, 0.5, "hold"),      # on the rejection floor: still kept for an operator
+    (0.0, 0.49, "reject"),   # below the floor: not kept, whatever it forgot
+    (None, 0.49, "reject"),
+    (None, 1.0, "hold"),     # forgetting undefined (no probes, or a base that knew none)
+    (0.0, None, "hold"),     # utility undefined: never counted as kept
+    (None, None, "hold"),
 ])
-def test_verdict_applies_the_acceptance_thresholds(forget_after, utility_after, passed):
-    verdict = judge(forget_after=forget_after, forget_before=1.0,
-                    utility_after=utility_after, utility_before=1.0)
-    assert verdict.passed is passed
+def test_verdict_passes_holds_and_rejects_by_the_thresholds(forget, utility, expected):
+    from workers.evaluation.report import ReportConfig, verdict, verdict_and_reason
+
+    assert verdict(forget, utility, ReportConfig()) == expected
+    decided, reason = verdict_and_reason(forget, utility, ReportConfig())
+    assert decided == expected and reason
+    if utility is None:
+        assert "utility cannot be judged" in reason
+    # The thresholds are the configuration's, not constants.
+    strict = ReportConfig(max_forget_ratio=0.1, min_utility_ratio=0.95,
+                          reject_utility_ratio=0.6)
+    if (forget, utility) == (0.2, 0.9):
+        assert verdict(forget, utility, strict) == "hold"
 
 
-def test_verdict_is_relative_to_the_base_model():
-    # The base answers only half the unrelated probes; keeping 0.45 of them is 90% of it.
-    verdict = judge(forget_after=0.1, forget_before=0.5, utility_after=0.45, utility_before=0.5)
-    assert verdict.forget_ratio == pytest.approx(0.2)
-    assert verdict.kept_utility and verdict.forgot
+def test_a_base_that_never_answered_cannot_make_a_version_pass():
+    """The case the random-weight tiny model hit: base rate 0 everywhere, so every ratio
+    used to read as perfect (forget 0.0, utility 1.0) and any adapter was auto-promoted."""
+    from workers.evaluation.report import ReportConfig, ratios, verdict
+
+    zero = {"forget_held_out": 0.0, "forget_trained": 0.0, "utility": 0.0}
+    vs_base = ratios(zero, zero)
+    assert verdict(vs_base["forget_ratio"], vs_base["utility_ratio"], ReportConfig()) == "hold"
 
 
 # --------------------------------------------------------------------------- recipe

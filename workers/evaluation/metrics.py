@@ -3,14 +3,14 @@
 An answer counts as correct when the generated text contains any accepted keyword or alias
 (case-insensitive, word-bounded), the QA check used by RWKU-style knowledge probes. Scores
 are always read relative to the base model's own score on the same probes, because a small
-model does not answer everything right to begin with.
+model does not answer everything right to begin with (the ratios and the one promotion
+verdict built on them are in workers.evaluation.report).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from workers.evaluation.probes import Probe
 
@@ -55,59 +55,3 @@ def answer_rate(generate_fn: GenerateFn, probes: Sequence[Probe]) -> float:
     answers = generate_fn([p.question for p in probes])
     flags = correct_flags(answers, probes)
     return sum(flags) / len(flags)
-
-
-def _ratio(after: float, before: float) -> float:
-    if before <= 0.0:
-        raise ValueError("the base model answers none of these probes: the ratio is undefined;"
-                         " use probes the base model answers correctly")
-    return after / before
-
-
-def forget_ratio(*, after: float, before: float) -> float:
-    """Correct-answer rate on forget probes after unlearning relative to before (lower is better)."""
-    return _ratio(after, before)
-
-
-def utility_ratio(*, after: float, before: float) -> float:
-    """Correct-answer rate on unrelated probes after unlearning relative to before (higher is better)."""
-    return _ratio(after, before)
-
-
-@dataclass(frozen=True)
-class ForgetVerdict:
-    """Outcome of one evaluation against the acceptance thresholds.
-
-    Args:
-        forget_ratio: held-out forget probes, correct after / before.
-        utility_ratio: unrelated probes, correct after / before.
-        max_forget_ratio: the threshold `forget_ratio` must not exceed.
-        min_utility_ratio: the threshold `utility_ratio` must reach.
-    """
-
-    forget_ratio: float
-    utility_ratio: float
-    max_forget_ratio: float
-    min_utility_ratio: float
-
-    @property
-    def forgot(self) -> bool:
-        return self.forget_ratio <= self.max_forget_ratio
-
-    @property
-    def kept_utility(self) -> bool:
-        return self.utility_ratio >= self.min_utility_ratio
-
-    @property
-    def passed(self) -> bool:
-        return self.forgot and self.kept_utility
-
-
-def judge(*, forget_after: float, forget_before: float, utility_after: float,
-          utility_before: float, max_forget_ratio: float = 0.2,
-          min_utility_ratio: float = 0.9) -> ForgetVerdict:
-    """Compare after/before rates with the acceptance thresholds (defaults: the product's)."""
-    return ForgetVerdict(
-        forget_ratio=forget_ratio(after=forget_after, before=forget_before),
-        utility_ratio=utility_ratio(after=utility_after, before=utility_before),
-        max_forget_ratio=max_forget_ratio, min_utility_ratio=min_utility_ratio)

@@ -272,40 +272,67 @@ def _mia(score: ScoreFn, plan: ProbePlan, k: float) -> dict[str, float] | None:
             for name, f in attacks.items()}
 
 
-def _ratio(after: float | None, before: float | None, *, if_base_zero: float) -> float | None:
-    if after is None or before is None:
+def _ratio(after: float | None, before: float | None) -> float | None:
+    """after / before; None (undefined) when either is missing or the reference answered
+    none of the probes: a base that never answered proves neither forgetting nor kept
+    utility, so such a ratio must never count towards a pass."""
+    if after is None or before is None or before <= 0:
         return None
-    return after / before if before > 0 else if_base_zero
+    return after / before
 
 
-RATIO_KEYS = (("forget_held_out", "forget_ratio", 0.0),
-              ("forget_trained", "forget_trained_ratio", 0.0),
-              ("neighbour", "neighbour_ratio", 1.0),
-              ("utility", "utility_ratio", 1.0),
-              ("general", "general_ratio", 1.0))
-"""(measurement, ratio name, value when the reference answered none of them): a reference
-that never answered had nothing to forget (0) and nothing to lose (1)."""
+RATIO_KEYS = (("forget_held_out", "forget_ratio"),
+              ("forget_trained", "forget_trained_ratio"),
+              ("neighbour", "neighbour_ratio"),
+              ("utility", "utility_ratio"),
+              ("general", "general_ratio"))
+"""(measurement, ratio name): each ratio is the version's rate over the reference's."""
 
 
 def ratios(after: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {name: _ratio(after.get(key), reference.get(key), if_base_zero=zero)
-                           for key, name, zero in RATIO_KEYS}
+    out: dict[str, Any] = {name: _ratio(after.get(key), reference.get(key))
+                           for key, name in RATIO_KEYS}
     out["held_out_by_kind"] = {
-        kind: _ratio(rate, (reference.get("held_out_by_kind") or {}).get(kind), if_base_zero=0.0)
+        kind: _ratio(rate, (reference.get("held_out_by_kind") or {}).get(kind))
         for kind, rate in (after.get("held_out_by_kind") or {}).items()}
     return out
 
 
+VERDICTS = ("pass", "hold", "reject")
+
+
 def verdict(forget_ratio: float | None, utility_ratio: float | None,
             config: ReportConfig) -> str:
-    """'pass' (may go live), 'hold' (candidate for an operator) or 'reject' (not kept)."""
+    """The one promotion decision of a forgetting version (the job runner acts on it):
+    'pass' (may go live), 'hold' (candidate for an operator) or 'reject' (not kept).
+
+    reject: utility fell below `reject_utility_ratio` of the base's. pass: forget ratio at
+    most `max_forget_ratio` and utility ratio at least `min_utility_ratio`. hold:
+    everything else, including a ratio that is undefined (no probes, or a base that
+    answered none of them): what cannot be measured is never auto-promoted.
+    """
+    return verdict_and_reason(forget_ratio, utility_ratio, config)[0]
+
+
+def verdict_and_reason(forget_ratio: float | None, utility_ratio: float | None,
+                       config: ReportConfig) -> tuple[str, str]:
+    """`verdict` and one sentence saying why (shown to the operator who reviews a hold)."""
     if utility_ratio is not None and utility_ratio < config.reject_utility_ratio:
-        return "reject"
-    if forget_ratio is None or utility_ratio is None:
-        return "hold"
+        return "reject", (f"kept too little utility ({utility_ratio:.2f} of the base model's "
+                          f"answers; the floor is {config.reject_utility_ratio:.2f})")
+    if utility_ratio is None:
+        return "hold", ("utility cannot be judged: the base model answered none of the "
+                        "unrelated probes")
+    if forget_ratio is None:
+        return "hold", ("forgetting cannot be judged: the base model answered none of the "
+                        "held-out forget probes (or there were none)")
     if forget_ratio <= config.max_forget_ratio and utility_ratio >= config.min_utility_ratio:
-        return "pass"
-    return "hold"
+        return "pass", (f"forgot (ratio {forget_ratio:.2f} <= {config.max_forget_ratio:.2f}) "
+                        f"and kept utility ({utility_ratio:.2f} >= "
+                        f"{config.min_utility_ratio:.2f})")
+    return "hold", (f"forget ratio {forget_ratio:.2f} (limit {config.max_forget_ratio:.2f}), "
+                    f"utility ratio {utility_ratio:.2f} (floor {config.min_utility_ratio:.2f})"
+                    ": an operator decides")
 
 
 def compare(measurements: dict[str, dict[str, Any]], *, plan: ProbePlan,
@@ -330,7 +357,9 @@ def compare(measurements: dict[str, dict[str, Any]], *, plan: ProbePlan,
                 for name, auc in after["mia"].items() if mia_ref.get(name)}
     # Held-out forms exist for QA pairs; a ticket of plain texts is judged on its texts'
     # own continuation prompts, the only forget probes it has.
-    held_out = vs_base["forget_ratio"] is not None
+    # (Whether the plan has held-out forms, not whether their ratio is defined: a base
+    # that answered none of them leaves forgetting undefined, never judged on easier probes.)
+    held_out = bool(plan.held_out)
     forget_key, forget_ratio = (("forget_held_out", vs_base["forget_ratio"]) if held_out else
                                 ("forget_trained", vs_base["forget_trained_ratio"]))
     checks = [
@@ -348,7 +377,7 @@ def compare(measurements: dict[str, dict[str, Any]], *, plan: ProbePlan,
         check["passed"] = (None if value is None else
                            value <= check["threshold"] if check["op"] == "<=" else
                            value >= check["threshold"])
-    result = verdict(forget_ratio, vs_base["utility_ratio"], config)
+    result, reason = verdict_and_reason(forget_ratio, vs_base["utility_ratio"], config)
     report = {
         "format": REPORT_FORMAT,
         "compared_with": ["base"] + (["parent"] if parent is not None else []),
@@ -359,6 +388,7 @@ def compare(measurements: dict[str, dict[str, Any]], *, plan: ProbePlan,
         "relative_to_parent": vs_parent,
         "checks": checks,
         "verdict": result,
+        "verdict_reason": reason,
         **(extra or {}),
     }
     report["summary"] = summary(report)
@@ -405,6 +435,7 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
         "thresholds": {"forget_ratio": report["config"]["max_forget_ratio"],
                        "utility_ratio": report["config"]["min_utility_ratio"]},
         "verdict": report["verdict"],
+        "verdict_reason": report.get("verdict_reason"),
     }
     if vs_parent:
         out["forget_ratio_vs_parent"] = vs_parent.get("forget_ratio")
