@@ -45,7 +45,13 @@ def error_chain(exc: BaseException) -> Iterator[BaseException]:
 
 def is_permanent(exc: BaseException) -> bool:
     """True when retrying cannot help (see module docstring)."""
+    from storage.objectstore import CorruptObject
+
     for err in error_chain(exc):
+        # A corrupt stored version is marked failed when it is detected, so the retry
+        # builds on the version before it: retrying does help.
+        if isinstance(err, CorruptObject):
+            return False
         if isinstance(err, OblivioError) and not isinstance(err, Unavailable):
             return True
     return False
