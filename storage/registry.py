@@ -264,14 +264,7 @@ def revoke(session: Session, *, version_id: uuid.UUID, actor: str, reason: str,
         _drop_alias(session, lineage, CANDIDATE)
         detail["candidate_cleared"] = True
     if _alias_target(session, lineage, LIVE) is version:
-        fallback = _servable_before(session, lineage, version.version)
-        if fallback is None:
-            _drop_alias(session, lineage, LIVE)
-            detail["live"] = None
-        else:
-            _point(session, lineage, LIVE, fallback)
-            fallback.status = VersionStatus.ready
-            detail["live"] = version_label(lineage.name, fallback.version)
+        detail["live"] = _live_falls_back(session, lineage, version)
         audit.record(session, actor=actor, action="alias.moved", subject_type="lineage",
                      subject_id=lineage.id,
                      detail={"alias": LIVE, "action": "revoke", "from": label,
@@ -285,6 +278,19 @@ def revoke(session: Session, *, version_id: uuid.UUID, actor: str, reason: str,
     audit.record(session, actor=actor, action="version.revoked", subject_type="version",
                  subject_id=version.id, detail=detail)
     return version
+
+
+def _live_falls_back(session: Session, lineage: Lineage, version: AdapterVersion
+                     ) -> str | None:
+    """Point live at the nearest earlier servable version before `version` (or drop it:
+    the base model answers); returns the new live label."""
+    fallback = _servable_before(session, lineage, version.version)
+    if fallback is None:
+        _drop_alias(session, lineage, LIVE)
+        return None
+    _point(session, lineage, LIVE, fallback)
+    fallback.status = VersionStatus.ready
+    return version_label(lineage.name, fallback.version)
 
 
 def mark_corrupt(session: Session, *, version_id: uuid.UUID, actor: str,
@@ -304,14 +310,7 @@ def mark_corrupt(session: Session, *, version_id: uuid.UUID, actor: str,
     if _alias_target(session, lineage, CANDIDATE) is version:
         _drop_alias(session, lineage, CANDIDATE)
     if _alias_target(session, lineage, LIVE) is version:
-        fallback = _servable_before(session, lineage, version.version)
-        if fallback is None:
-            _drop_alias(session, lineage, LIVE)
-            detail["live"] = None
-        else:
-            _point(session, lineage, LIVE, fallback)
-            fallback.status = VersionStatus.ready
-            detail["live"] = version_label(lineage.name, fallback.version)
+        detail["live"] = _live_falls_back(session, lineage, version)
         audit.record(session, actor=actor, action="alias.moved", subject_type="lineage",
                      subject_id=lineage.id,
                      detail={"alias": LIVE, "action": "corrupt", "from": label,
