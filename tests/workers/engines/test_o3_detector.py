@@ -62,20 +62,24 @@ def test_fitted_detector_separates_and_calibrates() -> None:
     target = torch.zeros(dim)
     target[0] = 4.0
     forget = _clusters(6, target, 0.5, 0)
-    views = forget.repeat_interleave(2, dim=1) + 0.2 * torch.randn(2, 12, dim)
+    # Seeded noise: an unseeded draw depends on what ran before in the process (CI once
+    # drew a fit whose false-positive rate on 20 draws was 3/20).
+    noise = torch.randn(2, 12, dim, generator=torch.Generator().manual_seed(100))
+    views = forget.repeat_interleave(2, dim=1) + 0.2 * noise
     items = torch.arange(6).repeat_interleave(2)
     generic = _clusters(30, torch.zeros(dim), 1.0, 1)
     cfg = DetectorConfig(proj_dim=8, epochs=50, layers=(1, 2), generic_margin=0.5)
     det, summary = fit_detector(forget=forget, views=views, view_items=items,
                                 generic=generic, layers=(1, 2), cfg=cfg)
     new_target = _clusters(5, target, 0.5, 2)
-    others = _clusters(20, torch.zeros(dim), 1.0, 3)
+    others = _clusters(200, torch.zeros(dim), 1.0, 3)
     pos, neg = det.score(new_target), det.score(others)
     assert auroc(pos.tolist(), neg.tolist()) > 0.95
     w_pos, w_neg = det.weights(new_target), det.weights(others)
     assert ((0 <= w_pos) & (w_pos <= 1)).all() and w_pos.mean() > 0.5
     # New draws from the generic distribution may land above the generic prompts' maximum,
-    # but only rarely; the generic prompts themselves are all at w = 0 by construction.
+    # but only rarely (about 1 in 31 per layer above the maximum of 30); the generic prompts
+    # themselves are all at w = 0 by construction.
     assert float((w_neg > 0).float().mean()) <= 0.1
     assert summary["generic_weight_max"] == 0.0
 
