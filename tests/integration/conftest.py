@@ -36,9 +36,11 @@ class Flow:
 
 
 # The job recipe for the taught tiny model: strong enough that refusals replace its taught
-# answers within a few steps, with the product's early stopping on the ticket's questions.
-TAUGHT_RECIPE = {"max_steps": 20, "eval_every": 5, "min_steps": 5, "lr": 5e-3,
-                 "retain_prompts": 8, "retain_max_new_tokens": 8}
+# answers within 20-40 steps, with the product's early stopping on the ticket's questions; a
+# heavy retain term, because a 64-wide model's answers all share the few weights a LoRA
+# moves (measured in process: forget 0.00 of base on held-out forms, utility 0.93-1.00).
+TAUGHT_RECIPE = {"max_steps": 40, "eval_every": 5, "min_steps": 20, "lr": 5e-3,
+                 "retain_weight": 50.0, "retain_prompts": 24, "retain_max_new_tokens": 8}
 
 
 def _settings(tmp_path: Path, base_model: Path, **values: object) -> Settings:

@@ -24,7 +24,6 @@ from tests.fixtures.taught import taught_qa
 UNBUILT_ENGINE = "not-built-here"  # a ticket for an engine no worker of this release runs
 
 
-@pytest.mark.known_failing(reason="the taught tiny model's job (TAUGHT_RECIPE) is held for review instead of passing its held-out evaluation, so nothing goes live (first run 2026-12-02)")
 def test_tickets_batch_into_a_job_that_forgets_goes_live_and_one_that_forgets_nothing_is_held(
         flow):
     import ray
@@ -44,12 +43,13 @@ def test_tickets_batch_into_a_job_that_forgets_goes_live_and_one_that_forgets_no
 
     with sessions() as s:
         a, b = s.get_one(Ticket, first), s.get_one(Ticket, second)
-        assert (a.status, b.status) == (TicketStatus.done, TicketStatus.done), (a.error, b.error)
         assert a.job_id == b.job_id and a.result_version_id == b.result_version_id
         job = s.get_one(Job, a.job_id)
-        assert job.status == JobStatus.succeeded
+        assert job.status == JobStatus.succeeded, job.error
         assert sorted(job.ticket_ids) == sorted([str(first), str(second)])
         v1 = s.get_one(AdapterVersion, a.result_version_id)
+        # (The version's report says why, when the tickets are not done.)
+        assert (a.status, b.status) == (TicketStatus.done, TicketStatus.done), v1.metrics
         assert (v1.version, v1.parent_id, v1.status) == (1, None, VersionStatus.ready)
         assert registry.resolve(s, lineage_name="default", ref="live").id == v1.id
         m = v1.metrics
