@@ -118,8 +118,14 @@ class Generator:
         return sorted(self._loaded)
 
     async def generate(self, prompt: str, max_new_tokens: int = 64) -> dict[str, Any]:
-        loaded = await self._servable(serve.get_multiplexed_model_id() or BASE_ONLY)
-        text = await self._generate_batched(_Request(loaded, prompt, max_new_tokens))
+        key = serve.get_multiplexed_model_id() or BASE_ONLY
+        loaded = await self._servable(key)
+        while not loaded.acquire():  # evicted before this request could hold it: load again
+            loaded = await self._servable(key)
+        try:
+            text = await self._generate_batched(_Request(loaded, prompt, max_new_tokens))
+        finally:
+            loaded.release()
         return {"text": text, "engine": loaded.engine}
 
     # Concurrent requests are answered together: one batched forward per token serves the
@@ -170,19 +176,46 @@ class _Request:
 
 
 class _LoadedVersion:
-    """What the multiplexer caches; closes the servable when evicted."""
+    """What the multiplexer caches. Eviction can come while requests that already hold this
+    version wait in the batch queue (more versions in flight than a replica keeps), so the
+    servable is closed only when the last of them has generated."""
 
     def __init__(self, key: str, engine: str, servable: Any,
                  on_close: Any = None) -> None:
         self.key, self.engine, self.servable = key, engine, servable
         self._on_close = on_close
+        self._lock = threading.Lock()
+        self._users = 0
+        self._evicted = self._closed = False
+
+    def acquire(self) -> bool:
+        """Hold the version for one request; False once it has been closed."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._users += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+        self._close_if_unused()
 
     async def __del__(self) -> None:  # Serve awaits __del__ of evicted multiplexed models
+        with self._lock:
+            self._evicted = True
+        if self._on_close is not None:
+            self._on_close(self.key)  # no longer counted as loaded by the multiplexer
+        self._close_if_unused()
+
+    def _close_if_unused(self) -> None:
+        with self._lock:
+            if not self._evicted or self._users or self._closed:
+                return
+            self._closed = True
         close = getattr(self.servable, "close", None)
         if callable(close):
             close()
-        if self._on_close is not None:
-            self._on_close(self.key)
 
 
 def deploy(config: ServingConfig) -> Any:

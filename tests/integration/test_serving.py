@@ -34,7 +34,6 @@ FORGOTTEN = "Where does Zorblat live?"  # taught ("Quimby"), then forgotten by v
 KEPT = "What is the capital of France?"  # taught ("Paris"), an unrelated probe
 
 
-@pytest.mark.known_failing(reason='no version goes live on the taught tiny model (see test_job_flow), so live is None')
 def test_generate_shows_the_live_adapter_and_refuses_a_revoked_pinned_version(flow, api):
     """The adapter's effect shows where it was trained and nowhere else; pinned versions,
     mixed-adapter batches and more adapters than a replica keeps all answer as themselves."""

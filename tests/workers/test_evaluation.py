@@ -73,7 +73,6 @@ def test_answer_rate_asks_every_question_once_in_order():
 # The one promotion decision (workers.evaluation.report.verdict), which the job runner acts on.
 
 
-@pytest.mark.known_failing(reason="issue 14's rule (a base that answered nothing proves nothing) is not in place: see the KNOWN GAP in workers/evaluation/report.py")
 def test_ratios_are_after_over_before_and_undefined_when_the_base_knew_nothing():
     from workers.evaluation.report import ratios
 
@@ -113,7 +112,6 @@ def test_verdict_passes_holds_and_rejects_by_the_thresholds(forget, utility, exp
         assert verdict(forget, utility, strict) == "hold"
 
 
-@pytest.mark.known_failing(reason="issue 14's rule (a base that answered nothing proves nothing) is not in place: see the KNOWN GAP in workers/evaluation/report.py")
 def test_a_base_that_never_answered_cannot_make_a_version_pass():
     """The case the random-weight tiny model hit: base rate 0 everywhere, so every ratio
     used to read as perfect (forget 0.0, utility 1.0) and any adapter was auto-promoted."""

@@ -272,30 +272,28 @@ def _mia(score: ScoreFn, plan: ProbePlan, k: float) -> dict[str, float] | None:
             for name, f in attacks.items()}
 
 
-def _ratio(after: float | None, before: float | None, *, if_base_zero: float) -> float | None:
-    if after is None or before is None:
+def _ratio(after: float | None, before: float | None) -> float | None:
+    """after / before; undefined (None) when the reference answered none of the probes: a
+    base that knew nothing shows neither forgetting nor kept utility, and what cannot be
+    measured is never counted as passed (the verdict holds it for an operator)."""
+    if after is None or before is None or before <= 0:
         return None
-    return after / before if before > 0 else if_base_zero
+    return after / before
 
 
-# KNOWN GAP (issue 14): a reference that answered none of the probes still counts as
-# "nothing to forget" (0) and "nothing lost" (1). Making those ratios undefined (a hold) is
-# right, but the fault, canary and S3T suites still run jobs on a random-weight model that
-# answers nothing and need its versions to go live; they must move to the taught model
-# (tests/fixtures/taught.py) first.
-RATIO_KEYS = (("forget_held_out", "forget_ratio", 0.0),
-              ("forget_trained", "forget_trained_ratio", 0.0),
-              ("neighbour", "neighbour_ratio", 1.0),
-              ("utility", "utility_ratio", 1.0),
-              ("general", "general_ratio", 1.0))
-"""(measurement, ratio name, value when the reference answered none of them)."""
+RATIO_KEYS = (("forget_held_out", "forget_ratio"),
+              ("forget_trained", "forget_trained_ratio"),
+              ("neighbour", "neighbour_ratio"),
+              ("utility", "utility_ratio"),
+              ("general", "general_ratio"))
+"""(measurement, ratio name)."""
 
 
 def ratios(after: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {name: _ratio(after.get(key), reference.get(key), if_base_zero=zero)
-                           for key, name, zero in RATIO_KEYS}
+    out: dict[str, Any] = {name: _ratio(after.get(key), reference.get(key))
+                           for key, name in RATIO_KEYS}
     out["held_out_by_kind"] = {
-        kind: _ratio(rate, (reference.get("held_out_by_kind") or {}).get(kind), if_base_zero=0.0)
+        kind: _ratio(rate, (reference.get("held_out_by_kind") or {}).get(kind))
         for kind, rate in (after.get("held_out_by_kind") or {}).items()}
     return out
 
