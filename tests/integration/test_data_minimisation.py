@@ -19,6 +19,7 @@ from sqlalchemy import text
 
 from service.settings import Settings
 from storage.models import Base
+from tests.fixtures.operator import approve_held
 from tests.service.conftest import start_api
 
 
@@ -108,6 +109,7 @@ def test_a_canary_in_the_forget_set_is_gone_after_the_job(
 
         loop = DispatcherLoop(settings.worker_config())
         assert loop.run_once() == 1
+        assert approve_held(db.sessions) == 1  # the random model's version is held for review
         got = api.client.get(f"/v1/tickets/{ticket_id}", headers=api.headers("submitter"))
         assert got.json()["status"] == "done", got.text
         receipt = api.client.get(f"/v1/tickets/{ticket_id}/receipt",

@@ -25,6 +25,7 @@ from sqlalchemy import select
 from storage.db import make_engine, make_session_factory
 from storage.models import AdapterVersion, Alias, Ticket, TicketStatus, VersionStatus
 from storage.objectstore import open_object_store
+from tests.fixtures.operator import approve_held
 from tests.service.conftest import closed_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -107,6 +108,7 @@ def test_sigkill_of_the_whole_service_loses_no_ticket_and_leaves_no_half_version
         ids.append(uuid.UUID(r.json()["id"]))
 
     def snapshot() -> dict[uuid.UUID, Ticket]:
+        approve_held(sessions)  # the random model's versions are held for review
         with sessions() as s:
             return {t.id: t for t in s.scalars(select(Ticket))}
 

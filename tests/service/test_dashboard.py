@@ -153,6 +153,10 @@ def real_run(tmp_path: Path, tiny_model_dir: Path, ray_cluster) -> Iterator[tupl
         first = client.post("/v1/tickets", headers=auth, json=TICKET)
         assert first.status_code == 202, first.text
         assert DispatcherLoop(settings.worker_config()).run_once() == 1  # the real job path
+        # The random-weight model answers no probe, so its version is held for review: the
+        # operator promotes it, as on the dashboard.
+        promoted = client.post("/v1/lineages/default/promote", headers=auth, json={"version": 1})
+        assert promoted.status_code == 200, promoted.text
         done = client.get(f"/v1/tickets/{first.json()['id']}", headers=auth).json()
         assert done["status"] == "done", done
         assert client.post("/v1/tickets", headers=auth,

@@ -195,6 +195,13 @@ def test_a_window_makes_one_job_and_one_version(tmp_path: Path, tiny_model_dir: 
         assert len(jobs) == 1 and sorted(jobs[0].ticket_ids) == sorted(ids)
         versions = client.get("/v1/lineages/default/versions", headers=auth).json()
         assert len(versions) == 1 and sorted(versions[0]["ticket_ids"]) == sorted(ids)
+        # The random-weight model answers no probe, so the batch's version is held for
+        # review; once an operator promotes it, all three tickets are done with it.
+        for tid in ids:
+            assert client.get(f"/v1/tickets/{tid}", headers=auth).json()["status"] == \
+                "awaiting_review"
+        promoted = client.post("/v1/lineages/default/promote", headers=auth, json={"version": 1})
+        assert promoted.status_code == 200, promoted.text
         for tid in ids:
             t = client.get(f"/v1/tickets/{tid}", headers=auth).json()
             assert t["status"] == "done" and t["result_version"]["label"] == "default@v1"
