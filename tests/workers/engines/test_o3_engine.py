@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,70 @@ def test_texts_become_prompts_whose_continuation_is_refused(tiny_model_dir: Path
     npo = engine._spec(_job(tiny_model_dir, tmp_path / "v", request, "t", None), request,
                        make_config({"objective": "npo"}), None, tmp_path / "v")
     assert npo.forget_texts == [text] and npo.forget_recipe().method == "npo"
+
+
+def test_options_over_the_job_recipe_over_o3_defaults() -> None:
+    from workers.engines.o3.config import O3_DEFAULT_RECIPE, O3Config, make_config
+    from workers.evaluation.recipe import DEFAULT_FORGET_RECIPE
+
+    # O3's own defaults, where it trains differently from the LoRA methods on purpose.
+    cfg = make_config(None)
+    assert cfg.recipe == O3_DEFAULT_RECIPE and cfg.recipe.max_steps == 30
+    assert cfg.recipe.lr == 1e-3 != DEFAULT_FORGET_RECIPE.lr
+    assert cfg.recipe.retain_prompts == DEFAULT_FORGET_RECIPE.retain_prompts
+    # The job's recipe wins over them; the ticket's options over the recipe.
+    job_recipe = {"max_steps": 20, "min_steps": 10, "retain_prompts": 24, "lr": 5e-4,
+                  "lora_r": 4, "method": "npo", "retain_loss": "kl"}
+    cfg = make_config({"lambda_orth": 0.5}, job_recipe)
+    assert (cfg.recipe.max_steps, cfg.recipe.min_steps, cfg.recipe.retain_prompts,
+            cfg.recipe.lr, cfg.recipe.lora_r) == (20, 10, 24, 5e-4, 4)
+    # ... except what O3 decides itself: its objective is the method, no retain term.
+    assert cfg.recipe.method == "idk" and cfg.recipe.retain_loss == "none"
+    cfg = make_config({"max_steps": 7, "lr": 1e-2, "objective": "npo"}, job_recipe)
+    assert (cfg.recipe.max_steps, cfg.recipe.lr, cfg.recipe.min_steps) == (7, 1e-2, 10)
+    assert cfg.recipe.method == "npo" and cfg.lambda_orth == 0.1
+    # A stored block config reads back as the same config.
+    assert O3Config(**cfg.to_json()) == cfg
+    with pytest.raises(ValueError, match="o3 sets method itself"):
+        make_config({"method": "ga"})
+    with pytest.raises(ValueError, match=r"unknown o3 option\(s\): lamda; known: .*max_steps"):
+        make_config({"lamda": 1})
+    with pytest.raises(ValueError, match="max_steps must be >= 1"):
+        make_config({"max_steps": 0})
+
+
+def test_a_bad_job_recipe_fails_the_o3_job_as_invalid(tiny_model_dir: Path,
+                                                      tmp_path: Path) -> None:
+    from workers.engines import get_engine
+
+    job = replace(_job(tiny_model_dir, tmp_path / "v", _request("Zorblat"), "t", None),
+                  config=WorkerConfig(data_dir=tmp_path / "data", recipe={"max_stepz": 3}))
+    with pytest.raises(InvalidRequest, match="cannot train this o3 job: unknown recipe"):
+        get_engine("o3").train(job, lambda u: None)
+
+
+def test_an_o3_job_trains_the_job_recipe_steps_unless_the_ticket_says_otherwise(
+        tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Two requests in one job under a recipe of 3 steps: the first trains exactly 3, the
+    second's ticket asks for 2 and trains exactly 2 (plain trainer, tiny model)."""
+    from workers.engines import get_engine
+    from workers.model.base_model import _weights_sha256
+
+    detector = {"detector": {"epochs": 5, "views": 2, "proj_dim": 8}}
+    first = replace(_request("Zorblat"), options=detector)  # no max_steps of its own
+    second = replace(_request("Quimby"), options={**detector, "max_steps": 2})
+    recipe = {"max_steps": 3, "min_steps": 3, "eval_every": 0, "lr": 1e-2,
+              "retain_prompts": 4}
+    job = JobInput(job_id="j", lineage="default", requests=[first, second],
+                   ticket_ids=["t1", "t2"], base_model_path=tiny_model_dir,
+                   base_model_sha256=_weights_sha256(tiny_model_dir), parent_dir=None,
+                   output_dir=tmp_path / "v",
+                   config=WorkerConfig(data_dir=tmp_path / "data", trainer="plain",
+                                       recipe=recipe))
+    progress: list[dict] = []
+    artifacts = get_engine("o3").train(job, progress.append)
+    assert [b["steps"] for b in artifacts.metrics["blocks"]] == [3, 2]
+    assert [p["step"] for p in progress if "loss" in p] == [1, 2, 3, 1, 2]
+    configs = artifacts.method_config["configs"]
+    assert [c["recipe"]["max_steps"] for c in configs] == [3, 2]
+    assert all(c["recipe"]["lr"] == 1e-2 for c in configs)

@@ -1,18 +1,28 @@
-"""O3's defaults: one documented, frozen dataclass per part (adapter, detector, gating).
+"""O3's settings: the shared ForgetRecipe for the block's training, plus O3's own parts.
 
 After "Practical Unlearning for Large Language Models" (Gao et al., 2024): per request an
 orthogonal LoRA block trained without retain data, plus an out-of-distribution detector that
-decides per input how strongly that block applies. Tickets may override any field through
-`options` ({"lambda_orth": 0.0, "objective": "npo", ...}); unknown names are refused.
+decides per input how strongly that block applies.
+
+The block trains like every forget engine, from a ForgetRecipe
+(workers/evaluation/recipe.py), with precedence
+
+    DEFAULT_FORGET_RECIPE + O3_RECIPE_DEFAULTS  <  the job's recipe (settings OBLIVIO_RECIPE)
+        <  the ticket's `options`
+
+Only O3's own fields (orthogonality, objective, text prompts, gating, detector) live in
+O3Config. A ticket's `options` is one flat dict naming either kind ({"max_steps": 20,
+"lambda_orth": 0.0, "objective": "npo", "detector": {...}}); unknown names are refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
-from workers.evaluation.recipe import ALL_PROJECTIONS
+from workers.evaluation.recipe import DEFAULT_FORGET_RECIPE, ForgetRecipe
 
 Objective = Literal["idk", "npo"]
 
@@ -122,59 +132,76 @@ class DetectorConfig:
         return tuple(sorted({1 + round(i * (top - 1) / max(1, n - 1)) for i in range(n)}))
 
 
+# Where O3's block deliberately trains differently from the LoRA methods' recipe: no retain
+# term (the gate keeps unrelated inputs on the base model, so nothing pulls the block back)
+# means it may be trained harder and shorter, and stopped only once the ticket's own
+# questions are all forgotten. retain_weight applies only to a ticket that brings retain data.
+O3_RECIPE_DEFAULTS: dict[str, Any] = {
+    "lr": 1e-3,
+    "max_steps": 30,
+    "min_steps": 10,
+    "stop_forget_ratio": 0.0,
+    "retain_weight": 1.0,
+    "retain_loss": "none",
+}
+O3_DEFAULT_RECIPE = DEFAULT_FORGET_RECIPE.with_(**O3_RECIPE_DEFAULTS)
+
+# Recipe fields O3 decides itself: `objective` is the method; the ticket's data decides the
+# retain term (see O3Config.train_recipe). A job recipe's values for them are ignored (they
+# are tuned for the LoRA methods) and a ticket naming them is refused.
+ENGINE_OWNED_RECIPE_FIELDS = frozenset({"method", "retain_loss"})
+RECIPE_OPTIONS = frozenset(f.name for f in fields(ForgetRecipe)) - ENGINE_OWNED_RECIPE_FIELDS
+
+
 @dataclass(frozen=True)
 class O3Config:
-    """One O3 request: its LoRA block, its forget objective, its detector.
+    """One O3 request: the recipe its LoRA block trains with, its objective, its detector.
 
     Args:
-        lora_r, lora_alpha, target_modules: the request's LoRA block (all attention and MLP
-            projections by default).
+        recipe: the shared ForgetRecipe fields (lr, max_steps, min_steps, eval_every,
+            stop_forget_ratio, lora_r, lora_alpha, target_modules, beta, retain_weight, ...;
+            early stopping runs on the ticket's own questions, scored with the block fully
+            on). Its `method` is always `objective`; `retain_loss` stays "none" here and
+            becomes "nll" for a ticket with retain data (train_recipe).
         lambda_orth: weight of O3's orthogonality term
             lambda * sum_i sum_modules ||A_i A_new^T||_F^2 over every earlier block's A.
         objective: "idk" (cross-entropy towards refusals; texts: refuse their continuation)
             or "npo" (Negative Preference Optimization against the lineage's model).
-        beta: NPO's inverse temperature.
-        retain_weight: weight of a retain term when the ticket brings retain data (none is
-            needed: the gate keeps unrelated inputs on the base model).
-        lr, max_steps, forget_batch_size: the block's optimiser and length. No retain term
-            and a gate in front mean the block may be trained hard.
-        eval_every, min_steps, stop_forget_ratio: early stopping on the ticket's own
-            questions (scored with the block fully on).
         text_prompt_words: a forget text becomes a prompt (its first words) whose
             continuation is refused.
         gating: False applies every block with weight 1 (the "O3 without gating" ablation).
         detector: the OOD detector's settings.
     """
 
-    lora_r: int = 8
-    lora_alpha: int = 16
-    target_modules: tuple[str, ...] = field(default=ALL_PROJECTIONS)
+    recipe: ForgetRecipe = O3_DEFAULT_RECIPE
     lambda_orth: float = 0.1
     objective: Objective = "idk"
-    beta: float = 0.1
-    retain_weight: float = 1.0
-    lr: float = 1e-3
-    max_steps: int = 30
-    forget_batch_size: int = 4
-    eval_every: int = 5
-    min_steps: int = 10
-    stop_forget_ratio: float = 0.0
     text_prompt_words: int = 12
     gating: bool = True
     detector: DetectorConfig = field(default_factory=DetectorConfig)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        if isinstance(self.detector, dict):
-            object.__setattr__(self, "detector", make_detector_config(self.detector))
+        if isinstance(self.recipe, Mapping):  # from to_json
+            object.__setattr__(self, "recipe", O3_DEFAULT_RECIPE.with_(**_recipe_values(
+                self.recipe)))
+        if isinstance(self.detector, Mapping):
+            object.__setattr__(self, "detector", make_detector_config(dict(self.detector)))
         if self.objective not in ("idk", "npo"):
             raise ValueError("objective must be 'idk' or 'npo'")
-        if self.lora_r < 1 or self.lora_alpha <= 0 or not self.target_modules:
-            raise ValueError("lora_r >= 1, lora_alpha > 0 and target_modules are required")
-        if self.lambda_orth < 0 or self.retain_weight < 0 or self.beta <= 0 or self.lr <= 0:
-            raise ValueError("lambda_orth, retain_weight must be >= 0; beta, lr > 0")
-        if self.max_steps < 1 or self.forget_batch_size < 1 or self.text_prompt_words < 1:
-            raise ValueError("max_steps, forget_batch_size, text_prompt_words must be >= 1")
+        if self.lambda_orth < 0:
+            raise ValueError("lambda_orth must be >= 0")
+        if self.text_prompt_words < 1:
+            raise ValueError("text_prompt_words must be >= 1")
+        if self.recipe.method != self.objective:
+            object.__setattr__(self, "recipe", self.recipe.with_(method=self.objective))
+
+    def train_recipe(self, *, has_retain: bool, has_probes: bool) -> ForgetRecipe:
+        """The recipe one request trains with: a retain term only for a ticket with retain
+        data, and no early-stopping checks without questions to check on."""
+        changes: dict[str, Any] = {"retain_loss": "nll" if has_retain else "none"}
+        if not has_probes:
+            changes["eval_every"] = 0
+        return self.recipe.with_(**changes)
 
     def with_(self, **changes: Any) -> O3Config:
         return replace(self, **changes)
@@ -190,16 +217,42 @@ def make_detector_config(values: dict[str, Any]) -> DetectorConfig:
     return DetectorConfig(**values)
 
 
-def make_config(options: dict[str, Any] | None) -> O3Config:
-    """O3Config from a ticket's options; unknown names and bad values raise ValueError."""
+O3_OPTIONS = frozenset(f.name for f in fields(O3Config)) - {"recipe"}
+
+
+def make_config(options: Mapping[str, Any] | None,
+                recipe: Mapping[str, Any] | None = None) -> O3Config:
+    """O3Config from a ticket's `options` over the job's `recipe` overrides (settings) over
+    O3's defaults; unknown names and bad values raise ValueError.
+
+    At submission there is no job yet: validation passes only the options."""
     values = dict(options or {})
-    unknown = sorted(set(values) - {f.name for f in fields(O3Config)})
+    owned = sorted(set(values) & ENGINE_OWNED_RECIPE_FIELDS)
+    if owned:
+        raise ValueError(f"o3 sets {', '.join(owned)} itself: choose the forget loss with "
+                         "'objective' ('idk' or 'npo'); a retain term is used exactly when "
+                         "the ticket brings retain data")
+    unknown = sorted(set(values) - O3_OPTIONS - RECIPE_OPTIONS)
     if unknown:
         raise ValueError(f"unknown o3 option(s): {', '.join(unknown)}; known: "
-                         f"{', '.join(f.name for f in fields(O3Config))}")
-    if isinstance(values.get("detector"), dict):
-        values["detector"] = make_detector_config(values["detector"])
-    return O3Config(**values)
+                         f"{', '.join(sorted(O3_OPTIONS | RECIPE_OPTIONS))}")
+    job_recipe = {k: v for k, v in (recipe or {}).items()
+                  if k not in ENGINE_OWNED_RECIPE_FIELDS}
+    ticket_recipe = {k: values.pop(k) for k in list(values) if k in RECIPE_OPTIONS}
+    merged = O3_DEFAULT_RECIPE.with_(**_recipe_values({**job_recipe, **ticket_recipe}))
+    return O3Config(recipe=merged, **values)
+
+
+def _recipe_values(values: Mapping[str, Any]) -> dict[str, Any]:
+    """ForgetRecipe overrides as its fields expect them (target_modules is a tuple);
+    unknown names raise ValueError."""
+    out = dict(values)
+    unknown = sorted(set(out) - {f.name for f in fields(ForgetRecipe)})
+    if unknown:
+        raise ValueError(f"unknown recipe field(s): {', '.join(unknown)}")
+    if "target_modules" in out:
+        out["target_modules"] = tuple(out["target_modules"])
+    return out
 
 
 DEFAULT_O3_CONFIG = O3Config()

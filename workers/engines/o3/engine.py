@@ -113,10 +113,13 @@ class O3Engine:
         metrics: dict[str, Any] = {"blocks": []}
         configs = []
         try:
-            for n, (request, ticket_id) in enumerate(zip(job.requests, job.ticket_ids)):
+            # Every request's config before any training: a job recipe that cannot combine
+            # with a ticket's options fails the job at once, not after earlier blocks.
+            cfgs = [self.job_config(job, request) for request in job.requests]
+            for n, (request, ticket_id, cfg) in enumerate(zip(job.requests, job.ticket_ids,
+                                                              cfgs)):
                 last = n == len(job.requests) - 1
                 out = Path(job.output_dir) if last else work / f"v{n}"
-                cfg = make_config(request.options)
                 block_metrics = self._train_block(job, request, ticket_id, cfg, parent, out,
                                                   progress)
                 metrics["blocks"].append(block_metrics)
@@ -134,6 +137,14 @@ class O3Engine:
         return Artifacts(version_dir=Path(job.output_dir), metrics=metrics,
                          method_config={"engine": "o3", "configs": configs},
                          peft_config=config)
+
+    @staticmethod
+    def job_config(job: JobInput, request: EngineRequest) -> O3Config:
+        """O3's defaults < the job's recipe (settings) < the ticket's options."""
+        try:
+            return make_config(request.options, job.config.recipe)
+        except (TypeError, ValueError) as exc:  # cannot train: not transient
+            raise InvalidRequest(f"cannot train this o3 job: {exc}") from exc
 
     def _train_block(self, job: JobInput, request: EngineRequest, ticket_id: str,
                      cfg: O3Config, parent: Path | None, out: Path,
@@ -170,8 +181,9 @@ class O3Engine:
         }
         if earlier:
             block_metrics["orthogonality_max_overlap"] = max_overlap_with_earlier(out)
-        blocks = earlier + [Block(ticket_id=ticket_id, rank=cfg.lora_r, target=request.target,
-                                  detector=detector_rel, gating=cfg.gating,
+        blocks = earlier + [Block(ticket_id=ticket_id, rank=cfg.recipe.lora_r,
+                                  target=request.target, detector=detector_rel,
+                                  gating=cfg.gating,
                                   config=cfg.to_json(), metrics=block_metrics)]
         write_blocks(out, blocks)
         return block_metrics
@@ -190,19 +202,11 @@ class O3Engine:
             else:
                 texts.append(text)
         has_retain = bool(request.retain_qa or request.retain_texts)
-        recipe = {"method": cfg.objective, "lr": cfg.lr, "max_steps": cfg.max_steps,
-                  "forget_batch_size": cfg.forget_batch_size, "lora_r": cfg.lora_r,
-                  "lora_alpha": cfg.lora_alpha, "target_modules": list(cfg.target_modules),
-                  "eval_every": cfg.eval_every if qa else 0, "min_steps": cfg.min_steps,
-                  "stop_forget_ratio": cfg.stop_forget_ratio, "beta": cfg.beta,
-                  "retain_weight": cfg.retain_weight,
-                  # No retain data is needed: the gate keeps other inputs on the base model.
-                  "retain_loss": "nll" if has_retain else "none"}
-        options: dict[str, Any] = {"retain_weight": cfg.retain_weight if has_retain else 0.0}
-        if cfg.objective == "npo":
-            options["beta"] = cfg.beta
-        return TrainJobSpec.for_engine(
-            cfg.objective, overrides=recipe, base_model_path=str(job.base_model_path),
+        recipe = cfg.train_recipe(has_retain=has_retain, has_probes=bool(qa))
+        # No retain data is needed: the gate keeps other inputs on the base model.
+        options = {"retain_weight": recipe.retain_weight if has_retain else 0.0}
+        return TrainJobSpec(
+            recipe=asdict(recipe), base_model_path=str(job.base_model_path),
             base_model_sha256=job.base_model_sha256, output_dir=str(out),
             data_dir=str(job.config.data_dir), forget_qa=qa, forget_texts=texts,
             target=request.target, retain_qa=list(request.retain_qa) or None,
