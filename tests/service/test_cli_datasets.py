@@ -10,6 +10,7 @@ from storage import queue
 from tests.fixtures.people import people_records
 from tests.service.conftest import LiveServer
 from tests.service.test_cli import oblivio
+from tests.service.test_cli_watch import _done_with_a_version, play_worker
 
 
 def test_dataset_add_show_and_finetune(live_server: LiveServer, tmp_path: Path) -> None:
@@ -64,3 +65,19 @@ def test_finetune_wait_follows_the_ticket_to_its_end(live_server: LiveServer) ->
                 "--slices", "1", "--sequences-per-shard", "1", "--wait")
     worker.join()
     assert r.exit_code == 1 and "fine-tune failed: boom" in r.stderr
+
+
+def test_finetune_wait_ends_at_review_with_the_promote_line(live_server: LiveServer) -> None:
+    # The wait is cli_watch's: a held version ends it (exit 0, how to promote) as for a ticket.
+    api = live_server.api
+    h = api.headers()
+    api.client.post("/v1/datasets", json={"name": "d", "records": people_records(1)}, headers=h)
+    api.client.post("/v1/lineages", json={"name": "l", "engine": "s3t"}, headers=h)
+    worker = play_worker(live_server, lambda sessions, ticket: _done_with_a_version(
+        sessions, ticket, live=False))
+    r = oblivio(live_server, "lineage", "finetune", "l", "--dataset", "d", "--shards", "1",
+                "--slices", "1", "--sequences-per-shard", "1", "--wait")
+    worker.join(timeout=30)
+    assert r.exit_code == 0, r.output
+    assert "waiting for review" in r.stdout and "oblivio promote --lineage l 1" in r.stdout
+    assert "3/3" in r.stderr  # cli_watch's bar, at the worker's last step
