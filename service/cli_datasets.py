@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from service import cli_render as render
+from service import cli_watch
 from service.cli import EXIT_FAILED, EXIT_REFUSED, ApiUrl, Json, Token, _fail, api
 
 dataset_app = typer.Typer(help="Fine-tuning datasets (records with ids and data subjects).",
                           no_args_is_help=True)
-
-_FINAL = ("done", "failed", "rejected", "cancelled")
 
 
 @dataset_app.command("add")
@@ -88,31 +86,18 @@ def lineage_finetune(
                 render.out().print(f"job {out['job_id']} queued (ticket {out['ticket_id']})",
                                    markup=False)
             return
-        ticket = _follow(client, out["ticket_id"], quiet=as_json)
+        ticket = cli_watch.follow(client, out["ticket_id"], show_progress=not as_json)
     if as_json:
         render.print_json({**out, "status": ticket["status"],
                            "version": (ticket.get("result_version") or {}).get("label")})
+    if ticket["status"] in cli_watch.REVIEW_STATES:
+        # Held back like any ticket's version: say how to promote it, as `ticket --wait` does.
+        if not as_json:
+            render.out().print(cli_watch.outcome_line(ticket)[0], markup=False)
+        return
     if ticket["status"] != "done":
         _fail(f"fine-tune {ticket['status']}: {ticket.get('error') or 'no error recorded'}",
               EXIT_FAILED)
     if not as_json:
         render.out().print(f"{ticket['result_version']['label']} is live", markup=False)
 
-
-def _follow(client: Any, ticket_id: str, *, quiet: bool, poll: float = 1.0) -> dict[str, Any]:
-    """Poll the fine-tune's ticket until it is final, drawing its steps as a progress bar."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total} steps"), TimeElapsedColumn(),
-                  console=render.err(), disable=quiet, transient=False) as bar:
-        task = bar.add_task("queued", total=None)
-        while True:
-            ticket = client.get_ticket(ticket_id)
-            progress = ticket.get("progress") or {}
-            phase = progress.get("phase") or ticket["status"]
-            bar.update(task, description=str(phase), total=progress.get("max_steps"),
-                       completed=progress.get("step") or 0)
-            if ticket["status"] in _FINAL:
-                return ticket
-            time.sleep(poll)

@@ -1,4 +1,6 @@
-"""`oblivio ticket watch ID` and `oblivio ticket submit ... --wait`: follow a ticket to its end.
+"""`oblivio ticket watch ID`, `oblivio ticket submit ... --wait` (and `oblivio lineage
+finetune --wait`, which follows its fine-tune's ticket with `follow`): follow a ticket to
+its end.
 
 A progress bar on stderr (phase, step / total steps, elapsed, ETA) while it runs; then one
 line on stdout with the outcome. Exit codes: 0 done (or waiting for an operator's review,

@@ -260,6 +260,22 @@ def revoke(session: Session, *, version_id: uuid.UUID, actor: str, reason: str,
     label = version_label(lineage.name, version.version)
     detail: dict[str, Any] = {"label": label, "reason": reason, "from": version.status.value}
     version.status = VersionStatus.revoked
+    _withdraw(session, lineage, version, detail, actor=actor, action="revoke", tickets=tickets)
+    audit.record(session, actor=actor, action="version.revoked", subject_type="version",
+                 subject_id=version.id, detail=detail)
+    return version
+
+
+def _withdraw(session: Session, lineage: Lineage, version: AdapterVersion,
+              detail: dict[str, Any], *, actor: str, action: ticket_states.Withdrawal,
+              tickets: ticket_states.RevokedTickets = "requeue") -> None:
+    """What revoking a version and finding it corrupt share: it stops being the candidate;
+    if it was live, live falls back (`_live_falls_back`) and the lineage's tickets follow
+    live; then the version's own waiting tickets are requeued, failed or left reopened
+    (`ticket_states.after_withdrawal`). Records what changed in `detail` (the caller's
+    audit event).
+    """
+    label, reason = detail["label"], detail["reason"]
     if _alias_target(session, lineage, CANDIDATE) is version:
         _drop_alias(session, lineage, CANDIDATE)
         detail["candidate_cleared"] = True
@@ -267,17 +283,14 @@ def revoke(session: Session, *, version_id: uuid.UUID, actor: str, reason: str,
         detail["live"] = _live_falls_back(session, lineage, version)
         audit.record(session, actor=actor, action="alias.moved", subject_type="lineage",
                      subject_id=lineage.id,
-                     detail={"alias": LIVE, "action": "revoke", "from": label,
+                     detail={"alias": LIVE, "action": action, "from": label,
                              "to": detail["live"]})
         ticket_states.sync_with_live(session, lineage=lineage, actor=actor,
-                                     cause={"action": "revoke", "from": label,
+                                     cause={"action": action, "from": label,
                                             "to": detail["live"], "reason": reason})
-    moved = ticket_states.after_revoke(session, version=version, label=label, actor=actor,
-                                       reason=reason, tickets=tickets)
+    moved = ticket_states.after_withdrawal(session, version=version, label=label, actor=actor,
+                                           reason=reason, action=action, tickets=tickets)
     detail["tickets"] = {k: [str(i) for i in v] for k, v in moved.items() if v}
-    audit.record(session, actor=actor, action="version.revoked", subject_type="version",
-                 subject_id=version.id, detail=detail)
-    return version
 
 
 def _live_falls_back(session: Session, lineage: Lineage, version: AdapterVersion
@@ -297,7 +310,10 @@ def mark_corrupt(session: Session, *, version_id: uuid.UUID, actor: str,
                  reason: str) -> AdapterVersion:
     """A stored version whose files fail their sha256 check at load: it becomes `failed`
     (never served again) and, if it was live, live falls back to the nearest earlier
-    servable version (or the base model), exactly as for a revocation. Idempotent."""
+    servable version (or the base model), exactly as for a revocation: the lineage's
+    tickets follow live (done ones whose version left the live chain are reopened), and
+    the version's tickets awaiting review go back to the queue (the fault is in storage,
+    not in the request). Idempotent."""
     version = get_version(session, version_id)
     lineage = _locked_lineage_by_id(session, version.lineage_id)
     session.refresh(version, with_for_update={"key_share": True} if _pg(session) else None)
@@ -307,14 +323,7 @@ def mark_corrupt(session: Session, *, version_id: uuid.UUID, actor: str,
     detail: dict[str, Any] = {"label": label, "reason": reason, "from": version.status.value}
     version.status = VersionStatus.failed
     version.metrics = {**(version.metrics or {}), "error": reason}
-    if _alias_target(session, lineage, CANDIDATE) is version:
-        _drop_alias(session, lineage, CANDIDATE)
-    if _alias_target(session, lineage, LIVE) is version:
-        detail["live"] = _live_falls_back(session, lineage, version)
-        audit.record(session, actor=actor, action="alias.moved", subject_type="lineage",
-                     subject_id=lineage.id,
-                     detail={"alias": LIVE, "action": "corrupt", "from": label,
-                             "to": detail["live"]})
+    _withdraw(session, lineage, version, detail, actor=actor, action="corrupt")
     audit.record(session, actor=actor, action="version.corrupt", subject_type="version",
                  subject_id=version.id, detail=detail)
     return version

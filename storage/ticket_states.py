@@ -9,15 +9,18 @@ to forget, so it is derived from the `live` alias, never from "the job finished"
 - When a job finishes (`settle`), its tickets become `done` if their version is in the
   live chain, else `awaiting_review` (the version is a candidate, held back by its
   evaluation or waiting because auto-promotion is off).
-- Whenever `live` moves (promote, rollback, revoke: `sync_with_live`), tickets waiting on a
-  version now in the live chain become `done`, and `done` tickets whose version left it
+- Whenever `live` moves (promote, rollback, revoke, a live version found corrupt:
+  `sync_with_live`), tickets waiting on a version now in the live chain become `done`, and `done` tickets whose version left it
   become `reopened`. Each move is an audit event, so it shows in the ticket's timeline, and
   the time is kept in the ticket's receipt (`done_at` / `reopened_at`).
-- When a version is revoked (`after_revoke`), its tickets that still hold their forget set
-  (awaiting review) go back to the queue or to `failed`, as the operator chose, with the
-  reason. A ticket that was done has had its forget set purged, so oblivio cannot train it
-  again: it stays `reopened`, with the reason and what to do (file the request again) in
-  its error, unless a version that contains it is promoted later.
+- When a version is withdrawn (`after_withdrawal`): revoked by an operator, or found corrupt
+  (its stored files fail their sha256, so it can never be served or promoted again), its
+  tickets that still hold their forget set (awaiting review) go back to the queue or to
+  `failed` (an operator's revocation chooses; a corrupt version always requeues them: the
+  fault is in storage, not in the request), with the reason. A ticket that was done has had
+  its forget set purged, so oblivio cannot train it again: it stays `reopened`, with the
+  reason and what to do (file the request again) in its error, unless a version that
+  contains it is promoted later.
 
 Functions here never commit: they run inside the caller's transaction (the one that moved
 the alias), so the alias and the tickets' states change together or not at all.
@@ -38,6 +41,10 @@ LIVE = "live"
 # Tickets whose job finished and whose version is not (or no longer) live.
 WAITING_FOR_LIVE = (TicketStatus.awaiting_review, TicketStatus.reopened)
 RevokedTickets = Literal["requeue", "fail"]
+# Why a version was withdrawn, as the audit action and as the words in the tickets' errors.
+Withdrawal = Literal["revoke", "corrupt"]
+_WITHDRAWN: dict[str, str] = {"revoke": "was revoked",
+                              "corrupt": "is corrupt (its stored files failed their checksum)"}
 
 
 def live_chain(session: Session, lineage_id: uuid.UUID) -> set[uuid.UUID]:
@@ -135,9 +142,11 @@ def sync_with_live(session: Session, *, lineage: Lineage, actor: str,
     return moved
 
 
-def after_revoke(session: Session, *, version: AdapterVersion, label: str, actor: str,
-                 reason: str, tickets: RevokedTickets = "requeue") -> dict[str, list[uuid.UUID]]:
-    """Tickets of a version just revoked (after `sync_with_live` has run for live).
+def after_withdrawal(session: Session, *, version: AdapterVersion, label: str, actor: str,
+                     reason: str, action: Withdrawal = "revoke",
+                     tickets: RevokedTickets = "requeue") -> dict[str, list[uuid.UUID]]:
+    """Tickets of a version just revoked or found corrupt (`action`), after `sync_with_live`
+    has run if it was live.
 
     Those that still hold their forget set go back to `queued` (`tickets="requeue"`, to be
     trained again on top of what is live now) or to `failed` (`"fail"`), with the reason.
@@ -147,10 +156,10 @@ def after_revoke(session: Session, *, version: AdapterVersion, label: str, actor
     moved: dict[str, list[uuid.UUID]] = {"queued": [], "failed": [], "reopened": []}
     rows = session.scalars(select(Ticket).where(Ticket.result_version_id == version.id,
                                                 Ticket.status.in_(WAITING_FOR_LIVE))).all()
-    why = f"version {label} was revoked: {reason}"
+    why = f"version {label} {_WITHDRAWN[action]}: {reason}"
     for ticket in rows:
         previous = ticket.status
-        detail: dict[str, Any] = {"action": "revoke", "version": label, "reason": reason,
+        detail: dict[str, Any] = {"action": action, "version": label, "reason": reason,
                                   "from_status": previous.value}
         ticket.updated_at = now
         if ticket.payload is None:
@@ -179,8 +188,8 @@ def after_revoke(session: Session, *, version: AdapterVersion, label: str, actor
 
 def _reopen_message(cause: dict[str, Any]) -> str:
     action = cause.get("action")
-    if action == "revoke":
+    if action in _WITHDRAWN:
         return (f"reopened: live no longer contains this ticket's version ({cause.get('from')} "
-                f"was revoked: {cause.get('reason')})")
+                f"{_WITHDRAWN[action]}: {cause.get('reason')})")
     return (f"reopened: live moved from {cause.get('from')} to {cause.get('to')} "
             f"({action}), which does not contain this ticket's version")

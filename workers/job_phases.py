@@ -15,9 +15,11 @@ Phases, in order (each a wall-clock span; they tile the time from submission to 
 
 An engine that reports no loop timestamps (`loop_started_at` / `loop_finished_at`, epoch
 seconds, in its training metrics) has its whole train call counted as training.
-The record is stored as `jobs.progress["phases"]` (spans) and `["phase_seconds"]` (the
-summary `oblivio_job_duration_seconds{phase}` on /metrics reads it), and shown by
-GET /v1/jobs/{id}.
+This clock is the one source of a job's phase timings. The record is stored as
+`jobs.progress["phases"]` (spans) and `["phase_seconds"]` (the summary
+`oblivio_job_duration_seconds{phase}` on /metrics reads it), shown by GET /v1/jobs/{id},
+and its seconds go to Ray's `oblivio_job_phase_seconds` histogram
+(`workers.telemetry.observe_phases`) when the job ends, failed jobs included.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from storage.objectstore import CorruptObject, ObjectStore
 from storage.queue import ClaimedTicket
 from workers.config import WorkerConfig
 from workers.logcontext import bind_log_context, unbind_log_context
-from workers.telemetry import merge_progress
+from workers.telemetry import merge_progress, observe_phases
 from workers.engines.base import MANIFEST_FILE
 from workers.job_phases import PhaseClock
 from workers.failures import full_trace, is_permanent, one_line_cause, retry_delay_seconds
@@ -108,7 +108,7 @@ def run_job(ctx: JobContext, tickets: list[ClaimedTicket]) -> JobOutcome:
             outcome = _run_steps(ctx, job_id, lineage_id, tickets, workdir, keeper, clock)
         return outcome
     except LeaseLost:
-        _finish_job(ctx, job_id, JobStatus.failed, error="lease lost to another claimer")
+        _finish_job(ctx, job_id, JobStatus.failed, clock, error="lease lost to another claimer")
         raise
     except Exception as exc:
         # The submitter's ticket gets one readable line; the job record keeps the whole
@@ -116,7 +116,7 @@ def run_job(ctx: JobContext, tickets: list[ClaimedTicket]) -> JobOutcome:
         log.exception("job %s failed", job_id)
         cause = one_line_cause(exc)
         permanent = is_permanent(exc)
-        _finish_job(ctx, job_id, JobStatus.failed, error=f"{cause}\n\n{full_trace(exc)}")
+        _finish_job(ctx, job_id, JobStatus.failed, clock, error=f"{cause}\n\n{full_trace(exc)}")
         config = ctx.config
         for ticket in tickets:
             delay = retry_delay_seconds(ticket.attempts, base=config.retry_backoff_seconds,
@@ -241,7 +241,7 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
         for ticket in tickets:
             queue.reject(ctx.sessions, ticket_id=ticket.id, owner=ctx.owner, error=error)
         clock.add("promote", promote_started, time.time())
-        _finish_job(ctx, job_id, JobStatus.failed, error=error, phases=clock.record(live=False))
+        _finish_job(ctx, job_id, JobStatus.failed, clock, error=error)
         return JobOutcome(job_id, None, None, False, metrics)
 
     receipt = {
@@ -266,7 +266,7 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
         queue.complete(ctx.sessions, ticket_id=ticket.id, owner=ctx.owner, version_id=version_id,
                        receipt={**receipt, "payload_sha256": ticket.payload_sha256})
     clock.add("promote", promote_started, time.time())
-    _finish_job(ctx, job_id, JobStatus.succeeded, phases=clock.record(live=promoted))
+    _finish_job(ctx, job_id, JobStatus.succeeded, clock, live=promoted)
     _queue_follow_ups(ctx, lineage_id, artifacts.follow_up)
     return JobOutcome(job_id, version_id, version_no, promoted, metrics)
 
@@ -380,28 +380,24 @@ def _set_progress(ctx: JobContext, job_id: uuid.UUID, ticket_ids: list[uuid.UUID
     queue.set_progress(ctx.sessions, ticket_ids=ticket_ids, owner=ctx.owner, progress=update)
 
 
-def _finish_job(ctx: JobContext, job_id: uuid.UUID, status: JobStatus,
-                error: str | None = None, phases: dict[str, Any] | None = None) -> None:
+def _finish_job(ctx: JobContext, job_id: uuid.UUID, status: JobStatus, clock: PhaseClock, *,
+                live: bool = False, error: str | None = None) -> None:
+    """The job's end: its status, and the phase clock's record (the one source of its phase
+    timings: the job row for /metrics and GET /v1/jobs/{id}, and Ray's histogram)."""
+    record = clock.record(live=live)
     with transaction(ctx.sessions) as s:
         job = s.get_one(Job, job_id)
         job.status, job.error, job.finished_at = status, error, utcnow()
-        job.progress = merge_progress(job.progress, {**(phases or {}), "phase": status.value})
-        if phases:
-            # The phase clock's spans are the job's record: they replace the running
-            # per-progress-phase sums (telemetry) once the job is over.
-            job.progress = {**job.progress, "phase_seconds": phases["phase_seconds"]}
-    if phases:
-        log.info("job %s phases (s): %s", job_id,
-                 {name: p["seconds"] for name, p in phases["phases"].items()})
+        job.progress = merge_progress(job.progress, {**record, "phase": status.value})
+    observe_phases(clock)
+    log.info("job %s phases (s): %s", job_id, record["phase_seconds"])
 
 
 def _save_phases(ctx: JobContext, job_id: uuid.UUID, clock: PhaseClock) -> None:
     """The phases so far, on the job only (GET /v1/jobs/{id} shows them while it runs)."""
     with transaction(ctx.sessions) as s:
         job = s.get_one(Job, job_id)
-        # (phase_seconds stays the telemetry's running sums until the job is over.)
-        record = {k: v for k, v in clock.record(live=False).items() if k != "phase_seconds"}
-        job.progress = {**(job.progress or {}), **record}
+        job.progress = {**(job.progress or {}), **clock.record(live=False)}
 
 
 ProgressFn = Callable[[dict[str, Any]], None]

@@ -1,17 +1,21 @@
-"""Job telemetry: phase timings kept on the job row, and Ray metrics from the worker side.
+"""Job telemetry from the worker side: progress updates on the job row, and Ray metrics.
 
-`merge_progress` folds a progress update into a job's progress dict and, when the phase
-changes, adds the time spent in the phase that ended to `progress["phase_seconds"]`; the
-API's `/metrics` (`oblivio_job_duration_seconds{phase}`) and the dashboard read it from the
-database. In a Ray process it also records Ray metrics, exported by Ray's metrics agent on
-every node (as `ray_oblivio_job_phase_seconds`, `ray_oblivio_training_loss`).
+`merge_progress` folds a progress update (phase, step, loss...) into a job's progress dict.
+Phase timings have one source, the job's `workers.job_phases.PhaseClock`: the job runner
+stores its record on the job (`progress["phases"]`, `["phase_seconds"]`, which the API's
+`/metrics` `oblivio_job_duration_seconds{phase}` and the dashboard read from the database),
+and `observe_phases` hands the same seconds to Ray. In a Ray process these functions record
+Ray metrics, exported by Ray's metrics agent on every node (as
+`ray_oblivio_job_phase_seconds`, `ray_oblivio_training_loss`).
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from workers.job_phases import PhaseClock
 
 log = logging.getLogger(__name__)
 
@@ -20,24 +24,19 @@ _metrics: dict[str, Any] | None = None
 
 
 def merge_progress(progress: dict[str, Any] | None, update: dict[str, Any], *,
-                   now: float | None = None, lineage: str | None = None) -> dict[str, Any]:
-    """`progress` with `update` applied and the finished phase's seconds accumulated."""
-    now = time.time() if now is None else now
+                   lineage: str | None = None) -> dict[str, Any]:
+    """`progress` with `update` applied; a reported loss also goes to Ray's loss gauge."""
     merged = {**(progress or {}), **update}
-    old, new = (progress or {}).get("phase"), update.get("phase")
-    started = (progress or {}).get("phase_started_at")
-    if new is not None and new != old:
-        if old is not None and isinstance(started, (int, float)):
-            seconds = max(0.0, now - started)
-            phases = dict(merged.get("phase_seconds") or {})
-            phases[old] = round(phases.get(old, 0.0) + seconds, 3)
-            merged["phase_seconds"] = phases
-            _observe("phase", seconds, {"phase": str(old)})
-        merged["phase_started_at"] = now
     loss = update.get("loss")
     if isinstance(loss, (int, float)):
         _observe("loss", float(loss), {"lineage": lineage or ""})
     return merged
+
+
+def observe_phases(clock: PhaseClock) -> None:
+    """Each phase of a finished job, as the clock measured it, into Ray's phase histogram."""
+    for phase, seconds in clock.seconds().items():
+        _observe("phase", seconds, {"phase": phase})
 
 
 def _observe(kind: str, value: float, tags: dict[str, str]) -> None:

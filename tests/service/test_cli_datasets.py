@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
+from typing import Any
 
 from storage import queue
 from tests.fixtures.people import people_records
 from tests.service.conftest import LiveServer
 from tests.service.test_cli import oblivio
+from tests.service.test_cli_watch import _done_with_a_version, play_worker
 
 
 def test_dataset_add_show_and_finetune(live_server: LiveServer, tmp_path: Path) -> None:
@@ -37,11 +39,25 @@ def test_dataset_add_show_and_finetune(live_server: LiveServer, tmp_path: Path) 
     assert json.loads(shown.stdout)["records"] == 6
 
 
-def test_finetune_wait_follows_the_ticket_to_its_end(live_server: LiveServer) -> None:
+def _finetune_and_wait(live_server: LiveServer, worker: threading.Thread) -> Any:
+    """`oblivio lineage finetune l --wait` (lineage and dataset from
+    `_s3t_lineage_and_dataset`), while `worker`, already started, plays the worker side."""
+    r = oblivio(live_server, "lineage", "finetune", "l", "--dataset", "d", "--shards", "1",
+                "--slices", "1", "--sequences-per-shard", "1", "--wait")
+    worker.join(timeout=30)
+    return r
+
+
+def _s3t_lineage_and_dataset(live_server: LiveServer) -> None:
     api = live_server.api
     h = api.headers()
     api.client.post("/v1/datasets", json={"name": "d", "records": people_records(1)}, headers=h)
     api.client.post("/v1/lineages", json={"name": "l", "engine": "s3t"}, headers=h)
+
+
+def test_finetune_wait_follows_the_ticket_to_its_end(live_server: LiveServer) -> None:
+    api = live_server.api
+    _s3t_lineage_and_dataset(live_server)
 
     def fail_it_once_claimed() -> None:  # a stand-in worker: claim, report progress, fail
         import time
@@ -60,7 +76,16 @@ def test_finetune_wait_follows_the_ticket_to_its_end(live_server: LiveServer) ->
 
     worker = threading.Thread(target=fail_it_once_claimed)
     worker.start()
-    r = oblivio(live_server, "lineage", "finetune", "l", "--dataset", "d", "--shards", "1",
-                "--slices", "1", "--sequences-per-shard", "1", "--wait")
-    worker.join()
+    r = _finetune_and_wait(live_server, worker)
     assert r.exit_code == 1 and "fine-tune failed: boom" in r.stderr
+
+
+def test_finetune_wait_ends_at_review_with_the_promote_line(live_server: LiveServer) -> None:
+    # The wait is cli_watch's: a held version ends it (exit 0, how to promote) as for a ticket.
+    _s3t_lineage_and_dataset(live_server)
+    worker = play_worker(live_server, lambda sessions, ticket: _done_with_a_version(
+        sessions, ticket, live=False))
+    r = _finetune_and_wait(live_server, worker)
+    assert r.exit_code == 0, r.output
+    assert "waiting for review" in r.stdout and "oblivio promote --lineage l 1" in r.stdout
+    assert "3/3" in r.stderr  # cli_watch's bar, at the worker's last step

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from storage.db import transaction
 from storage.models import Job, JobStatus, Lineage, utcnow
 from tests.fixtures.versions import add_version
 from tests.service.conftest import Api
+from workers import telemetry
+from workers.job_phases import PhaseClock
 from workers.logcontext import JsonFormatter, log_context
 from workers.telemetry import merge_progress
 
@@ -61,13 +64,34 @@ def test_metrics_expose_queue_jobs_versions_and_live_eval(api: Api) -> None:
     assert "oblivio_generate_latency_seconds" in c.get("/metrics").text
 
 
-def test_phase_seconds_accumulate_when_the_phase_changes() -> None:
-    p = merge_progress(None, {"phase": "preparing"}, now=100.0)
-    p = merge_progress(p, {"phase": "training", "step": 1}, now=103.0)
-    p = merge_progress(p, {"phase": "training", "step": 2, "loss": 0.5}, now=110.0)
-    p = merge_progress(p, {"phase": "evaluating"}, now=130.0)
-    assert p["phase_seconds"] == {"preparing": 3.0, "training": 27.0}
-    assert p["step"] == 2 and p["phase"] == "evaluating"
+def test_progress_updates_leave_phase_timings_to_the_phase_clock() -> None:
+    # The clock's record (job_runner._save_phases) is on the job; later updates keep it.
+    clock = PhaseClock(submitted_at=datetime.fromtimestamp(100.0, timezone.utc),
+                       started_at=102.0)
+    clock.add("training", 103.0, 130.0)
+    p = merge_progress(None, {"phase": "preparing"})
+    p = merge_progress(p, clock.record(live=False))
+    p = merge_progress(p, {"phase": "training", "step": 2, "loss": 0.5})
+    p = merge_progress(p, {"phase": "evaluating"})
+    assert p["phase_seconds"] == {"queue_wait": 2.0, "training": 27.0}
+    assert p["step"] == 2 and p["phase"] == "evaluating" and "phase_started_at" not in p
+
+
+def test_rays_phase_histogram_reads_the_phase_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    observed: list[tuple[float, dict[str, str]]] = []
+
+    class Histogram:
+        def observe(self, value: float, tags: dict[str, str]) -> None:
+            observed.append((value, tags))
+
+    monkeypatch.setattr(telemetry, "_ray_metrics", lambda: {"phase": Histogram()})
+    clock = PhaseClock(submitted_at=datetime.fromtimestamp(100.0, timezone.utc),
+                       started_at=102.0)
+    clock.add("training", 103.0, 130.0)
+    clock.add("evaluation", 130.0, 131.5)
+    telemetry.observe_phases(clock)
+    assert observed == [(2.0, {"phase": "queue_wait"}), (27.0, {"phase": "training"}),
+                        (1.5, {"phase": "evaluation"})]
 
 
 def test_json_logs_carry_ticket_and_job_ids() -> None:
