@@ -87,6 +87,7 @@ class DispatcherLoop:
                                    lineage_id=first[0].lineage_id, engines=(first[0].engine,),
                                    kinds=(first[0].kind,))
         claimed = self._open_payloads(claimed)
+        self._free_orphaned_training_resources()
         groups: dict[tuple[Any, str], list[Any]] = defaultdict(list)
         for ticket in claimed:
             groups[(ticket.lineage_id, ticket.engine)].append(ticket)
@@ -106,6 +107,21 @@ class DispatcherLoop:
             ran += 1
         self.jobs_run += ran
         return ran
+
+    def _free_orphaned_training_resources(self) -> None:
+        """Before a Ray Train job: free the CPUs a dead claimer's run still reserves (see
+        remove_orphaned_placement_groups), else this job could wait for them forever.
+        Best effort: a failure only leaves the job to wait as it would have."""
+        config = self.config
+        if config.trainer != "deepspeed" or (config.warm_train_workers
+                                             and config.device == "cpu"):
+            return  # no Ray Train run: warm ranks die with their owner, plain is in-process
+        try:
+            from workers.training.runner import remove_orphaned_placement_groups
+
+            remove_orphaned_placement_groups()
+        except Exception:
+            log.warning("could not check for orphaned placement groups", exc_info=True)
 
     def _open_payloads(self, claimed: list[Any]) -> list[Any]:
         """Claimed tickets with their forget sets decrypted; one that cannot be opened

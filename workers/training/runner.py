@@ -338,3 +338,34 @@ def _progress_sink_cls() -> Any:
             return self._placement_group
 
     return ProgressSink
+
+
+def remove_orphaned_placement_groups() -> int:
+    """Remove placement groups whose creating actor is dead; returns how many.
+
+    A Ray Train run's group is created by its TrainController. When the dispatcher that
+    drove the run dies (actor killed, node lost) the controller and ranks die with it, but
+    Ray removes a non-detached group only once its creator actor AND its creator job are
+    dead, and the job (the service's driver) lives on; Train's own cleaner needs the State
+    API, i.e. the dashboard. The group then holds its CPUs forever and on a small cluster
+    every later run waits for them. No live run uses a group whose creator is dead.
+    """
+    import ray
+    from ray._raylet import ActorID, PlacementGroupID
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    removed = 0
+    accessor = ray._private.state.state._connect_and_get_accessor()
+    for raw in accessor.get_placement_group_table():
+        group = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        removed_state = gcs_pb2.PlacementGroupTableData.REMOVED
+        # A driver-created group has no creator actor (nil id) and counts as "actor dead".
+        if (group.state == removed_state or group.is_detached or not group.creator_actor_dead
+                or not group.creator_actor_id or ActorID(group.creator_actor_id).is_nil()):
+            continue
+        remove_placement_group(PlacementGroup(PlacementGroupID(group.placement_group_id)))
+        log.warning("removed placement group %s: its creator actor %s is dead",
+                    group.placement_group_id.hex(), group.creator_actor_id.hex())
+        removed += 1
+    return removed
