@@ -18,7 +18,8 @@ Suites:
 - full: SmolLM2 over 10 sequential requests (rows after 1, 5 and 10), the recipe's
   training length. Hours on 2 cores; the README records its latest numbers.
 
-Engines that are not registered yet (O3, S3T) are skipped with a note in the output.
+S3T (record deletion, not knowledge forgetting) and engines not registered in this release
+are skipped with a note in the output.
 """
 
 from __future__ import annotations
