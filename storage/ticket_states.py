@@ -10,8 +10,8 @@ to forget, so it is derived from the `live` alias, never from "the job finished"
   live chain, else `awaiting_review` (the version is a candidate, held back by its
   evaluation or waiting because auto-promotion is off).
 - Whenever `live` moves (promote, rollback, revoke, a live version found corrupt:
-  `sync_with_live`), tickets waiting on a version now in the live chain become `done`, and `done` tickets whose version left it
-  become `reopened`. Each move is an audit event, so it shows in the ticket's timeline, and
+  `sync_with_live`), tickets waiting on a version now in the live chain become `done`, and
+  `done` tickets whose version left it become `reopened`. Each move is an audit event, so it shows in the ticket's timeline, and
   the time is kept in the ticket's receipt (`done_at` / `reopened_at`).
 - When a version is withdrawn (`after_withdrawal`): revoked by an operator, or found corrupt
   (its stored files fail their sha256, so it can never be served or promoted again), its

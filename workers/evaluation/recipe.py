@@ -76,6 +76,8 @@ class ForgetRecipe:
     retain_max_new_tokens: int = 32
 
     def __post_init__(self) -> None:
+        # From JSON (settings, stored specs) target_modules arrives as a list.
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
         if self.method not in ("npo", "graddiff", "ga", "idk"):
             raise ValueError(f"unknown forget method {self.method!r}")
         if self.forget_tokens not in ("answer", "keywords"):

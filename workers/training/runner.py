@@ -356,10 +356,10 @@ def remove_orphaned_placement_groups() -> int:
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
     removed = 0
+    removed_state = gcs_pb2.PlacementGroupTableData.REMOVED
     accessor = ray._private.state.state._connect_and_get_accessor()
     for raw in accessor.get_placement_group_table():
         group = gcs_pb2.PlacementGroupTableData.FromString(raw)
-        removed_state = gcs_pb2.PlacementGroupTableData.REMOVED
         # A driver-created group has no creator actor (nil id) and counts as "actor dead".
         if (group.state == removed_state or group.is_detached or not group.creator_actor_dead
                 or not group.creator_actor_id or ActorID(group.creator_actor_id).is_nil()):

@@ -101,10 +101,7 @@ class TrainJobSpec:
 
     def forget_recipe(self) -> ForgetRecipe:
         known = {f.name for f in fields(ForgetRecipe)}
-        values = {k: v for k, v in self.recipe.items() if k in known}
-        if "target_modules" in values:
-            values["target_modules"] = tuple(values["target_modules"])
-        return ForgetRecipe(**values)
+        return ForgetRecipe(**{k: v for k, v in self.recipe.items() if k in known})
 
     def method_config(self) -> tuple[Any, Any]:
         """(registered Method, its config built from method_options + recipe defaults).

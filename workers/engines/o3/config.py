@@ -244,14 +244,11 @@ def make_config(options: Mapping[str, Any] | None,
 
 
 def _recipe_values(values: Mapping[str, Any]) -> dict[str, Any]:
-    """ForgetRecipe overrides as its fields expect them (target_modules is a tuple);
-    unknown names raise ValueError."""
+    """ForgetRecipe overrides; unknown names raise ValueError (naming them)."""
     out = dict(values)
     unknown = sorted(set(out) - {f.name for f in fields(ForgetRecipe)})
     if unknown:
         raise ValueError(f"unknown recipe field(s): {', '.join(unknown)}")
-    if "target_modules" in out:
-        out["target_modules"] = tuple(out["target_modules"])
     return out
 
 
