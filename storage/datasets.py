@@ -203,6 +203,21 @@ def deleted_ids(session: Session, dataset: Dataset) -> list[str]:
         Record.dataset_id == dataset.id, Record.deleted_at.is_not(None))))
 
 
+def deleted_ids_served(session: Session, *, dataset_name: str,
+                       prefix_hashes: Sequence[str]) -> list[str]:
+    """Deleted record ids that any of these layer groups was trained on (empty: serving
+    them cannot bring a deleted record back). An unknown dataset has deleted nothing."""
+    ds = session.scalar(select(Dataset).where(Dataset.name == dataset_name))
+    if ds is None or not prefix_hashes:
+        return []
+    gone = set(deleted_ids(session, ds))
+    seen: set[str] = set()
+    for ids in session.scalars(select(S3TCheckpoint.record_ids).where(
+            S3TCheckpoint.prefix_hash.in_(list(prefix_hashes)))):
+        seen.update(ids)
+    return sorted(gone & seen)
+
+
 def checkpoint(session: Session, prefix_hash: str) -> S3TCheckpoint | None:
     return session.scalar(select(S3TCheckpoint).where(S3TCheckpoint.prefix_hash == prefix_hash))
 

@@ -28,7 +28,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from storage import audit, ticket_states
+from storage import audit, datasets, ticket_states
 from storage.errors import Conflict, InvalidRequest, NotFound
 from storage.models import AdapterVersion, Alias, Lineage, VersionStatus, utcnow
 
@@ -38,6 +38,9 @@ ALIASES = (LIVE, CANDIDATE)
 # Versions that may be pointed at: ready ones, and superseded ones (rolling back/forward).
 SERVABLE = (VersionStatus.ready, VersionStatus.superseded)
 _UNFINISHED = (VersionStatus.training, VersionStatus.validating)
+# Key in an S3T version's training metrics: {"dataset": name, "prefix_hashes": [the groups
+# it serves]}; see deleted_records_served.
+S3T_SERVED = "s3t_served"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _VERSION_REF = re.compile(r"v?(\d+)")
 # The UNIQUE (lineage_id, version) constraint is the last guard against two versions taking
@@ -218,6 +221,10 @@ def promote(session: Session, *, lineage_name: str, version: int, actor: str,
         raise Conflict(f"{version_label(lineage.name, target.version)} is "
                        f"{target.status.value}; only a ready or superseded version can be "
                        f"made {alias}")
+    if alias == LIVE and (gone := deleted_records_served(session, target)):
+        raise Conflict(f"{version_label(lineage.name, target.version)} serves layers trained "
+                       f"on {len(gone)} record(s) deleted since ({_few(gone)}); making it "
+                       "live would undo their deletion")
     _move_alias(session, lineage, alias, target, actor=actor, action="promote")
     return target
 
@@ -238,7 +245,8 @@ def rollback(session: Session, *, lineage_name: str, actor: str) -> AdapterVersi
     previous = _servable_before(session, lineage, current.version)
     if previous is None:
         raise Conflict(f"{version_label(lineage.name, current.version)} is the earliest "
-                       "servable version; there is nothing to roll back to")
+                       "servable version that serves no deleted record; there is nothing "
+                       "to roll back to")
     _move_alias(session, lineage, LIVE, previous, actor=actor, action="rollback")
     return previous
 
@@ -402,11 +410,30 @@ def _alias_target(session: Session, lineage: Lineage, alias: str) -> AdapterVers
 
 
 def _servable_before(session: Session, lineage: Lineage, number: int) -> AdapterVersion | None:
-    return session.scalar(select(AdapterVersion)
-                          .where(AdapterVersion.lineage_id == lineage.id,
-                                 AdapterVersion.version < number,
-                                 AdapterVersion.status.in_(SERVABLE))
-                          .order_by(AdapterVersion.version.desc()).limit(1))
+    """The nearest earlier servable version that serves no deleted record (`None`: only
+    the base model is safe to fall back to)."""
+    earlier = session.scalars(select(AdapterVersion)
+                              .where(AdapterVersion.lineage_id == lineage.id,
+                                     AdapterVersion.version < number,
+                                     AdapterVersion.status.in_(SERVABLE))
+                              .order_by(AdapterVersion.version.desc()))
+    return next((v for v in earlier if not deleted_records_served(session, v)), None)
+
+
+def deleted_records_served(session: Session, version: AdapterVersion) -> list[str]:
+    """Record ids deleted (delete_records tickets) since `version` was built that its
+    layer groups were trained on. Only S3T versions say which groups they serve
+    (`metrics["training"]["s3t_served"]`, from the engine's metrics); pointing `live` at a version for which this is not empty
+    would undo an exact deletion, so promote, rollback and fallback refuse it."""
+    served = ((version.metrics or {}).get("training") or {}).get(S3T_SERVED)
+    if not served:
+        return []
+    return datasets.deleted_ids_served(session, dataset_name=served["dataset"],
+                                       prefix_hashes=served["prefix_hashes"])
+
+
+def _few(ids: Sequence[str], shown: int = 5) -> str:
+    return ", ".join(ids[:shown]) + (f" and {len(ids) - shown} more" if len(ids) > shown else "")
 
 
 def _point(session: Session, lineage: Lineage, alias: str, version: AdapterVersion) -> None:

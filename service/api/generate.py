@@ -58,6 +58,11 @@ def _servable(session: Session, lineage: str, ref: str | None) -> AdapterVersion
     if version is not None and version.status not in _SERVABLE:
         raise Conflict(f"version {lineage}@v{version.version} is {version.status.value} "
                        "and cannot be served")
+    if version is not None and (gone := registry.deleted_records_served(session, version)):
+        # Between a deletion and its version going live (seconds), or when asked by number.
+        raise Conflict(f"version {lineage}@v{version.version} serves layers trained on "
+                       f"{len(gone)} deleted record(s) and cannot be served; its deletion "
+                       "version goes live once the delete_records job finishes")
     session.commit()
     return version
 

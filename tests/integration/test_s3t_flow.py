@@ -71,3 +71,18 @@ def test_finetune_delete_and_retrain_through_the_queue(service) -> None:
     v3 = versions[-1]
     assert "live" in v3["aliases"] and v3["parent_id"] == versions[1]["id"]
     assert v3["metrics"]["training"]["prefixes_reused"] > 0
+
+    # No way back to the model that saw the deleted records: v1 (before the deletion) may
+    # neither be rolled back to nor promoted; v2 (cut before them) may.
+    assert client.post("/v1/lineages/people/rollback", headers=h).json()["version"] == 2
+    res = client.post("/v1/lineages/people/rollback", headers=h)
+    assert res.status_code == 409 and "deleted record" in res.json()["detail"], res.text
+    res = client.post("/v1/lineages/people/promote", headers=h, json={"version": 1})
+    assert res.status_code == 409, res.text
+    assert "2 record(s) deleted since" in res.json()["detail"]
+    live = [v for v in client.get("/v1/lineages/people/versions", headers=h).json()
+            if "live" in v["aliases"]]
+    assert [v["version"] for v in live] == [2]
+    res = client.post("/v1/generate", headers=h,
+                      json={"prompt": "Who is person-3?", "lineage": "people", "version": "1"})
+    assert res.status_code == 409 and "deleted record" in res.json()["detail"], res.text

@@ -212,6 +212,50 @@ def test_revoking_the_live_version_falls_back_and_finally_serves_the_base_model(
         registry.promote(s, lineage_name="default", version=3, actor="operator")
 
 
+def _s3t_version(sessions: sessionmaker[Session], prefix: str) -> AdapterVersion:
+    """A ready S3T-style version serving the one layer group `prefix`."""
+    version = new_version(sessions)
+    with transaction(sessions) as s:
+        row = s.get(AdapterVersion, version.id)
+        row.metrics = {"training": {registry.S3T_SERVED: {"dataset": "people",
+                                                          "prefix_hashes": [prefix]}}}
+    return version
+
+
+@BOTH
+def test_no_alias_move_brings_back_a_deleted_record(db):
+    """v1's group saw record a; after a is deleted, v2 serves a group that did not. Making
+    v1 live again would undo the deletion: promote and rollback refuse, and revoking v2
+    falls back to the base model rather than to v1."""
+    from storage import datasets
+
+    with transaction(db.sessions) as s:
+        ds, _ = datasets.add_records(s, name="people", actor="t", records=[
+            {"id": "a", "text": "Ann is a pilot."}, {"id": "b", "text": "Bo is a cook."}])
+        for prefix, ids in (("1" * 64, ["a", "b"]), ("2" * 64, ["b"])):
+            datasets.add_checkpoint(s, prefix_hash=prefix, dataset_id=ds.id, shard=0,
+                                    sequence=0, position=0, slices=[0], layers=[0],
+                                    record_ids=ids, record_set_sha256="0" * 64,
+                                    object_key=f"s3t/{prefix}")
+    _s3t_version(db.sessions, "1" * 64)
+    promote(db.sessions, 1)
+    with transaction(db.sessions) as s:
+        datasets.mark_deleted(s, dataset="people", record_ids=["a"], ticket_id="t1",
+                              actor="job")
+    v2 = _s3t_version(db.sessions, "2" * 64)
+    promote(db.sessions, 2)
+
+    with pytest.raises(Conflict, match=r"1 record\(s\) deleted since \(a\)"):
+        promote(db.sessions, 1)
+    with transaction(db.sessions) as s, pytest.raises(Conflict, match="no deleted record"):
+        registry.rollback(s, lineage_name="default", actor="operator")
+    promote(db.sessions, 1, alias="candidate")  # a candidate is not served
+    assert live(db.sessions) == 2
+    with transaction(db.sessions) as s:
+        registry.revoke(s, version_id=v2.id, actor="operator", reason="bad")
+    assert live(db.sessions) is None  # the base model never saw a
+
+
 @BOTH
 def test_candidate_alias_and_resolving_references(db):
     v1 = new_version(db.sessions)

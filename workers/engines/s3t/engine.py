@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from storage.errors import InvalidRequest
+from storage.registry import S3T_SERVED
 from workers.engines.base import Artifacts, EngineRequest, JobInput, ProgressFn
 from workers.engines.s3t import plan as plans
 from workers.engines.s3t.config import S3TConfig
@@ -118,6 +119,7 @@ class S3TEngine:
         return Artifacts(version_dir=out, receipt=receipt, follow_up=follow_up,
                          metrics={"deactivation_seconds": seconds, "cut_sequences": cuts,
                                   "served_groups": len(served),
+                                  S3T_SERVED: _served(parent["dataset"], manifest),
                                   "deleted_records_total": len(all_deleted)},
                          method_config={"engine": self.name, "action": "deactivate"})
 
@@ -247,7 +249,8 @@ class S3TEngine:
                    "train_steps": total_steps, "train_seconds": train_seconds,
                    "records": len(records), "shards": len(shards),
                    "sequences": [list(o) for o in orders], "prefix_timings": timings,
-                   "retrain": bool((request.options or {}).get("retrain"))}
+                   "retrain": bool((request.options or {}).get("retrain")),
+                   S3T_SERVED: _served(dataset_name, manifest)}
         return Artifacts(version_dir=job.output_dir, metrics=metrics,
                          method_config={"engine": self.name, "action": "finetune",
                                         "config": cfg.to_dict()},
@@ -336,3 +339,10 @@ def _store(job: JobInput, directory: Path) -> str:
     if job.store_dir is None:
         raise RuntimeError("the job runner offers no store_dir for S3T checkpoints")
     return job.store_dir(directory)
+
+
+def _served(dataset: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What the registry needs to refuse making this version live once one of the records
+    its groups saw is deleted (storage.registry.deleted_records_served)."""
+    return {"dataset": dataset,
+            "prefix_hashes": [g["prefix_hash"] for g in plans.active_groups(manifest)]}
