@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from storage.models import AdapterVersion, Job, JobStatus, Ticket, TicketStatus, VersionStatus
 from tests.fixtures.operator import approve_held
+from tests.fixtures.workers import ray_actor_pids
 from tests.integration.test_faults_in_process import _account
 from tests.integration.test_worker_crash import _live_placement_groups
 
@@ -21,22 +22,8 @@ LEASE_SECONDS = 12.0
 TRAINING_TITLES = ("RayTrainWorker", "WarmRank", "TrainController")
 
 
-def _ray_actor_pids(*titles: str) -> set[int]:
-    """Live processes of THIS Ray cluster (its raylet's descendants) titled `ray::<title>`:
-    a machine-wide scan would also see other test sessions' clusters and their ranks."""
-    import psutil
-    import ray
-
-    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
-    pids = set()
-    for proc in psutil.Process(raylet).children(recursive=True):
-        try:
-            if proc.status() != psutil.STATUS_ZOMBIE and " ".join(proc.cmdline()).startswith(
-                    tuple(f"ray::{t}" for t in titles)):
-                pids.add(proc.pid)
-        except psutil.NoSuchProcess:
-            continue
-    return pids
+def _training_pids() -> set[int]:
+    return set(ray_actor_pids(*TRAINING_TITLES))
 
 
 def _status(actor: Any, timeout: float = 60.0) -> dict[str, Any]:
@@ -60,8 +47,9 @@ def _wait_for(predicate: Any, timeout: float, poll: float = 0.5) -> Any:
     return value
 
 
-def _stop(actor: Any) -> None:
-    """Stop for good (no restart) and wait until the name is free and its processes gone."""
+def _stop(actor: Any, earlier: set[int]) -> None:
+    """Stop for good (no restart) and wait until the name is free and the training
+    processes it started (those not in `earlier`) are gone."""
     import ray
 
     try:
@@ -78,7 +66,7 @@ def _stop(actor: Any) -> None:
             return True
 
     _wait_for(gone, 30)
-    _wait_for(lambda: not _ray_actor_pids(*TRAINING_TITLES), 30)
+    _wait_for(lambda: not _training_pids() - earlier, 30)
 
 
 @pytest.mark.parametrize("warm", [True, False], ids=["warm-ranks", "ray-train"])
@@ -96,6 +84,8 @@ def test_killing_the_dispatcher_actor_mid_job_requeues_and_finishes_the_ticket(
         "lease_seconds": LEASE_SECONDS, "retry_backoff_seconds": 0.5,
         "warm_train_workers": warm})
     ticket_id = flow.submit(key=f"actor-kill-{warm}")
+    # Warm ranks an earlier test's in-process dispatcher left in this cluster are not ours.
+    earlier = _training_pids()
     actor = start_dispatcher_actor(settings.worker_config())
     try:
         first_owner = _status(actor, timeout=120)["owner"]
@@ -109,7 +99,7 @@ def test_killing_the_dispatcher_actor_mid_job_requeues_and_finishes_the_ticket(
         caught = _wait_for(training, 180, poll=0.2)
         assert caught is not None, "the ticket never reached training step 1"
         assert caught.lease_owner == first_owner and caught.attempts == 1
-        dead_pids = _ray_actor_pids(*TRAINING_TITLES)
+        dead_pids = _training_pids() - earlier
         dead_groups = set(_live_placement_groups())
         assert dead_pids, "no training process found for the running job"
         if not warm:  # Ray Train reserves the run's CPUs in a placement group
@@ -122,7 +112,7 @@ def test_killing_the_dispatcher_actor_mid_job_requeues_and_finishes_the_ticket(
         # its Train controller, and the CPUs it reserved. Otherwise it would train on, and a
         # Ray Train retry could wait forever for CPUs on a small cluster.
         def survivors() -> set[int]:
-            return dead_pids & _ray_actor_pids(*TRAINING_TITLES)
+            return dead_pids & _training_pids()
 
         _wait_for(lambda: not survivors(), 60)
         left = survivors()
@@ -149,7 +139,7 @@ def test_killing_the_dispatcher_actor_mid_job_requeues_and_finishes_the_ticket(
         assert final.status is TicketStatus.awaiting_review, (final.status, final.error)
         assert final.attempts == 2
     finally:
-        _stop(actor)
+        _stop(actor, earlier)
 
     approve_held(flow.sessions)
     with flow.sessions() as s:

@@ -19,30 +19,18 @@ from storage.models import (
     VersionStatus,
     utcnow,
 )
-
-
-def _ray_actor_pids(*titles: str) -> list[int]:
-    """Ray titles its worker processes `ray::<Actor>...`: the live ones with these titles."""
-    import psutil
-
-    pids = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        cmdline = " ".join(proc.info.get("cmdline") or [])
-        if proc.info.get("status") != psutil.STATUS_ZOMBIE and cmdline.startswith(
-                tuple(f"ray::{t}" for t in titles)):
-            pids.append(proc.pid)
-    return pids
+from tests.fixtures.workers import ray_actor_pids
 
 
 def _train_worker_pids() -> list[int]:
     # Ray Train's workers, or the warm ranks that CPU jobs use by default.
-    return _ray_actor_pids("RayTrainWorker", "WarmRank")
+    return ray_actor_pids("RayTrainWorker", "WarmRank")
 
 
 def _wait_until_no_training_processes(timeout: float = 60.0) -> list[int]:
     """The run's TrainController and its ranks (the killed one's peer too) must exit."""
     deadline = time.monotonic() + timeout
-    while (left := _ray_actor_pids("RayTrainWorker", "WarmRank", "TrainController")) and (
+    while (left := ray_actor_pids("RayTrainWorker", "WarmRank", "TrainController")) and (
             time.monotonic() < deadline):
         time.sleep(0.5)
     return left
@@ -111,7 +99,7 @@ def test_killing_a_train_worker_mid_training_retries_the_ticket_to_done(flow):
     # which scripts/no_leftovers.py checks at the end of the suite): one per worker, and
     # no Ray Train process.
     deadline = time.monotonic() + 60
-    while _ray_actor_pids("RayTrainWorker", "TrainController") and time.monotonic() < deadline:
+    while ray_actor_pids("RayTrainWorker", "TrainController") and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert _ray_actor_pids("RayTrainWorker", "TrainController") == []
-    assert len(_ray_actor_pids("WarmRank")) <= settings.num_workers
+    assert ray_actor_pids("RayTrainWorker", "TrainController") == []
+    assert len(ray_actor_pids("WarmRank")) <= settings.num_workers
