@@ -423,8 +423,9 @@ def _servable_before(session: Session, lineage: Lineage, number: int) -> Adapter
 def deleted_records_served(session: Session, version: AdapterVersion) -> list[str]:
     """Record ids deleted (delete_records tickets) since `version` was built that its
     layer groups were trained on. Only S3T versions say which groups they serve
-    (`metrics["training"]["s3t_served"]`, from the engine's metrics); pointing `live` at a version for which this is not empty
-    would undo an exact deletion, so promote, rollback and fallback refuse it."""
+    (`metrics["training"]["s3t_served"]`, from the engine's metrics); pointing `live` at
+    a version for which this is not empty would undo an exact deletion, so promote,
+    rollback and fallback refuse it."""
     served = ((version.metrics or {}).get("training") or {}).get(S3T_SERVED)
     if not served:
         return []

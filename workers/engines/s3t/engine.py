@@ -101,8 +101,9 @@ class S3TEngine:
             dataset = datasets.get_dataset(s, parent["dataset"])
             all_deleted = datasets.deleted_ids(s, dataset)
             manifest = plans.deactivate(parent, all_deleted)
-            served = [g["prefix_hash"] for g in plans.active_groups(manifest)]
-            evidence = datasets.verify_groups(s, dataset=dataset, prefix_hashes=served,
+            served = _served(parent["dataset"], manifest)
+            evidence = datasets.verify_groups(s, dataset=dataset,
+                                              prefix_hashes=served["prefix_hashes"],
                                               deleted=all_deleted)
         if not evidence["exact"]:  # never publish a version that could still know them
             raise RuntimeError(f"exactness check failed after deactivation: {evidence}")
@@ -118,8 +119,8 @@ class S3TEngine:
                                   "options": dict(parent["config"]), "retrain": True}}]
         return Artifacts(version_dir=out, receipt=receipt, follow_up=follow_up,
                          metrics={"deactivation_seconds": seconds, "cut_sequences": cuts,
-                                  "served_groups": len(served),
-                                  S3T_SERVED: _served(parent["dataset"], manifest),
+                                  "served_groups": len(served["prefix_hashes"]),
+                                  S3T_SERVED: served,
                                   "deleted_records_total": len(all_deleted)},
                          method_config={"engine": self.name, "action": "deactivate"})
 
