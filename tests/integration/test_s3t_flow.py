@@ -71,6 +71,9 @@ def test_finetune_delete_and_retrain_through_the_queue(service) -> None:
     v3 = versions[-1]
     assert "live" in v3["aliases"] and v3["parent_id"] == versions[1]["id"]
     assert v3["metrics"]["training"]["prefixes_reused"] > 0
+    # Fine-tune and retrain trained on the DeepSpeed ranks (the service's default trainer).
+    assert versions[0]["metrics"]["training"]["trainer"] == "deepspeed"
+    assert v3["metrics"]["training"]["trainer"] == "deepspeed"
 
     # No way back to the model that saw the deleted records: v1 (before the deletion) may
     # neither be rolled back to nor promoted; v2 (cut before them) may.

@@ -21,7 +21,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from workers.training.loop import LoopResult, ProgressFn, run_training
 from workers.training.spec import TrainJobSpec
@@ -64,28 +64,55 @@ def train_plain(spec: TrainJobSpec, progress_cb: ProgressFn | None = None) -> Tr
     return _write_result(spec, result)
 
 
+class RankTask(Protocol):
+    """Work that runs the same on every DeepSpeed rank: a forget adapter (TrainJobSpec), an
+    S3T prefix (workers/engines/s3t/rank_task.py). Plain data: it is pickled to each rank.
+
+    `rank_strategy` builds the rank's DeepSpeedStrategy (inside its process group);
+    `run_rank` trains and returns the rank's metrics and, on rank 0, a temporary directory
+    holding the result, which `run_on_ranks` moves to `output_dir`.
+    """
+
+    device: str
+    num_workers: int
+    output_dir: str
+
+    def rank_strategy(self) -> Any: ...
+    def run_rank(self, strategy: Any, progress: ProgressFn | None
+                 ) -> tuple[dict[str, Any], Path | None]: ...
+
+
 def train_unlearning_adapter(spec: TrainJobSpec, progress_cb: ProgressFn | None = None, *,
                              warm: bool = False) -> TrainResult:
-    """Train on `spec.num_workers` DeepSpeed ZeRO ranks: Ray Train workers, or with `warm`
-    (CPU only) this process's warm ranks (workers/training/warm_pool.py), which skip the
-    per-job start-up and run the same rank code."""
+    """Train on `spec.num_workers` DeepSpeed ZeRO ranks (see `run_on_ranks`)."""
     spec.method_config()  # refuse a bad method or options before any worker starts
-    if warm and spec.device == "cpu":
-        return _train_on_warm_pool(spec, progress_cb)
+    metrics = run_on_ranks(spec, progress_cb, warm=warm)
+    out = Path(spec.output_dir)
+    return TrainResult(adapter_dir=out, metrics=metrics, peft_config=_read_config(out))
+
+
+def run_on_ranks(task: RankTask, progress_cb: ProgressFn | None = None, *,
+                 warm: bool = False) -> dict[str, Any]:
+    """Run `task` on `task.num_workers` DeepSpeed ranks: Ray Train workers, or with `warm`
+    (CPU only) this process's warm ranks (workers/training/warm_pool.py), which skip the
+    per-job start-up and run the same rank code. Rank 0's result directory ends up at
+    `task.output_dir`; returns rank 0's metrics."""
+    if warm and task.device == "cpu":
+        return _run_on_warm_pool(task, progress_cb)
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     # Always created: besides progress it carries the run's placement group to clean up.
     sink = _progress_sink_cls().options(num_cpus=0).remote()
-    Path(spec.output_dir).parent.mkdir(parents=True, exist_ok=True)
-    storage = Path(tempfile.mkdtemp(prefix="ray-train-", dir=Path(spec.output_dir).parent))
-    use_gpu = spec.device == "cuda"
+    Path(task.output_dir).parent.mkdir(parents=True, exist_ok=True)
+    storage = Path(tempfile.mkdtemp(prefix="ray-train-", dir=Path(task.output_dir).parent))
+    use_gpu = task.device == "cuda"
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"spec": spec, "sink": sink, "progress": progress_cb is not None},
+        train_loop_config={"task": task, "sink": sink, "progress": progress_cb is not None},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=use_gpu,
+        scaling_config=ScalingConfig(num_workers=task.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=None if use_gpu else {"CPU": 1}),
         # No retries inside Ray: a failed job goes back to the durable queue, which counts
         # attempts and keeps the error.
@@ -102,8 +129,8 @@ def train_unlearning_adapter(spec: TrainJobSpec, progress_cb: ProgressFn | None 
     try:
         result = trainer.fit()
         if result.checkpoint is None:
-            raise RuntimeError(f"training produced no adapter: {result.error}")
-        out = Path(spec.output_dir)
+            raise RuntimeError(f"training produced no result: {result.error}")
+        out = Path(task.output_dir)
         with result.checkpoint.as_directory() as ckpt:
             if out.exists():
                 shutil.rmtree(out)
@@ -118,12 +145,10 @@ def train_unlearning_adapter(spec: TrainJobSpec, progress_cb: ProgressFn | None 
         except Exception:  # already gone with a failed run: nothing to clean up
             log.debug("progress sink already gone", exc_info=True)
         shutil.rmtree(storage, ignore_errors=True)
-    metrics = {k: v for k, v in (result.metrics or {}).items() if not k.startswith("_")}
-    return TrainResult(adapter_dir=out, metrics=metrics,
-                       peft_config=_read_config(out))
+    return {k: v for k, v in (result.metrics or {}).items() if not k.startswith("_")}
 
 
-def _train_on_warm_pool(spec: TrainJobSpec, progress_cb: ProgressFn | None) -> TrainResult:
+def _run_on_warm_pool(task: RankTask, progress_cb: ProgressFn | None) -> dict[str, Any]:
     import ray
 
     from workers.training.warm_pool import warm_pool
@@ -135,11 +160,11 @@ def _train_on_warm_pool(spec: TrainJobSpec, progress_cb: ProgressFn | None) -> T
         poller = threading.Thread(target=_poll_progress, args=(sink, progress_cb, stop),
                                   daemon=True)
         poller.start()
-    out = Path(spec.output_dir)
+    out = Path(task.output_dir)
     try:
         if out.exists():
             shutil.rmtree(out)
-        metrics = warm_pool(spec.num_workers).train(spec, sink, progress_cb is not None, out)
+        metrics = warm_pool(task.num_workers).train(task, sink, progress_cb is not None, out)
     finally:
         stop.set()
         if poller is not None:
@@ -148,37 +173,35 @@ def _train_on_warm_pool(spec: TrainJobSpec, progress_cb: ProgressFn | None) -> T
             ray.kill(sink)
         except Exception:
             log.debug("progress sink already gone", exc_info=True)
-    metrics = {k: v for k, v in metrics.items() if not k.startswith("_")}
-    return TrainResult(adapter_dir=out, metrics={**metrics, "warm_ranks": True},
-                       peft_config=_read_config(out))
+    return {**{k: v for k, v in metrics.items() if not k.startswith("_")}, "warm_ranks": True}
 
 
 def _train_worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker (rank); rank 0 writes the adapter as the checkpoint."""
+    """Runs on every Ray Train worker (rank); rank 0 reports its result as the checkpoint."""
     import ray
     import ray.train
 
-    spec: TrainJobSpec = config["spec"]
-    if spec.device == "cuda":
+    task: RankTask = config["task"]
+    if task.device == "cuda":
         import ray.train.torch
         import torch
 
         # "cuda" then means this worker's own GPU (Ray Train assigns one per worker).
         torch.cuda.set_device(ray.train.torch.get_device())
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-    metrics, adapter = rank_train(spec, config["sink"], config["progress"], cpus)
-    if adapter is not None:
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(adapter)))
-        shutil.rmtree(adapter, ignore_errors=True)
+    metrics, result = rank_train(task, config["sink"], config["progress"], cpus)
+    if result is not None:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(result)))
+        shutil.rmtree(result, ignore_errors=True)
     else:
         ray.train.report(metrics)
 
 
-def rank_train(spec: TrainJobSpec, sink: Any, progress_enabled: bool, cpus: float | None
+def rank_train(task: RankTask, sink: Any, progress_enabled: bool, cpus: float | None
                ) -> tuple[dict[str, Any], Path | None]:
-    """One DeepSpeed rank's share of a job, inside an initialised torch.distributed group
+    """One DeepSpeed rank's share of a task, inside an initialised torch.distributed group
     (Ray Train's, or a warm pool's): returns its metrics and, on rank 0, a temporary
-    directory holding the stacked adapter (the caller moves or deletes it)."""
+    directory holding the result (the caller moves or deletes it)."""
     import ray
     import ray.util
     import torch
@@ -186,13 +209,7 @@ def rank_train(spec: TrainJobSpec, sink: Any, progress_enabled: bool, cpus: floa
     # As many threads as CPUs Ray gave this rank: more would oversubscribe the cores that
     # the other ranks use (seen: 2 ranks x 2 threads on 2 cores ran several times slower).
     torch.set_num_threads(max(1, int(cpus or os.environ.get("OMP_NUM_THREADS", "1"))))
-    from workers.training.strategy import DeepSpeedStrategy
-
-    recipe = spec.forget_recipe()
-    strategy = DeepSpeedStrategy(zero_stage=spec.zero_stage, lr=recipe.lr,
-                                 weight_decay=recipe.weight_decay, device=spec.device,
-                                 micro_batch=max(1, recipe.forget_batch_size // spec.num_workers),
-                                 param_persistence_threshold=spec.zero3_persistence_threshold)
+    strategy = task.rank_strategy()
     progress = None
     if strategy.rank == 0:
         group = ray.util.get_current_placement_group()
@@ -202,15 +219,31 @@ def rank_train(spec: TrainJobSpec, sink: Any, progress_enabled: bool, cpus: floa
         def progress(update: dict[str, Any]) -> None:
             sink.put.remote(update)
     try:
-        result = run_training(spec, strategy, progress)
-        metrics = _metrics(result)
-        if strategy.rank != 0:
-            return metrics, None
-        tmp = Path(tempfile.mkdtemp(prefix="adapter-"))
-        _write_adapter(spec, result, tmp)
-        return metrics, tmp
+        return task.run_rank(strategy, progress)
     finally:
         strategy.close()
+
+
+def forget_rank_strategy(spec: TrainJobSpec) -> Any:
+    from workers.training.strategy import DeepSpeedStrategy
+
+    recipe = spec.forget_recipe()
+    return DeepSpeedStrategy(zero_stage=spec.zero_stage, lr=recipe.lr,
+                             weight_decay=recipe.weight_decay, device=spec.device,
+                             micro_batch=max(1, recipe.forget_batch_size // spec.num_workers),
+                             param_persistence_threshold=spec.zero3_persistence_threshold)
+
+
+def forget_on_rank(spec: TrainJobSpec, strategy: Any, progress: ProgressFn | None
+                   ) -> tuple[dict[str, Any], Path | None]:
+    """A forget adapter's rank share: the training loop, then on rank 0 the stacked adapter."""
+    result = run_training(spec, strategy, progress)
+    metrics = _metrics(result)
+    if strategy.rank != 0:
+        return metrics, None
+    tmp = Path(tempfile.mkdtemp(prefix="adapter-"))
+    _write_adapter(spec, result, tmp)
+    return metrics, tmp
 
 
 def _metrics(result: LoopResult) -> dict[str, Any]:

@@ -126,6 +126,17 @@ class TrainJobSpec:
                                  "found no sentence or word to prompt with in these texts")
         return method, cfg
 
+    # As a runner.RankTask (it runs on every DeepSpeed rank):
+    def rank_strategy(self) -> Any:
+        from workers.training.runner import forget_rank_strategy
+
+        return forget_rank_strategy(self)
+
+    def run_rank(self, strategy: Any, progress: Any) -> tuple[dict[str, Any], Any]:
+        from workers.training.runner import forget_on_rank
+
+        return forget_on_rank(self, strategy, progress)
+
     def method_summary(self) -> dict[str, Any]:
         """What the manifest and the receipt record about how the adapter was made."""
         return {"recipe": self.recipe, "method_options": self.method_options,

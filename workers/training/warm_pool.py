@@ -74,20 +74,20 @@ def _rank_cls() -> Any:
                                     world_size=world, timeout=timedelta(minutes=30))
             self.rank = rank
 
-        def train(self, spec: Any, sink: Any, progress: bool) -> tuple[dict[str, Any],
+        def train(self, task: Any, sink: Any, progress: bool) -> tuple[dict[str, Any],
                                                                      dict[str, bytes] | None]:
             import shutil
 
             from workers.training.runner import rank_train
 
-            metrics, adapter = rank_train(spec, sink, progress, 1)
-            if adapter is None:
+            metrics, result = rank_train(task, sink, progress, 1)
+            if result is None:
                 return metrics, None
             try:
-                files = {p.relative_to(adapter).as_posix(): p.read_bytes()
-                         for p in adapter.rglob("*") if p.is_file()}
+                files = {p.relative_to(result).as_posix(): p.read_bytes()
+                         for p in result.rglob("*") if p.is_file()}
             finally:
-                shutil.rmtree(adapter, ignore_errors=True)
+                shutil.rmtree(result, ignore_errors=True)
             return metrics, files
 
     return WarmRank
@@ -112,12 +112,12 @@ class WarmPool:
             self.discard()
             raise
 
-    def train(self, spec: Any, sink: Any, progress: bool, output_dir: Path) -> dict[str, Any]:
-        """Run one job on every rank; writes rank 0's adapter to `output_dir`, returns its
-        metrics. Any failure discards the pool and re-raises."""
+    def train(self, task: Any, sink: Any, progress: bool, output_dir: Path) -> dict[str, Any]:
+        """Run one runner.RankTask on every rank; writes rank 0's result to `output_dir`,
+        returns its metrics. Any failure discards the pool and re-raises."""
         import ray
 
-        refs = [r.train.remote(spec, sink, progress) for r in self.ranks]
+        refs = [r.train.remote(task, sink, progress) for r in self.ranks]
         pending = list(refs)
         try:
             while pending:

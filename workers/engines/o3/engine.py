@@ -154,9 +154,12 @@ class O3Engine:
         earlier = read_blocks(parent)
         has_adapter = parent is not None and (parent / "adapter_config.json").is_file()
         spec = self._spec(job, request, cfg, parent if has_adapter else None, out)
-        run = train_plain if job.config.trainer == "plain" else train_unlearning_adapter
         started = time.perf_counter()
-        result = run(spec, progress_cb=progress)
+        if job.config.trainer == "plain":
+            result = train_plain(spec, progress_cb=progress)
+        else:
+            result = train_unlearning_adapter(spec, progress_cb=progress,
+                                              warm=job.config.warm_train_workers)
         train_wall = time.perf_counter() - started
         progress({"phase": "detector"})
         det_started = time.perf_counter()

@@ -18,6 +18,7 @@ import logging
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from storage.errors import InvalidRequest
@@ -153,8 +154,7 @@ class S3TEngine:
         if not records:
             raise InvalidRequest(f"dataset {dataset_name!r} has no live records")
 
-        model, tokenizer = _load_base(job)
-        num_layers = int(model.config.num_hidden_layers)
+        num_layers = _num_layers(job)
         cfg.group_size(num_layers)  # refuses a layout that does not fit the model
         root = plans.root_hash(job.base_model_sha256, cfg.training_key(num_layers))
         orders = select_sequences(cfg.slices, cfg.sequences_per_shard, seed=cfg.seed)
@@ -184,47 +184,45 @@ class S3TEngine:
                       for p in q["prefixes"]}) - len(todo)
         progress({"phase": "training", "step": 0, "max_steps": total_steps,
                   "prefixes_to_train": len(todo), "prefixes_reused": reused})
+        trainer = _PrefixTrainer(job, cfg)
         started = time.perf_counter()
         done_steps = 0
         timings: list[dict[str, Any]] = []
         weights_cache: dict[str, dict[str, Any]] = {}
-        for n, (shard, index, prefix, chain) in enumerate(todo):
-            frozen = [self._group_weights(job, p.prefix_hash, known, weights_cache)
-                      for p in chain[:prefix.position]]
-            base_steps = done_steps
+        try:
+            for n, (shard, index, prefix, chain) in enumerate(todo):
+                frozen = [self._group_weights(job, p.prefix_hash, known, weights_cache)
+                          for p in chain[:prefix.position]]
+                base_steps = done_steps
 
-            def on_step(step: int, base_steps: int = base_steps, n: int = n) -> None:
-                progress({"phase": "training", "step": base_steps + step,
-                          "max_steps": total_steps, "prefix": n + 1, "prefixes": len(todo)})
+                def on_step(step: int, base_steps: int = base_steps, n: int = n) -> None:
+                    progress({"phase": "training", "step": base_steps + step,
+                              "max_steps": total_steps, "prefix": n + 1, "prefixes": len(todo)})
 
-            from workers.engines.s3t.training import train_prefix, write_group
-            from workers.training.strategy import PlainStrategy
-
-            prefix_started = time.perf_counter()
-            weights, model = train_prefix(
-                model, tokenizer, cfg=cfg, frozen=frozen, layers=prefix.layers,
-                records=[contents[i] for i in prefix.record_ids],
-                seed=cfg.seed + int(prefix.prefix_hash[:8], 16), strategy=PlainStrategy(lr=cfg.lr),
-                progress=on_step)
-            done_steps += steps_for(cfg, len(prefix.record_ids))
-            timings.append({"shard": shard, "sequence": index, "position": prefix.position,
-                            "records": len(prefix.record_ids),
-                            "seconds": round(time.perf_counter() - prefix_started, 3)})
-            weights_cache[prefix.prefix_hash] = weights
-            with tempfile.TemporaryDirectory(prefix="s3t-group-") as tmp:
-                write_group(Path(tmp) / "group", weights,
-                            {"prefix_hash": prefix.prefix_hash, "layers": list(prefix.layers),
-                             "record_set_sha256": prefix.record_set_sha256,
-                             "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha})
-                key = _store(job, Path(tmp) / "group")
-            known[prefix.prefix_hash] = key
-            with transaction(job.sessions) as s:
-                datasets.add_checkpoint(
-                    s, prefix_hash=prefix.prefix_hash, dataset_id=dataset_id, shard=shard,
-                    sequence=index, position=prefix.position,
-                    slices=[p.slice for p in chain[:prefix.position + 1]],
-                    layers=list(prefix.layers), record_ids=list(prefix.record_ids),
-                    record_set_sha256=prefix.record_set_sha256, object_key=key)
+                prefix_started = time.perf_counter()
+                meta = {"prefix_hash": prefix.prefix_hash, "layers": list(prefix.layers),
+                        "record_set_sha256": prefix.record_set_sha256,
+                        "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha}
+                weights = trainer.train(
+                    frozen=frozen, layers=list(prefix.layers),
+                    records=[contents[i] for i in prefix.record_ids],
+                    seed=cfg.seed + int(prefix.prefix_hash[:8], 16), meta=meta, progress=on_step)
+                done_steps += steps_for(cfg, len(prefix.record_ids))
+                timings.append({"shard": shard, "sequence": index, "position": prefix.position,
+                                "records": len(prefix.record_ids),
+                                "seconds": round(time.perf_counter() - prefix_started, 3)})
+                weights_cache[prefix.prefix_hash] = weights
+                key = _store(job, trainer.group_dir)
+                known[prefix.prefix_hash] = key
+                with transaction(job.sessions) as s:
+                    datasets.add_checkpoint(
+                        s, prefix_hash=prefix.prefix_hash, dataset_id=dataset_id, shard=shard,
+                        sequence=index, position=prefix.position,
+                        slices=[p.slice for p in chain[:prefix.position + 1]],
+                        layers=list(prefix.layers), record_ids=list(prefix.record_ids),
+                        record_set_sha256=prefix.record_set_sha256, object_key=key)
+        finally:
+            trainer.close()
         train_seconds = round(time.perf_counter() - started, 2)
 
         manifest = {
@@ -247,6 +245,7 @@ class S3TEngine:
         manifest = plans.deactivate(manifest, late)
         plans.write_manifest(job.output_dir, manifest)
         metrics = {"prefixes_trained": len(todo), "prefixes_reused": reused,
+                   "trainer": job.config.trainer,
                    "train_steps": total_steps, "train_seconds": train_seconds,
                    "records": len(records), "shards": len(shards),
                    "sequences": [list(o) for o in orders], "prefix_timings": timings,
@@ -328,12 +327,67 @@ def _cuts(before: dict[str, Any], after: dict[str, Any]) -> list[dict[str, int]]
     return out
 
 
-def _load_base(job: JobInput) -> tuple[Any, Any]:
-    from workers.model import BaseModelRef, load_model_and_tokenizer
+def _num_layers(job: JobInput) -> int:
+    from transformers import AutoConfig
 
-    ref = BaseModelRef(name="base", local_path=Path(job.base_model_path),
-                       sha256=job.base_model_sha256)
-    return load_model_and_tokenizer(ref, device=job.config.device)
+    return int(AutoConfig.from_pretrained(str(job.base_model_path)).num_hidden_layers)
+
+
+class _PrefixTrainer:
+    """Trains one prefix's group after another, each written to `group_dir` for storing.
+
+    Trainer "deepspeed" (the product path): each prefix is a rank_task.PrefixTask on the
+    job's DeepSpeed ranks (Ray Train, or the dispatcher's warm ranks on CPU), like every
+    forget adapter. Trainer "plain": one process, the base model loaded once for all of
+    the job's prefixes (tests, benchmarks, debugging).
+    """
+
+    def __init__(self, job: JobInput, cfg: S3TConfig) -> None:
+        self.job, self.cfg = job, cfg
+        self._scratch = tempfile.TemporaryDirectory(prefix="s3t-groups-")
+        self.group_dir = Path(self._scratch.name) / "group"
+        self._model: Any = None
+
+    def close(self) -> None:
+        self._scratch.cleanup()
+
+    def train(self, *, frozen: list[dict[str, Any]], layers: list[int],
+              records: list[Any], seed: int, meta: dict[str, Any],
+              progress: Callable[[int], None]) -> dict[str, Any]:
+        from workers.engines.s3t.training import read_group, train_prefix, write_group
+
+        config = self.job.config
+        if config.trainer != "plain":
+            from workers.engines.s3t.rank_task import PrefixTask
+            from workers.training.runner import run_on_ranks
+
+            task = PrefixTask(base_model_path=str(self.job.base_model_path),
+                              base_model_sha256=self.job.base_model_sha256,
+                              output_dir=str(self.group_dir), cfg=self.cfg, frozen=frozen,
+                              layers=layers, records=records, seed=seed, meta=meta,
+                              device=config.device, num_workers=config.num_workers,
+                              zero_stage=config.zero_stage)
+            run_on_ranks(task, lambda update: progress(int(update["step"])),
+                         warm=config.warm_train_workers)
+            return read_group(self.group_dir)
+        from workers.model import BaseModelRef, load_model_and_tokenizer
+        from workers.training.strategy import PlainStrategy
+
+        if self._model is None:
+            self._model = load_model_and_tokenizer(
+                BaseModelRef(name="base", local_path=Path(self.job.base_model_path),
+                             sha256=self.job.base_model_sha256), device=config.device)
+        model, tokenizer = self._model
+        weights, model = train_prefix(model, tokenizer, cfg=self.cfg, frozen=frozen,
+                                      layers=layers, records=records, seed=seed,
+                                      strategy=PlainStrategy(lr=self.cfg.lr), progress=progress)
+        self._model = (model, tokenizer)
+        if self.group_dir.exists():
+            import shutil
+
+            shutil.rmtree(self.group_dir)
+        write_group(self.group_dir, weights, meta)
+        return weights
 
 
 def _store(job: JobInput, directory: Path) -> str:

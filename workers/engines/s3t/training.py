@@ -3,7 +3,8 @@
 The model is the base plus LoRA on the layers of groups 1..k (top layers first); the
 frozen groups carry the weights of the earlier prefixes' checkpoints, the new group starts
 from PEFT's initialisation (B = 0, so it starts as a no-op). Only group k is given to the
-optimiser, through the same TrainingStrategy seam as every other training in oblivio.
+optimiser, through the same TrainingStrategy seam as every other training in oblivio: on
+the DeepSpeed ranks (rank_task.py) or in one plain process.
 """
 
 from __future__ import annotations
@@ -88,7 +89,11 @@ def train_prefix(model: Any, tokenizer: Any, *, cfg: S3TConfig,
         order = list(pairs)
         rng.shuffle(order)
         for i in range(0, len(order), cfg.batch_size):
-            batch = encode_pairs(tokenizer, order[i:i + cfg.batch_size])
+            # Data parallel: each rank its share of the batch (all ranks take every step;
+            # a rank left without a share repeats the batch's first record).
+            chunk = order[i:i + cfg.batch_size]
+            batch = encode_pairs(tokenizer, chunk[strategy.rank::strategy.world_size]
+                                 or chunk[:1])
             loss = mean_nll(*shifted_logits_and_labels(trained, batch))
             strategy.backward_and_step(loss)
             step += 1
