@@ -17,8 +17,8 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 from storage.errors import InvalidRequest
