@@ -91,6 +91,15 @@ def train_unlearning_adapter(spec: TrainJobSpec, progress_cb: ProgressFn | None 
     return TrainResult(adapter_dir=out, metrics=metrics, peft_config=_read_config(out))
 
 
+def train_adapter(spec: TrainJobSpec, progress_cb: ProgressFn | None, *, trainer: str,
+                  warm: bool) -> TrainResult:
+    """The worker configuration's trainer: "plain" in this process, else the DeepSpeed
+    ranks (`warm`: the dispatcher's warm ranks on CPU, else Ray Train)."""
+    if trainer == "plain":
+        return train_plain(spec, progress_cb)
+    return train_unlearning_adapter(spec, progress_cb, warm=warm)
+
+
 def run_on_ranks(task: RankTask, progress_cb: ProgressFn | None = None, *,
                  warm: bool = False) -> dict[str, Any]:
     """Run `task` on `task.num_workers` DeepSpeed ranks: Ray Train workers, or with `warm`

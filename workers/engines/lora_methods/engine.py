@@ -97,14 +97,11 @@ class LoraMethodEngine:
             raise InvalidRequest(f"cannot train this job: {exc}") from exc
 
     def train(self, job: JobInput, progress: ProgressFn) -> Artifacts:
-        from workers.training.runner import train_plain, train_unlearning_adapter
+        from workers.training.runner import train_adapter
 
         spec = self.train_spec(job)
-        if job.config.trainer == "plain":
-            result = train_plain(spec, progress_cb=progress)
-        else:  # warm: the dispatcher's warm DeepSpeed ranks (CPU), else Ray Train
-            result = train_unlearning_adapter(spec, progress_cb=progress,
-                                              warm=job.config.warm_train_workers)
+        result = train_adapter(spec, progress, trainer=job.config.trainer,
+                               warm=job.config.warm_train_workers)
         return Artifacts(version_dir=Path(result.adapter_dir), metrics=result.metrics,
                          method_config=spec.method_summary(), peft_config=result.peft_config)
 

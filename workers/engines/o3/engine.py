@@ -149,17 +149,14 @@ class O3Engine:
     def _train_block(self, job: JobInput, request: EngineRequest, ticket_id: str,
                      cfg: O3Config, parent: Path | None, out: Path,
                      progress: ProgressFn) -> dict[str, Any]:
-        from workers.training.runner import train_plain, train_unlearning_adapter
+        from workers.training.runner import train_adapter
 
         earlier = read_blocks(parent)
         has_adapter = parent is not None and (parent / "adapter_config.json").is_file()
         spec = self._spec(job, request, cfg, parent if has_adapter else None, out)
         started = time.perf_counter()
-        if job.config.trainer == "plain":
-            result = train_plain(spec, progress_cb=progress)
-        else:
-            result = train_unlearning_adapter(spec, progress_cb=progress,
-                                              warm=job.config.warm_train_workers)
+        result = train_adapter(spec, progress, trainer=job.config.trainer,
+                               warm=job.config.warm_train_workers)
         train_wall = time.perf_counter() - started
         progress({"phase": "detector"})
         det_started = time.perf_counter()

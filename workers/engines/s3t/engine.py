@@ -184,12 +184,12 @@ class S3TEngine:
                       for p in q["prefixes"]}) - len(todo)
         progress({"phase": "training", "step": 0, "max_steps": total_steps,
                   "prefixes_to_train": len(todo), "prefixes_reused": reused})
-        trainer = _PrefixTrainer(job, cfg)
         started = time.perf_counter()
         done_steps = 0
         timings: list[dict[str, Any]] = []
         weights_cache: dict[str, dict[str, Any]] = {}
-        try:
+        with tempfile.TemporaryDirectory(prefix="s3t-groups-") as scratch:
+            group_dir = Path(scratch) / "group"
             for n, (shard, index, prefix, chain) in enumerate(todo):
                 frozen = [self._group_weights(job, p.prefix_hash, known, weights_cache)
                           for p in chain[:prefix.position]]
@@ -203,8 +203,8 @@ class S3TEngine:
                 meta = {"prefix_hash": prefix.prefix_hash, "layers": list(prefix.layers),
                         "record_set_sha256": prefix.record_set_sha256,
                         "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha}
-                weights = trainer.train(
-                    frozen=frozen, layers=list(prefix.layers),
+                weights = _train_group(
+                    job, cfg, group_dir, frozen=frozen, layers=list(prefix.layers),
                     records=[contents[i] for i in prefix.record_ids],
                     seed=cfg.seed + int(prefix.prefix_hash[:8], 16), meta=meta, progress=on_step)
                 done_steps += steps_for(cfg, len(prefix.record_ids))
@@ -212,7 +212,7 @@ class S3TEngine:
                                 "records": len(prefix.record_ids),
                                 "seconds": round(time.perf_counter() - prefix_started, 3)})
                 weights_cache[prefix.prefix_hash] = weights
-                key = _store(job, trainer.group_dir)
+                key = _store(job, group_dir)
                 known[prefix.prefix_hash] = key
                 with transaction(job.sessions) as s:
                     datasets.add_checkpoint(
@@ -221,8 +221,6 @@ class S3TEngine:
                         slices=[p.slice for p in chain[:prefix.position + 1]],
                         layers=list(prefix.layers), record_ids=list(prefix.record_ids),
                         record_set_sha256=prefix.record_set_sha256, object_key=key)
-        finally:
-            trainer.close()
         train_seconds = round(time.perf_counter() - started, 2)
 
         manifest = {
@@ -333,61 +331,41 @@ def _num_layers(job: JobInput) -> int:
     return int(AutoConfig.from_pretrained(str(job.base_model_path)).num_hidden_layers)
 
 
-class _PrefixTrainer:
-    """Trains one prefix's group after another, each written to `group_dir` for storing.
+def _train_group(job: JobInput, cfg: S3TConfig, group_dir: Path, *,
+                 frozen: list[dict[str, Any]], layers: list[int], records: list[Any],
+                 seed: int, meta: dict[str, Any],
+                 progress: Callable[[int], None]) -> dict[str, Any]:
+    """Train one prefix's group into `group_dir` (for storing); returns its weights.
 
-    Trainer "deepspeed" (the product path): each prefix is a rank_task.PrefixTask on the
-    job's DeepSpeed ranks (Ray Train, or the dispatcher's warm ranks on CPU), like every
-    forget adapter. Trainer "plain": one process, the base model loaded once for all of
-    the job's prefixes (tests, benchmarks, debugging).
+    Trainer "deepspeed" (the product path): a rank_task.PrefixTask on the job's DeepSpeed
+    ranks (Ray Train, or the dispatcher's warm ranks on CPU), like every forget adapter.
+    Trainer "plain": the same task's rank code in this process, with a plain optimiser
+    (tests, benchmarks, debugging).
     """
+    import shutil
 
-    def __init__(self, job: JobInput, cfg: S3TConfig) -> None:
-        self.job, self.cfg = job, cfg
-        self._scratch = tempfile.TemporaryDirectory(prefix="s3t-groups-")
-        self.group_dir = Path(self._scratch.name) / "group"
-        self._model: Any = None
+    from workers.engines.s3t.rank_task import PrefixTask
+    from workers.engines.s3t.training import read_group
+    from workers.training.runner import run_on_ranks
+    from workers.training.strategy import PlainStrategy
 
-    def close(self) -> None:
-        self._scratch.cleanup()
+    config = job.config
+    task = PrefixTask(base_model_path=str(job.base_model_path),
+                      base_model_sha256=job.base_model_sha256, output_dir=str(group_dir),
+                      cfg=cfg, frozen=frozen, layers=layers, records=records, seed=seed,
+                      meta=meta, device=config.device, num_workers=config.num_workers,
+                      zero_stage=config.zero_stage)
 
-    def train(self, *, frozen: list[dict[str, Any]], layers: list[int],
-              records: list[Any], seed: int, meta: dict[str, Any],
-              progress: Callable[[int], None]) -> dict[str, Any]:
-        from workers.engines.s3t.training import read_group, train_prefix, write_group
+    def steps(update: dict[str, Any]) -> None:
+        progress(int(update["step"]))
 
-        config = self.job.config
-        if config.trainer != "plain":
-            from workers.engines.s3t.rank_task import PrefixTask
-            from workers.training.runner import run_on_ranks
-
-            task = PrefixTask(base_model_path=str(self.job.base_model_path),
-                              base_model_sha256=self.job.base_model_sha256,
-                              output_dir=str(self.group_dir), cfg=self.cfg, frozen=frozen,
-                              layers=layers, records=records, seed=seed, meta=meta,
-                              device=config.device, num_workers=config.num_workers,
-                              zero_stage=config.zero_stage)
-            run_on_ranks(task, lambda update: progress(int(update["step"])),
-                         warm=config.warm_train_workers)
-            return read_group(self.group_dir)
-        from workers.model import BaseModelRef, load_model_and_tokenizer
-        from workers.training.strategy import PlainStrategy
-
-        if self._model is None:
-            self._model = load_model_and_tokenizer(
-                BaseModelRef(name="base", local_path=Path(self.job.base_model_path),
-                             sha256=self.job.base_model_sha256), device=config.device)
-        model, tokenizer = self._model
-        weights, model = train_prefix(model, tokenizer, cfg=self.cfg, frozen=frozen,
-                                      layers=layers, records=records, seed=seed,
-                                      strategy=PlainStrategy(lr=self.cfg.lr), progress=progress)
-        self._model = (model, tokenizer)
-        if self.group_dir.exists():
-            import shutil
-
-            shutil.rmtree(self.group_dir)
-        write_group(self.group_dir, weights, meta)
-        return weights
+    if config.trainer == "plain":
+        _, result = task.run_rank(PlainStrategy(lr=cfg.lr), steps)
+        shutil.rmtree(group_dir, ignore_errors=True)
+        shutil.move(str(result), group_dir)
+    else:
+        run_on_ranks(task, steps, warm=config.warm_train_workers)
+    return read_group(group_dir)
 
 
 def _store(job: JobInput, directory: Path) -> str:

@@ -65,7 +65,7 @@ class PrefixTask:
             BaseModelRef(name="base", local_path=Path(self.base_model_path),
                          sha256=self.base_model_sha256), device=self.device)
         started = time.perf_counter()
-        weights, _ = train_prefix(
+        weights = train_prefix(
             model, tokenizer, cfg=self.cfg, frozen=self.frozen, layers=self.layers,
             records=self.records, seed=self.seed, strategy=strategy,
             progress=None if progress is None else (lambda step: progress({"step": step})))

@@ -55,9 +55,9 @@ def layer_of(key: str) -> int:
 def train_prefix(model: Any, tokenizer: Any, *, cfg: S3TConfig,
                  frozen: Sequence[dict[str, Any]], layers: Sequence[int],
                  records: Sequence[TrainRecord], seed: int, strategy: Any,
-                 progress: Callable[[int], None] | None = None) -> tuple[dict[str, Any], Any]:
-    """Train one group; returns (its LoRA weights in PEFT's saved key format, the base model
-    with every LoRA layer removed again, for the next prefix)."""
+                 progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Train one group on `model` (which gains LoRA layers); returns the group's LoRA
+    weights in PEFT's saved key format."""
     import torch
     from peft import get_peft_model, set_peft_model_state_dict
 
@@ -107,8 +107,7 @@ def train_prefix(model: Any, tokenizer: Any, *, cfg: S3TConfig,
         weights = {k.replace(".default.", "."): v.detach().cpu().float().contiguous()
                    for k, v in peft_model.state_dict().items()
                    if "lora_" in k and layer_of(k) in mine}
-    base = peft_model.unload()
-    return weights, base
+    return weights
 
 
 def write_group(path: Path, weights: dict[str, Any], meta: dict[str, Any]) -> Path:
