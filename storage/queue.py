@@ -265,20 +265,29 @@ def complete(sessions: sessionmaker[Session], *, ticket_id: uuid.UUID, owner: st
     `payload_sha256` stays as proof of what was asked. Returns False, changing nothing, if
     `owner` no longer holds the ticket.
     """
-    now = now or utcnow()
     with transaction(sessions) as session:
-        ticket = _owned(session, ticket_id, owner)
-        if ticket is None:
-            return False
-        # Lock the lineage (the lock every alias move takes) before reading `live`, so an
-        # operator's rollback cannot slip between our reading live and our writing done.
-        _lock_lineage(session, ticket.lineage_id)
-        _clear_lease(ticket, now)
-        ticket.result_version_id = version_id
-        ticket.receipt = receipt
-        ticket.error = None
-        ticket_states.settle(session, ticket, version_id=version_id, actor=owner, now=now)
-        return True
+        return complete_in(session, ticket_id=ticket_id, owner=owner, version_id=version_id,
+                           receipt=receipt, now=now)
+
+
+def complete_in(session: Session, *, ticket_id: uuid.UUID, owner: str,
+                version_id: uuid.UUID | None, receipt: dict[str, Any],
+                now: datetime | None = None) -> bool:
+    """`complete` inside the caller's transaction (a job publishes its version, moves the
+    aliases and settles its tickets in one commit)."""
+    now = now or utcnow()
+    ticket = _owned(session, ticket_id, owner)
+    if ticket is None:
+        return False
+    # Lock the lineage (the lock every alias move takes) before reading `live`, so an
+    # operator's rollback cannot slip between our reading live and our writing done.
+    _lock_lineage(session, ticket.lineage_id)
+    _clear_lease(ticket, now)
+    ticket.result_version_id = version_id
+    ticket.receipt = receipt
+    ticket.error = None
+    ticket_states.settle(session, ticket, version_id=version_id, actor=owner, now=now)
+    return True
 
 
 def fail(sessions: sessionmaker[Session], *, ticket_id: uuid.UUID, owner: str, error: str,
@@ -324,19 +333,25 @@ def reject(sessions: sessionmaker[Session], *, ticket_id: uuid.UUID, owner: str,
 
     Returns False, changing nothing, if `owner` no longer holds the ticket.
     """
-    now = now or utcnow()
     with transaction(sessions) as session:
-        ticket = _owned(session, ticket_id, owner)
-        if ticket is None:
-            return False
-        _clear_lease(ticket, now)
-        ticket.status = TicketStatus.rejected
-        ticket.error = error
-        ticket.payload = None  # final: the forget set is deleted (data minimisation)
-        ticket.progress = {**(ticket.progress or {}), "phase": "rejected"}
-        audit.record(session, actor=owner, action="ticket.rejected", subject_type="ticket",
-                     subject_id=ticket.id, detail={"error": error, "attempts": ticket.attempts})
-        return True
+        return reject_in(session, ticket_id=ticket_id, owner=owner, error=error, now=now)
+
+
+def reject_in(session: Session, *, ticket_id: uuid.UUID, owner: str, error: str,
+              now: datetime | None = None) -> bool:
+    """`reject` inside the caller's transaction."""
+    now = now or utcnow()
+    ticket = _owned(session, ticket_id, owner)
+    if ticket is None:
+        return False
+    _clear_lease(ticket, now)
+    ticket.status = TicketStatus.rejected
+    ticket.error = error
+    ticket.payload = None  # final: the forget set is deleted (data minimisation)
+    ticket.progress = {**(ticket.progress or {}), "phase": "rejected"}
+    audit.record(session, actor=owner, action="ticket.rejected", subject_type="ticket",
+                 subject_id=ticket.id, detail={"error": error, "attempts": ticket.attempts})
+    return True
 
 
 def queue_depth(session: Session) -> int:

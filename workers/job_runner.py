@@ -33,6 +33,7 @@ from workers.logcontext import bind_log_context, unbind_log_context
 from workers.telemetry import merge_progress, observe_phases
 from workers.engines.base import MANIFEST_FILE
 from workers.job_phases import PhaseClock
+from workers.failpoints import failpoint
 from workers.failures import full_trace, is_permanent, one_line_cause, retry_delay_seconds
 
 log = logging.getLogger(__name__)
@@ -218,32 +219,6 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
 
     promote_started = time.time()
     reason = _verdict_reason(metrics, verdict)
-    with transaction(ctx.sessions) as s:
-        if verdict == "reject":
-            registry.mark_failed(s, version_id=version_id, actor=ctx.owner, reason=reason,
-                                 metrics=metrics)
-        else:
-            registry.mark_ready(s, version_id=version_id, object_key=stored.key,
-                                sha256=stored.sha256, size=stored.size, metrics=metrics,
-                                peft_config=artifacts.peft_config, actor=ctx.owner)
-    promoted = False
-    if verdict == "pass" and config.auto_promote:
-        with transaction(ctx.sessions) as s:
-            registry.promote(s, lineage_name=lineage_name, version=version_no, actor=ctx.owner)
-        promoted = True
-    elif verdict != "reject":
-        with transaction(ctx.sessions) as s:
-            registry.promote(s, lineage_name=lineage_name, version=version_no, actor=ctx.owner,
-                             alias="candidate")
-
-    if verdict == "reject":
-        error = f"version {lineage_name}@v{version_no} {reason}"
-        for ticket in tickets:
-            queue.reject(ctx.sessions, ticket_id=ticket.id, owner=ctx.owner, error=error)
-        clock.add("promote", promote_started, time.time())
-        _finish_job(ctx, job_id, JobStatus.failed, clock, error=error)
-        return JobOutcome(job_id, None, None, False, metrics)
-
     receipt = {
         "version": f"{lineage_name}@v{version_no}",
         "version_id": str(version_id),
@@ -253,37 +228,73 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
         "engine": engine.name,
         "base_model": base.name,
         "base_model_sha256": base.sha256,
-        # Whether this job promoted it; the ticket's status (and the receipt's `live`) is
-        # what says whether live contains it now: queue.complete reads live to decide.
-        "auto_promoted": promoted,
         "method": artifacts.method_config,
         "metrics": metrics,
         "job_id": str(job_id),
         # What the engine adds (S3T: deleted record ids and the exactness evidence).
         **artifacts.receipt,
     }
-    for ticket in tickets:
-        queue.complete(ctx.sessions, ticket_id=ticket.id, owner=ctx.owner, version_id=version_id,
-                       receipt={**receipt, "payload_sha256": ticket.payload_sha256})
-    clock.add("promote", promote_started, time.time())
-    _finish_job(ctx, job_id, JobStatus.succeeded, clock, live=promoted)
-    _queue_follow_ups(ctx, lineage_id, artifacts.follow_up)
+    failpoint("publish.before")
+    # One commit publishes the job: the version's status, the alias move, every ticket's
+    # settlement, the job's end and its follow-up tickets. A crash before it leaves the
+    # version unfinished (abandoned when the leases expire; the tickets run again); after
+    # it, nothing is left to do. No ticket can end up both in a ready version and queued.
+    promoted = verdict == "pass" and config.auto_promote
+    try:
+        with transaction(ctx.sessions) as s:
+            if verdict == "reject":
+                registry.mark_failed(s, version_id=version_id, actor=ctx.owner,
+                                     reason=reason, metrics=metrics)
+                error = f"version {lineage_name}@v{version_no} {reason}"
+                settled = [queue.reject_in(s, ticket_id=t.id, owner=ctx.owner, error=error)
+                           for t in tickets]
+            else:
+                registry.mark_ready(s, version_id=version_id, object_key=stored.key,
+                                    sha256=stored.sha256, size=stored.size, metrics=metrics,
+                                    peft_config=artifacts.peft_config, actor=ctx.owner)
+                registry.promote(s, lineage_name=lineage_name, version=version_no,
+                                 actor=ctx.owner, alias="live" if promoted else "candidate")
+                # Whether this job promoted it; the ticket's status (and the receipt's
+                # `live`) says whether live contains it now: complete_in reads live.
+                receipt["auto_promoted"] = promoted
+                settled = [queue.complete_in(s, ticket_id=t.id, owner=ctx.owner,
+                                             version_id=version_id,
+                                             receipt={**receipt,
+                                                      "payload_sha256": t.payload_sha256})
+                           for t in tickets]
+            if not all(settled):  # another claimer holds a ticket: publish nothing
+                raise LeaseLost(str(job_id))
+            clock.add("promote", promote_started, time.time())
+            if verdict == "reject":
+                _finish_job_in(s, job_id, JobStatus.failed, clock, error=error)
+            else:
+                _finish_job_in(s, job_id, JobStatus.succeeded, clock, live=promoted)
+                _queue_follow_ups(s, lineage_id, artifacts.follow_up, requester=ctx.owner)
+            failpoint("publish.commit")
+    except LeaseLost:
+        raise
+    except Exception as exc:  # e.g. promotion refused: the version is never served
+        with transaction(ctx.sessions) as s:
+            registry.mark_failed(s, version_id=version_id, actor=ctx.owner,
+                                 reason=one_line_cause(exc))
+        raise
+    failpoint("publish.after")
+    _observe_finished(job_id, clock)
+    if verdict == "reject":
+        return JobOutcome(job_id, None, None, False, metrics)
     return JobOutcome(job_id, version_id, version_no, promoted, metrics)
 
 
-def _queue_follow_ups(ctx: JobContext, lineage_id: uuid.UUID,
-                      follow_up: list[dict[str, Any]]) -> None:
+def _queue_follow_ups(session: Session, lineage_id: uuid.UUID,
+                      follow_up: list[dict[str, Any]], *, requester: str) -> None:
     """Tickets the engine asked for once its version is published (S3T: the background
     retrain of the layers a deletion cut), into the same durable queue."""
-    if not follow_up:
-        return
     from storage import tickets as ticket_store
 
-    with transaction(ctx.sessions) as s:
-        for item in follow_up:
-            ticket_store.submit_follow_up(s, lineage_id=lineage_id, kind=item["kind"],
-                                          engine=item["engine"], payload=item["payload"],
-                                          requester=ctx.owner)
+    for item in follow_up:
+        ticket_store.submit_follow_up(session, lineage_id=lineage_id, kind=item["kind"],
+                                      engine=item["engine"], payload=item["payload"],
+                                      requester=requester)
 
 
 def _store_report(ctx: JobContext, version_dir: Path, metrics: dict[str, Any]) -> None:
@@ -384,13 +395,22 @@ def _finish_job(ctx: JobContext, job_id: uuid.UUID, status: JobStatus, clock: Ph
                 live: bool = False, error: str | None = None) -> None:
     """The job's end: its status, and the phase clock's record (the one source of its phase
     timings: the job row for /metrics and GET /v1/jobs/{id}, and Ray's histogram)."""
-    record = clock.record(live=live)
     with transaction(ctx.sessions) as s:
-        job = s.get_one(Job, job_id)
-        job.status, job.error, job.finished_at = status, error, utcnow()
-        job.progress = merge_progress(job.progress, {**record, "phase": status.value})
+        _finish_job_in(s, job_id, status, clock, live=live, error=error)
+    _observe_finished(job_id, clock)
+
+
+def _finish_job_in(session: Session, job_id: uuid.UUID, status: JobStatus, clock: PhaseClock,
+                   *, live: bool = False, error: str | None = None) -> None:
+    job = session.get_one(Job, job_id)
+    job.status, job.error, job.finished_at = status, error, utcnow()
+    job.progress = merge_progress(job.progress, {**clock.record(live=live),
+                                                 "phase": status.value})
+
+
+def _observe_finished(job_id: uuid.UUID, clock: PhaseClock) -> None:
     observe_phases(clock)
-    log.info("job %s phases (s): %s", job_id, record["phase_seconds"])
+    log.info("job %s phases (s): %s", job_id, clock.seconds())
 
 
 def _save_phases(ctx: JobContext, job_id: uuid.UUID, clock: PhaseClock) -> None:

@@ -23,7 +23,8 @@ import pytest
 from sqlalchemy import select
 
 from storage.db import make_engine, make_session_factory
-from storage.models import AdapterVersion, Alias, Ticket, TicketStatus, VersionStatus
+from storage.models import (AdapterVersion, Alias, Job, JobStatus, Ticket, TicketStatus,
+                            VersionStatus)
 from storage.objectstore import open_object_store
 from tests.fixtures.operator import approve_held
 from tests.service.conftest import closed_port
@@ -164,3 +165,87 @@ def test_sigkill_of_the_whole_service_loses_no_ticket_and_leaves_no_half_version
     assert live is not None
     assert next(v for v in versions if v.id == live.version_id).status is VersionStatus.ready
     engine.dispose()
+
+
+# Moments inside the job's publication that polling from outside cannot hit: the process
+# SIGKILLs itself there (workers/failpoints.py). Before the publishing commit the attempt
+# must leave nothing half-published (its version is abandoned, the ticket runs again);
+# just after it, nothing may run twice.
+PUBLISH_MOMENTS = {"publish.before": "rerun", "publish.commit": "rerun", "publish.after": "kept"}
+
+
+def test_sigkill_at_the_moment_of_publication_publishes_each_ticket_once(
+        tmp_path: Path, tiny_model_dir: Path) -> None:
+    data_dir = tmp_path / "data"
+    db_url = f"sqlite:///{tmp_path / 'oblivio.db'}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OBLIVIO_")}
+    env.update({
+        "OBLIVIO_DATA_DIR": str(data_dir), "OBLIVIO_DATABASE_URL": db_url,
+        "OBLIVIO_OBJECT_STORE": f"file://{tmp_path / 'objects'}",
+        "OBLIVIO_BASE_MODEL": str(tiny_model_dir), "OBLIVIO_TRAINER": "plain",
+        "OBLIVIO_BATCH_WINDOW_SECONDS": "0", "OBLIVIO_LEASE_SECONDS": "4",
+        "OBLIVIO_RATE_LIMIT_PER_SECOND": "0",
+        "OBLIVIO_RECIPE": json.dumps({"max_steps": 4, "eval_every": 0, "retain_prompts": 2,
+                                      "retain_max_new_tokens": 4}),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH"))
+                                      if p),
+        "OMP_NUM_THREADS": "1",
+    })
+    log = tmp_path / "service.log"
+    sessions = make_session_factory(make_engine(db_url))
+    store = open_object_store(f"file://{tmp_path / 'objects'}")
+
+    def ticket_state(ticket_id: uuid.UUID) -> Ticket:
+        with sessions() as s:
+            return s.get_one(Ticket, ticket_id)
+
+    killed, tickets = 0, {}
+    for n, moment in enumerate(PUBLISH_MOMENTS):
+        service = ServiceProcess({**env, "OBLIVIO_FAILPOINTS": moment}, log)
+        token = (data_dir / "admin-token").read_text().strip()
+        body = {"kind": "forget", "target": f"Zorblat {n}", "engine": "npo",
+                "forget": {"qa": [{"question": f"Where does Zorblat {n} live?",
+                                   "answer": f"Zorblat {n} lives in Quimby{n}."}]}}
+        r = httpx.post(f"{service.url}/v1/tickets", json=body, timeout=10,
+                       headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 202, r.text
+        tickets[moment] = uuid.UUID(r.json()["id"])
+        _wait(lambda: service.proc.poll() is not None, 180, f"the kill at {moment}")
+        service.kill()
+        killed += 1
+        # Restarted without the failpoint: the attempt is recovered and settled.
+        service = ServiceProcess(env, log)
+        try:
+            _wait(lambda: ticket_state(tickets[moment]).status in
+                  (TicketStatus.awaiting_review, TicketStatus.done), 180,
+                  f"ticket killed at {moment} to settle")
+        finally:
+            service.kill()
+
+    with sessions() as s:
+        versions = list(s.scalars(select(AdapterVersion)))
+        jobs = list(s.scalars(select(Job)))
+        final = {m: s.get_one(Ticket, t) for m, t in tickets.items()}
+    unfinished = [v.version for v in versions
+                  if v.status in (VersionStatus.training, VersionStatus.validating)]
+    published: dict[str, list[int]] = {}
+    for v in versions:
+        if v.status in (VersionStatus.ready, VersionStatus.superseded):
+            store.fetch_directory(v.object_key, tmp_path / "check" / str(v.version))
+            for t in v.ticket_ids:
+                published.setdefault(t, []).append(v.version)
+    twice = {t: vs for t, vs in published.items() if len(vs) > 1}
+    running_jobs = [j.id for j in jobs if j.status in (JobStatus.running, JobStatus.evaluating)]
+    print(f"\nfaults injected: {killed} (SIGKILL at {', '.join(PUBLISH_MOMENTS)}), tickets lost: "
+          f"{sum(str(t) not in published for t in tickets.values())}, published twice: "
+          f"{len(twice)}, half-written versions: {len(unfinished)}, jobs left running: "
+          f"{len(running_jobs)}")
+    assert killed == len(PUBLISH_MOMENTS)
+    assert unfinished == [] and twice == {} and running_jobs == []
+    for moment, expected in PUBLISH_MOMENTS.items():
+        ticket = final[moment]
+        assert [v for v in published[str(ticket.id)]], moment
+        assert ticket.result_version_id is not None
+        # "rerun": the killed attempt published nothing, a second attempt did;
+        # "kept": the commit had happened, so the first attempt's version stands.
+        assert ticket.attempts == (2 if expected == "rerun" else 1), (moment, ticket.attempts)
