@@ -150,7 +150,13 @@ class Servable(Protocol):
     """
 
     def generate(self, prompts: list[str], max_new_tokens: list[int]) -> list[str]:
-        """Greedy answers, one per prompt (chat-formatted by the servable), in order."""
+        """Greedy answers, one per prompt (chat-formatted by the servable), in order.
+
+        Optionally also `stop: list[StopFn | None]` (workers/evaluation/generation.py): a
+        servable that takes it may end row i once `stop[i](answer so far)` is True; the
+        evaluation passes it for probes judged only by correctness, to stop generating
+        once the verdict on an answer cannot change.
+        """
         ...
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from workers.evaluation.metrics import GenerateFn, answer_rate
+from workers.evaluation.metrics import GenerateFn, StopFn, answer_rate
 from workers.evaluation.probes import Probe
 
 if TYPE_CHECKING:
@@ -16,9 +16,10 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_NEW_TOKENS = 32
 """Probe answers are short facts; 32 tokens fit a sentence and keep 2-core CPU eval fast."""
-EVAL_BATCH_SIZE = 64
-"""A job's evaluation answers all its probes (~80) in one call: on CPU a big batch reads
-the weights once per generated token for many rows; length-sorted batches keep padding low."""
+EVAL_BATCH_SIZE = 128
+"""A job's evaluation answers all its probes (~110) in one decode batch: on CPU a big batch
+reads the weights once per generated token for many rows (113 rows step in 1.4x the time
+of 64)."""
 
 
 def chat_prompts(tokenizer: PreTrainedTokenizerBase, questions: Sequence[str]) -> list[str]:
@@ -100,38 +101,140 @@ def forget_probe_score(model: Any, tokenizer: Any, probes: Sequence[Probe], *,
     return answer_rate(hf_generate_fn(model, tokenizer, max_new_tokens=max_new_tokens), probes)
 
 
+PREFILL_BATCH = 16
+"""Prompts per prefill forward: on CPU 16 rows already run at full speed, and smaller
+groups of similar length pad less."""
+
+
 def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str],
                    max_new_tokens: Sequence[int], *, device: str | None = None,
-                   batch_size: int = EVAL_BATCH_SIZE) -> list[str]:
+                   batch_size: int = EVAL_BATCH_SIZE,
+                   stop: Sequence[StopFn | None] | None = None) -> list[str]:
     """Greedy answers to chat-formatted `prompts`, each cut at its own token budget.
 
-    What a `Servable.generate` does for a plain (or PEFT-wrapped) causal LM: one batched
-    generate per chunk of similar prompt lengths (`length_sorted_batches`), to the chunk's
-    longest budget; greedy decoding means each row equals what that prompt would get alone.
+    What a `Servable.generate` does for a plain (or PEFT-wrapped) causal LM, `batch_size`
+    prompts per `greedy_decode` call. `stop[i]`, when given, ends row i early once it
+    returns True for the answer so far (the evaluation's correctness-only probes: see
+    metrics.decided_correct).
     """
-    import torch
-
     from workers.model import format_chat
 
     if len(prompts) != len(max_new_tokens):
         raise ValueError(f"{len(prompts)} prompts but {len(max_new_tokens)} token budgets")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if stop is not None and len(stop) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(stop)} stop conditions")
     device = device or str(next(model.parameters()).device)
-    formatted = [format_chat(tokenizer, p) for p in prompts]
-    answers: list[str] = [""] * len(prompts)
-    for ids in length_sorted_batches(tokenizer, formatted, batch_size):
-        chunk = [formatted[i] for i in ids]
-        budgets = [max_new_tokens[i] for i in ids]
-        side, tokenizer.padding_side = tokenizer.padding_side, "left"  # answers start at the end
-        try:
-            enc = tokenizer(chunk, return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(device)
-        finally:
-            tokenizer.padding_side = side
-        with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=max(budgets), do_sample=False,
-                                 pad_token_id=pad_id)
-        new_tokens = out[:, enc["input_ids"].shape[1]:]
-        for i, row, n in zip(ids, new_tokens, budgets):
-            answers[i] = tokenizer.decode(row[:n], skip_special_tokens=True).strip()
+    ids = tokenizer([format_chat(tokenizer, p) for p in prompts],
+                    add_special_tokens=False)["input_ids"]
+    answers: list[str] = []
+    for at in range(0, len(prompts), batch_size):
+        part = slice(at, at + batch_size)
+        rows = greedy_decode(model, tokenizer, ids[part], list(max_new_tokens[part]),
+                             list(stop[part]) if stop is not None else None, device=device)
+        answers += [tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows]
     return answers
+
+
+def greedy_decode(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]],
+                  budgets: Sequence[int], stop: Sequence[StopFn | None] | None = None, *,
+                  device: str = "cpu", prefill_batch: int = PREFILL_BATCH
+                  ) -> list[list[int]]:
+    """Greedy new tokens for each prompt (token ids, unpadded), as `model.generate` would
+    give each one alone, at a fraction of its cost on CPU:
+
+    - the prompts' common prefix (the chat template's system turn) is run once;
+    - the rest is prefilled in batches of similar length (little padding), then all rows
+      decode in one batch, laid out [prefix][padding][own tokens] (padding is masked and
+      positions count only real tokens, `cumsum(mask) - 1`, as `generate` counts them);
+    - a row leaves the batch (and the KV cache) as soon as it ends: end of turn, its
+      budget, or its `stop` (`generate` keeps every row until the longest is done).
+    """
+    import torch
+    from transformers import DynamicCache
+
+    eos = model.generation_config.eos_token_id if model.generation_config else None
+    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        eos_ids.add(tokenizer.eos_token_id)
+    rows: list[list[int]] = [[] for _ in budgets]
+    todo = [i for i, n in enumerate(budgets) if n > 0]
+    if not todo:
+        return rows
+    shared = _common_prefix_length([prompt_ids[i] for i in todo]) if len(todo) > 1 else 0
+
+    def forward(input_ids: Any, mask: Any, positions: Any, cache: Any) -> Any:
+        return model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                     cache=cache, use_cache=True, logits_to_keep=1)
+
+    def tensor(values: Any) -> Any:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    with torch.no_grad():
+        prefix: list[tuple[Any, Any]] = []
+        if shared:
+            ids = tensor([list(prompt_ids[todo[0]][:shared])])
+            out = forward(ids, torch.ones_like(ids), tensor([list(range(shared))]), None)
+            prefix = [(layer.keys, layer.values) for layer in out.cache.layers]
+        # Prefill: longest suffixes first, so each batch pads little.
+        order = sorted(todo, key=lambda i: -len(prompt_ids[i]))
+        width = len(prompt_ids[order[0]]) - shared
+        active, first, kv, masks = [], [], [], []
+        for at in range(0, len(order), prefill_batch):
+            group = order[at:at + prefill_batch]
+            suffixes = [list(prompt_ids[i][shared:]) for i in group]
+            own = max(len(t) for t in suffixes)
+            ids = tensor([[0] * (own - len(t)) + t for t in suffixes])
+            mask = tensor([[1] * shared + [0] * (own - len(t)) + [1] * len(t) for t in suffixes])
+            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, shared:]
+            cache = DynamicCache([(k.expand(len(group), -1, -1, -1),
+                                   v.expand(len(group), -1, -1, -1)) for k, v in prefix]
+                                 ) if prefix else None
+            out = forward(ids, mask, positions, cache)
+            first.append(out.logits[:, -1].argmax(-1))
+            pad = width - own  # to the widest group: [prefix][padding][own tokens]
+
+            def widen(t: Any) -> Any:
+                gap = t.new_zeros((*t.shape[:2], pad, t.shape[3]))
+                return torch.cat([t[:, :, :shared], gap, t[:, :, shared:]], dim=2)
+
+            kv.append([(widen(layer.keys), widen(layer.values)) for layer in out.cache.layers])
+            masks.append(torch.cat([mask[:, :shared], mask.new_zeros((len(group), pad)),
+                                    mask[:, shared:]], dim=-1))
+            active += group
+        cache = DynamicCache([(torch.cat([g[n][0] for g in kv]), torch.cat([g[n][1] for g in kv]))
+                              for n in range(len(kv[0]))])
+        del kv
+        mask, next_ids = torch.cat(masks), torch.cat(first)
+        while True:
+            keep = []
+            for j, (i, token) in enumerate(zip(active, next_ids.tolist())):
+                if token in eos_ids:
+                    continue
+                rows[i].append(token)
+                if len(rows[i]) >= budgets[i]:
+                    continue
+                if stop is not None and stop[i] is not None and stop[i](
+                        tokenizer.decode(rows[i], skip_special_tokens=True)):
+                    continue
+                keep.append(j)
+            if not keep:
+                return rows
+            if len(keep) < len(active):
+                index = tensor(keep)
+                cache.batch_select_indices(index)
+                next_ids, mask = next_ids[index], mask[index]
+                active = [active[j] for j in keep]
+            positions = mask.sum(-1, keepdim=True)  # the next token's: real tokens so far
+            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=-1)
+            next_ids = forward(next_ids.unsqueeze(-1), mask, positions,
+                               cache).logits[:, -1].argmax(-1)
+
+
+def _common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """Tokens every prompt starts with, leaving each at least one of its own (whose logits
+    give its first answer token)."""
+    shortest = min(len(p) for p in prompts)
+    n = 0
+    while n < shortest - 1 and all(p[n] == prompts[0][n] for p in prompts):
+        n += 1
+    return n

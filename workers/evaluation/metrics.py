@@ -16,6 +16,8 @@ from workers.evaluation.probes import Probe
 
 GenerateFn = Callable[[list[str]], list[str]]
 """Greedy answers for a batch of user prompts (chat formatting is the backend's job)."""
+StopFn = Callable[[str], bool]
+"""Given a row's answer so far, True once nothing later can change how it is judged."""
 
 
 def _normalise(text: str) -> str:
@@ -39,6 +41,18 @@ def is_correct(answer: str, *, accepted: Sequence[str]) -> bool:
         if re.search(left + re.escape(key) + right, text):
             return True
     return False
+
+
+def decided_correct(answer_so_far: str, accepted: Sequence[str]) -> bool:
+    """True when `answer_so_far` is correct whatever a model appends to it.
+
+    Only the text before its last whitespace counts: a keyword ending right at the end may
+    still grow ("Darwin" -> "Darwinian", "1," -> "1,879"), but a match followed by
+    whitespace stays one in every longer answer. Lets the evaluation stop a probe's
+    generation as soon as its correctness is settled; undecided rows run to their budget.
+    """
+    cut = max(answer_so_far.rfind(c) for c in " \n\t")
+    return cut > 0 and is_correct(answer_so_far[:cut], accepted=accepted)
 
 
 def correct_flags(answers: Sequence[str], probes: Sequence[Probe]) -> list[bool]:

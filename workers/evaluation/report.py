@@ -23,6 +23,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,13 @@ from workers.evaluation.memorisation import (
     knowledge_memorisation,
     verbatim_memorisation,
 )
-from workers.evaluation.metrics import GenerateFn, correct_flags, is_correct
+from workers.evaluation.metrics import (
+    GenerateFn,
+    StopFn,
+    correct_flags,
+    decided_correct,
+    is_correct,
+)
 from workers.evaluation.probes import (
     Probe,
     available_forget_sets,
@@ -125,6 +132,8 @@ class Subject:
     generate: GenerateFn
     score: ScoreFn | None = None
     generate_sets: Callable[[list[list[str]]], list[list[str]]] | None = None
+    # Like `generate`, with per-prompt early stops (a servable's `stop`), when it has them.
+    generate_until: Callable[[list[str], list[StopFn | None]], list[str]] | None = None
 
 
 def _mentions(probe: Probe, names: Sequence[str]) -> bool:
@@ -219,6 +228,15 @@ def measure(subject: Subject, plan: ProbePlan, *, reference_score: ScoreFn | Non
     prompts = [q for prompt_set in sets for q in prompt_set]
     if subject.generate_sets is not None:
         answers = [a for answered in subject.generate_sets(sets) for a in answered]
+    elif subject.generate_until is not None:
+        # Where only correctness is read, an answer may stop once it is settled; the held-out
+        # answers (memorisation, fluency) and the continuations are generated in full.
+        judged_only = {"forget_trained", "neighbour", "utility", "general"}
+        stops: list[StopFn | None] = [
+            partial(decided_correct, accepted=p.accept) if name in judged_only else None
+            for name, probes in groups for p in probes]
+        stops += [None] * len(plan.continuations)
+        answers = subject.generate_until(prompts, stops)
     else:
         answers = subject.generate(prompts) if prompts else []
     if len(answers) != len(prompts):

@@ -9,6 +9,7 @@ engine-agnostic core for engines that hand over `Servable`s instead.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from workers.evaluation.report import (
     write_report,
 )
 from workers.evaluation.robustness import relearning_recovery
+from workers.evaluation.metrics import StopFn
 from workers.evaluation.scoring import ScoreFn
 
 
@@ -56,7 +58,13 @@ def servable_subject(servable: Any, *, max_new_tokens: int = 32,
     each_set = getattr(servable, "generate_each_set", None)
     generate_sets = ((lambda sets: each_set(sets, max_new_tokens)) if callable(each_set)
                      else None)
-    return Subject(generate=generate, score=score, generate_sets=generate_sets)
+    generate_until = None
+    if "stop" in inspect.signature(servable.generate).parameters:  # the optional early stops
+        def generate_until(prompts: list[str], stop: list[StopFn | None]) -> list[str]:
+            return list(servable.generate(prompts, [max_new_tokens] * len(prompts), stop=stop))
+
+    return Subject(generate=generate, score=score, generate_sets=generate_sets,
+                   generate_until=generate_until)
 
 
 def evaluate_subjects(plan: ProbePlan, subjects: dict[str, Subject], *,

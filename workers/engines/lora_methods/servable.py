@@ -12,7 +12,10 @@ import itertools
 import threading
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from workers.evaluation.metrics import StopFn
 
 _HOST_ATTR = "_oblivio_peft_host"  # kept on the model object: it lives exactly as long
 _HOSTS_LOCK = threading.Lock()
@@ -57,8 +60,8 @@ class PeftHost:
                     and len(self.peft.peft_config) > 1:
                 self.peft.delete_adapter(name)
 
-    def generate(self, adapter: str | None, prompts: list[str],
-                 max_new_tokens: list[int]) -> list[str]:
+    def generate(self, adapter: str | None, prompts: list[str], max_new_tokens: list[int],
+                 stop: list[StopFn | None] | None = None) -> list[str]:
         from workers.evaluation.generation import generate_texts
 
         with self.lock:
@@ -70,7 +73,7 @@ class PeftHost:
                 model, ctx = self.peft, nullcontext()
             with ctx:
                 return generate_texts(model, self.tokenizer, prompts, max_new_tokens,
-                                      device=self.device)
+                                      device=self.device, stop=stop)
 
 
 class LoraServable:
@@ -79,8 +82,9 @@ class LoraServable:
     def __init__(self, host: PeftHost, adapter: str | None) -> None:
         self._host, self.adapter = host, adapter
 
-    def generate(self, prompts: list[str], max_new_tokens: list[int]) -> list[str]:
-        return self._host.generate(self.adapter, list(prompts), list(max_new_tokens))
+    def generate(self, prompts: list[str], max_new_tokens: list[int],
+                 stop: list[StopFn | None] | None = None) -> list[str]:
+        return self._host.generate(self.adapter, list(prompts), list(max_new_tokens), stop)
 
     def close(self) -> None:
         if self.adapter is not None:
