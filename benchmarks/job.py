@@ -83,13 +83,12 @@ def run_one(mode: str, person: str, steps: int | None, workdir: Path,
     sessions = make_session_factory(make_engine(settings.resolved_database_url))
     with transaction(sessions) as s:
         registry.ensure_lineage(s, name="default", base_model=settings.base_model)
-    dispatcher = None
     if settings.trainer == "deepspeed":
         connect_ray(settings.worker_config(), num_cpus=2, include_dashboard=False)
-        # As `oblivio serve` does when it starts: the warm training ranks come up before
-        # any ticket arrives (OBLIVIO_WARM_TRAIN_WORKERS, default on).
-        dispatcher = DispatcherLoop(settings.worker_config())
-        dispatcher.warm_up()
+    # As `oblivio serve` does when it starts: the evaluation model is loaded and the warm
+    # training ranks come up before any ticket arrives (OBLIVIO_WARM_TRAIN_WORKERS).
+    dispatcher = DispatcherLoop(settings.worker_config())
+    dispatcher.warm_up()
     target = load_forget_set(person)
     qa = [{"question": p.question, "answer": p.answer} for p in target.ticket]
 
@@ -100,7 +99,7 @@ def run_one(mode: str, person: str, steps: int | None, workdir: Path,
             target=target.target,
             payload={"target": target.target, "forget": {"texts": [], "qa": qa},
                      "retain": None}), requester="benchmark").id
-    (dispatcher or DispatcherLoop(settings.worker_config())).run_once()
+    dispatcher.run_once()
     live_after = time.perf_counter() - submitted
     with sessions() as s:
         ticket = s.get_one(Ticket, ticket_id)
@@ -117,6 +116,7 @@ def run_one(mode: str, person: str, steps: int | None, workdir: Path,
             "warm_ranks": bool(training.get("warm_ranks")),
             "submission_to_live_s": live_after, "train_s": training.get("train_seconds"),
             "steps": training.get("steps"), "peak_rss_mb": training.get("peak_rss_mb"),
+            "rank_setup_s": training.get("setup_seconds") or {},
             "s_per_step": (training["train_seconds"] / training["steps"]
                            if training.get("steps") else None),
             "forget_items": len(qa), "forget_ratio": (receipt.get("metrics") or {}).get(
@@ -225,6 +225,14 @@ def print_phases(rows: list[dict]) -> None:
     print("| outside training | "
           + " | ".join(f"{r['total_s'] - r['phases'].get('training', 0):.1f} "
                        f"({r['outside_training_share']:.0%})" for r in done) + " |")
+    # Inside "preparing": a training rank's own start-up, step by step (rank 0's).
+    steps = sorted({name for r in done for name in r.get("rank_setup_s", {})},
+                   key=lambda n: list(done[0].get("rank_setup_s", {})).index(n)
+                   if n in done[0].get("rank_setup_s", {}) else 99)
+    for name in steps:
+        print(f"| (rank: {name}) | " + " | ".join(
+            f"{r['rank_setup_s'][name]:.1f}" if name in r.get("rank_setup_s", {}) else "-"
+            for r in done) + " |")
     print("| caches at start | " + " | ".join(r.get("caches", "?") for r in done) + " |")
     print("| warm training ranks | " + " | ".join("yes" if r.get("warm_ranks") else "no"
                                                 for r in done) + " |")

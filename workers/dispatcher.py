@@ -144,10 +144,18 @@ class DispatcherLoop:
         return opened
 
     def warm_up(self) -> None:
-        """Start the warm training ranks now (CPU DeepSpeed jobs with warm_train_workers),
-        so that even the first job skips their start-up. Failures only cost the speed-up:
-        the first job then starts them itself."""
+        """Load the evaluation model of the default forget engine, and start the warm
+        training ranks (CPU DeepSpeed jobs with warm_train_workers), so that even the first
+        job skips their start-up. Failures only cost the speed-up: the first job then does
+        it itself."""
+        from workers import job_compute
+        from workers.engines import DEFAULT_ENGINES
+
         config = self.config
+        try:
+            job_compute.warm_evaluation(config, DEFAULT_ENGINES["forget"])
+        except Exception:
+            log.warning("could not load the evaluation model ahead", exc_info=True)
         if not (config.trainer == "deepspeed" and config.warm_train_workers
                 and config.device == "cpu"):
             return

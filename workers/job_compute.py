@@ -8,6 +8,7 @@ Nothing here is engine-specific: every engine goes through `Engine.train`,
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,38 @@ from typing import Any
 from storage.queue import ClaimedTicket
 from workers.config import WorkerConfig
 from workers.engines.base import EngineRequest, FetchFn, JobInput, request_from_payload
+
+
+_EVAL_MODELS: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+_EVAL_MODELS_LOCK = threading.Lock()
+
+
+def evaluation_model(base: Any, *, device: str, engine: Any) -> tuple[Any, Any]:
+    """The base model and tokenizer this process evaluates `engine`'s versions on, loaded
+    once and kept: every job's evaluation would otherwise load it again (seconds each).
+
+    One copy per engine class, as a serving replica keeps them (workers/serving.py): an
+    engine may inject into its model, so classes never share one; its servables are
+    closed after each evaluation, leaving the weights as they were.
+    """
+    from workers.model import load_model_and_tokenizer
+
+    key = (base.sha256, device, f"{type(engine).__module__}.{type(engine).__qualname__}")
+    with _EVAL_MODELS_LOCK:
+        if key not in _EVAL_MODELS:
+            _EVAL_MODELS[key] = load_model_and_tokenizer(base, device=device)
+        return _EVAL_MODELS[key]
+
+
+def warm_evaluation(config: WorkerConfig, engine_name: str) -> None:
+    """Load the evaluation model for `engine_name` (and the libraries it uses) now, before
+    the first job needs it."""
+    import peft  # noqa: F401  (the LoRA engines' servables; most of the first load's time)
+
+    from workers.engines import get_engine
+
+    evaluation_model(resolve_base(config), device=config.device,
+                     engine=get_engine(engine_name))
 
 
 def resolve_base(config: WorkerConfig) -> Any:
@@ -47,12 +80,10 @@ def evaluate_version(engine: Any, job: JobInput, *, base: Any, version_dir: Path
     version, for engines whose `evaluate` takes `parent`), all on one loaded base."""
     import inspect
 
-    from workers.model import load_model_and_tokenizer
-
     from workers.evaluation.answer_cache import AnswerCache, CachedAnswers
 
     device = job.config.device
-    model, tokenizer = load_model_and_tokenizer(base, device=device)
+    model, tokenizer = evaluation_model(base, device=device, engine=engine)
 
     def servable(directory: Path | None) -> Any:
         return engine.load_servable(directory, model=model, tokenizer=tokenizer, device=device,

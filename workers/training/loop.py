@@ -76,7 +76,18 @@ def run_training(spec: TrainJobSpec, strategy: TrainingStrategy,
     recipe = spec.forget_recipe()
     method, method_cfg = spec.method_config()
     torch.manual_seed(spec.seed)
+    # Where a rank's start-up goes (the job's "preparing" phase), for the phase record.
+    setup_seconds: dict[str, float] = {}
+    mark = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        setup_seconds[name] = round(now - mark, 2)
+        mark = now
+
     model, tokenizer = load_for_training(spec)
+    lap("load_model")
 
     eot = end_of_turn(tokenizer)
     rank, world = strategy.rank, strategy.world_size
@@ -87,6 +98,7 @@ def run_training(spec: TrainJobSpec, strategy: TrainingStrategy,
     use_retain = recipe.retain_loss != "none" and getattr(method_cfg, "retain_weight", 0.0) > 0
     retain_pairs = (_retain_pairs(spec, recipe, model, tokenizer, eot, rank, world)
                     if use_retain else [])
+    lap("retain_answers")
 
     lora = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
                       lora_dropout=recipe.lora_dropout,
@@ -111,6 +123,7 @@ def run_training(spec: TrainJobSpec, strategy: TrainingStrategy,
                 for row, pair in enumerate(chunk):
                     # (answer tokens, vocab), half precision: it is held for the whole run.
                     ref_retain[_key(pair)] = logp[row][labels[row] != IGNORE].half()
+    lap("references")
 
     # Early stopping compares with the model as it was before this adapter. Checks that
     # cannot take part in a stop (before min_steps, or all of them when min_steps >=
@@ -121,11 +134,13 @@ def run_training(spec: TrainJobSpec, strategy: TrainingStrategy,
     if first_check is not None and probes:
         with peft_model.disable_adapter():
             base_rate = _probe_rate(peft_model, tokenizer, probes, strategy, recipe)
+    lap("base_stop_probes")
 
     params = [p for p in peft_model.parameters() if p.requires_grad]
     trained = strategy.setup(peft_model, params)
     # Hooked after the strategy's setup, so ZeRO-3 has gathered A when the hook reads it.
     orthogonal = _orthogonality_regularizer(spec, trained)
+    lap("strategy_setup")
     # Per-rank batches of batch_size / world: the averaged gradient is the full batch's.
     forget_iter = cycle_batches(forget_pairs, max(1, recipe.forget_batch_size // world),
                                 spec.seed + rank)
@@ -185,7 +200,9 @@ def run_training(spec: TrainJobSpec, strategy: TrainingStrategy,
     if orthogonal is not None:
         orthogonal.detach()
     state = strategy.trainable_state_dict(trained)
-    extra = {"orthogonal_terms": [round(x, 6) for x in orth_terms]} if orthogonal else {}
+    extra: dict[str, Any] = {"setup_seconds": setup_seconds}
+    if orthogonal is not None:
+        extra["orthogonal_terms"] = [round(x, 6) for x in orth_terms]
     return LoopResult(steps=step, stopped_early=stopped, losses=losses, ticket_rates=rates,
                       base_ticket_rate=base_rate, seconds=seconds, state_dict=state,
                       lora_config=lora.to_dict(), partition=strategy.partitioned_numel(trained),
