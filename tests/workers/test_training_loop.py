@@ -187,3 +187,31 @@ def test_idk_turns_plain_texts_into_prompts_answered_with_refusals(make_spec) ->
     # Ascent-style methods train on the text itself.
     npo = make_spec("npo", forget_qa=[], forget_texts=[text])
     assert _forget_pairs(npo, *npo.method_config(), "<eot>") == [(None, text)]
+
+
+@pytest.mark.parametrize("with_text", [False, True])
+def test_frozen_references_equal_the_full_forward_at_every_labelled_token(tiny_model_dir,
+                                                                          with_text):
+    """The references' shortcut (shared prefix once, vocabulary projection only where a
+    label is) computes what the training forward would (issue 17)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workers.training.data import IGNORE, encode_pairs
+    from workers.training.losses import frozen_labelled_logits, shifted_logits_and_labels
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pairs = [("Where does Zorblat live?", "Zorblat lives in Quimby."),
+             ("Hi", "Hello there, how can I help you today?"),
+             ("What is the capital of France and why?", "Paris.")]
+    if with_text:  # a plain text shares no chat prefix with the others
+        pairs.append((None, "A plain text, trained on as it is."))
+    batch = encode_pairs(tokenizer, pairs, {"Where does Zorblat live?": ["Quimby"]})
+    with torch.no_grad():
+        logits, labels = shifted_logits_and_labels(model, batch)
+    expected = logits[labels != IGNORE]
+    got, counts = frozen_labelled_logits(model, batch)
+    assert counts.tolist() == (labels != IGNORE).sum(-1).tolist()
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=1e-5)

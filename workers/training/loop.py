@@ -27,7 +27,13 @@ from workers.training.data import (
     self_generated_retain,
     shard_for_rank,
 )
-from workers.training.losses import answer_kl, mean_nll, sequence_logp, shifted_logits_and_labels
+from workers.training.losses import (
+    answer_kl,
+    frozen_labelled_logits,
+    mean_nll,
+    sequence_logp,
+    shifted_logits_and_labels,
+)
 from workers.training.spec import TrainJobSpec
 from workers.training.strategy import TrainingStrategy
 
@@ -112,17 +118,19 @@ def run_training(spec: TrainJobSpec, strategy: TrainingStrategy,
     with torch.no_grad(), peft_model.disable_adapter():
         if method.needs_reference:
             for chunk in _chunks(forget_pairs, 8):
-                logp, _ = sequence_logp(*shifted_logits_and_labels(
-                    peft_model, encode_pairs(tokenizer, chunk, keywords)))
-                ref_logp.update({_key(p): float(v) for p, v in zip(chunk, logp)})
+                batch = encode_pairs(tokenizer, chunk, keywords)
+                logits, counts = frozen_labelled_logits(peft_model, batch)
+                labels = batch.labels[:, 1:][batch.labels[:, 1:] != IGNORE]
+                token_logp = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1))
+                for pair, row in zip(chunk, token_logp.squeeze(-1).split(counts.tolist())):
+                    ref_logp[_key(pair)] = float(row.sum())
         if retain_pairs and recipe.retain_loss == "kl":
             for chunk in _chunks(retain_pairs, 8):
-                logits, labels = shifted_logits_and_labels(peft_model,
-                                                           encode_pairs(tokenizer, chunk))
+                logits, counts = frozen_labelled_logits(peft_model, encode_pairs(tokenizer, chunk))
                 logp = torch.log_softmax(logits, -1)
-                for row, pair in enumerate(chunk):
+                for pair, row in zip(chunk, logp.split(counts.tolist())):
                     # (answer tokens, vocab), half precision: it is held for the whole run.
-                    ref_retain[_key(pair)] = logp[row][labels[row] != IGNORE].half()
+                    ref_retain[_key(pair)] = row.half()
     lap("references")
 
     # Early stopping compares with the model as it was before this adapter. Checks that
