@@ -226,9 +226,7 @@ def print_phases(rows: list[dict]) -> None:
           + " | ".join(f"{r['total_s'] - r['phases'].get('training', 0):.1f} "
                        f"({r['outside_training_share']:.0%})" for r in done) + " |")
     # Inside "preparing": a training rank's own start-up, step by step (rank 0's).
-    steps = sorted({name for r in done for name in r.get("rank_setup_s", {})},
-                   key=lambda n: list(done[0].get("rank_setup_s", {})).index(n)
-                   if n in done[0].get("rank_setup_s", {}) else 99)
+    steps = list(dict.fromkeys(name for r in done for name in r.get("rank_setup_s", {})))
     for name in steps:
         print(f"| (rank: {name}) | " + " | ".join(
             f"{r['rank_setup_s'][name]:.1f}" if name in r.get("rank_setup_s", {}) else "-"
