@@ -123,15 +123,23 @@ def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str],
         raise ValueError(f"{len(prompts)} prompts but {len(max_new_tokens)} token budgets")
     if stop is not None and len(stop) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(stop)} stop conditions")
+    if not prompts:
+        return []
     device = device or str(next(model.parameters()).device)
     ids = tokenizer([format_chat(tokenizer, p) for p in prompts],
                     add_special_tokens=False)["input_ids"]
     answers: list[str] = []
-    for at in range(0, len(prompts), batch_size):
-        part = slice(at, at + batch_size)
-        rows = greedy_decode(model, tokenizer, ids[part], list(max_new_tokens[part]),
-                             list(stop[part]) if stop is not None else None, device=device)
-        answers += [tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows]
+    was_training = model.training
+    model.eval()
+    try:
+        for at in range(0, len(prompts), batch_size):
+            part = slice(at, at + batch_size)
+            rows = greedy_decode(model, tokenizer, ids[part], list(max_new_tokens[part]),
+                                 list(stop[part]) if stop is not None else None, device=device)
+            answers += [tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows]
+    finally:
+        if was_training:
+            model.train()
     return answers
 
 

@@ -122,9 +122,10 @@ def self_generated_retain(*, model: Any, tokenizer: Any, prompts: Sequence[str],
     cached = _read_json_dict(path)
     missing = [p for p in dict.fromkeys(prompts) if p not in cached]
     if missing:
-        from workers.evaluation.generation import greedy_answers
+        from workers.evaluation.generation import generate_texts
 
-        answers = greedy_answers(model, tokenizer, missing, max_new_tokens=max_new_tokens)
+        # Before DeepSpeed takes the weights, so ranks need not decode in step (ZeRO-3).
+        answers = generate_texts(model, tokenizer, missing, [max_new_tokens] * len(missing))
         end = end_of_turn(tokenizer)
         fresh = {}
         for prompt, answer in zip(missing, answers):
