@@ -74,23 +74,32 @@ def _wait(predicate: Any, timeout: float, what: str) -> Any:
     raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
+def _service_env(tmp_path: Path, model_dir: Path, **settings: str) -> dict[str, str]:
+    """The service on SQLite and a local store in `tmp_path`, the in-process trainer, and
+    this test's `settings` (OBLIVIO_ names without the prefix)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OBLIVIO_")}
+    env.update({
+        "OBLIVIO_DATA_DIR": str(tmp_path / "data"),
+        "OBLIVIO_DATABASE_URL": f"sqlite:///{tmp_path / 'oblivio.db'}",
+        "OBLIVIO_OBJECT_STORE": f"file://{tmp_path / 'objects'}",
+        "OBLIVIO_BASE_MODEL": str(model_dir), "OBLIVIO_TRAINER": "plain",
+        "OBLIVIO_BATCH_WINDOW_SECONDS": "0", "OBLIVIO_RATE_LIMIT_PER_SECOND": "0",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH"))
+                                      if p),
+        "OMP_NUM_THREADS": "1",
+        **{f"OBLIVIO_{name.upper()}": value for name, value in settings.items()},
+    })
+    return env
+
+
 def test_sigkill_of_the_whole_service_loses_no_ticket_and_leaves_no_half_version(
         tmp_path: Path, tiny_model_dir: Path) -> None:
     data_dir = tmp_path / "data"
     db_url = f"sqlite:///{tmp_path / 'oblivio.db'}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OBLIVIO_")}
-    env.update({
-        "OBLIVIO_DATA_DIR": str(data_dir), "OBLIVIO_DATABASE_URL": db_url,
-        "OBLIVIO_OBJECT_STORE": f"file://{tmp_path / 'objects'}",
-        "OBLIVIO_BASE_MODEL": str(tiny_model_dir), "OBLIVIO_TRAINER": "plain",
-        "OBLIVIO_BATCH_WINDOW_SECONDS": "0", "OBLIVIO_LEASE_SECONDS": "6",
-        "OBLIVIO_MAX_ATTEMPTS": str(KILLS + 3), "OBLIVIO_RATE_LIMIT_PER_SECOND": "0",
-        "OBLIVIO_RECIPE": json.dumps({"max_steps": 40, "eval_every": 0, "retain_prompts": 4,
-                                      "retain_max_new_tokens": 8}),
-        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH"))
-                                      if p),
-        "OMP_NUM_THREADS": "1",
-    })
+    env = _service_env(tmp_path, tiny_model_dir, lease_seconds="6",
+                       max_attempts=str(KILLS + 3),
+                       recipe=json.dumps({"max_steps": 40, "eval_every": 0,
+                                          "retain_prompts": 4, "retain_max_new_tokens": 8}))
     log = tmp_path / "service.log"
     engine = make_engine(db_url)
     sessions = make_session_factory(engine)
@@ -178,19 +187,9 @@ def test_sigkill_at_the_moment_of_publication_publishes_each_ticket_once(
         tmp_path: Path, tiny_model_dir: Path) -> None:
     data_dir = tmp_path / "data"
     db_url = f"sqlite:///{tmp_path / 'oblivio.db'}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OBLIVIO_")}
-    env.update({
-        "OBLIVIO_DATA_DIR": str(data_dir), "OBLIVIO_DATABASE_URL": db_url,
-        "OBLIVIO_OBJECT_STORE": f"file://{tmp_path / 'objects'}",
-        "OBLIVIO_BASE_MODEL": str(tiny_model_dir), "OBLIVIO_TRAINER": "plain",
-        "OBLIVIO_BATCH_WINDOW_SECONDS": "0", "OBLIVIO_LEASE_SECONDS": "4",
-        "OBLIVIO_RATE_LIMIT_PER_SECOND": "0",
-        "OBLIVIO_RECIPE": json.dumps({"max_steps": 4, "eval_every": 0, "retain_prompts": 2,
-                                      "retain_max_new_tokens": 4}),
-        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH"))
-                                      if p),
-        "OMP_NUM_THREADS": "1",
-    })
+    env = _service_env(tmp_path, tiny_model_dir, lease_seconds="4",
+                       recipe=json.dumps({"max_steps": 4, "eval_every": 0,
+                                          "retain_prompts": 2, "retain_max_new_tokens": 4}))
     log = tmp_path / "service.log"
     sessions = make_session_factory(make_engine(db_url))
     store = open_object_store(f"file://{tmp_path / 'objects'}")
