@@ -7,6 +7,7 @@ previous state or an expired lease that puts the tickets back in the queue.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -14,7 +15,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,7 +187,7 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
                                 tickets=tickets, parent_dir=parent_dir,
                                 output_dir=workdir / "version", fetch=fetch,
                                 store_dir=store_dir, sessions=ctx.sessions)
-    try:
+    with _version_failed_on_error(ctx, version_id):
         with clock.train_call():
             artifacts = engine.train(job, progress)
         clock.split_training(artifacts.metrics)
@@ -209,13 +210,6 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
             progress({"phase": "uploading"})
             stored = ctx.store.put_directory_content_addressed(artifacts.version_dir)
             _store_report(ctx, artifacts.version_dir, metrics)
-    except LeaseLost:
-        raise
-    except Exception as exc:
-        with transaction(ctx.sessions) as s:
-            registry.mark_failed(s, version_id=version_id, actor=ctx.owner,
-                                 reason=one_line_cause(exc))
-        raise
 
     promote_started = time.time()
     reason = _verdict_reason(metrics, verdict)
@@ -240,49 +234,55 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
     # version unfinished (abandoned when the leases expire; the tickets run again); after
     # it, nothing is left to do. No ticket can end up both in a ready version and queued.
     promoted = verdict == "pass" and config.auto_promote
-    try:
-        with transaction(ctx.sessions) as s:
-            if verdict == "reject":
-                registry.mark_failed(s, version_id=version_id, actor=ctx.owner,
-                                     reason=reason, metrics=metrics)
-                error = f"version {lineage_name}@v{version_no} {reason}"
-                settled = [queue.reject_in(s, ticket_id=t.id, owner=ctx.owner, error=error)
-                           for t in tickets]
-            else:
-                registry.mark_ready(s, version_id=version_id, object_key=stored.key,
-                                    sha256=stored.sha256, size=stored.size, metrics=metrics,
-                                    peft_config=artifacts.peft_config, actor=ctx.owner)
-                registry.promote(s, lineage_name=lineage_name, version=version_no,
-                                 actor=ctx.owner, alias="live" if promoted else "candidate")
-                # Whether this job promoted it; the ticket's status (and the receipt's
-                # `live`) says whether live contains it now: complete_in reads live.
-                receipt["auto_promoted"] = promoted
-                settled = [queue.complete_in(s, ticket_id=t.id, owner=ctx.owner,
-                                             version_id=version_id,
-                                             receipt={**receipt,
-                                                      "payload_sha256": t.payload_sha256})
-                           for t in tickets]
-            if not all(settled):  # another claimer holds a ticket: publish nothing
-                raise LeaseLost(str(job_id))
-            clock.add("promote", promote_started, time.time())
-            if verdict == "reject":
-                _finish_job_in(s, job_id, JobStatus.failed, clock, error=error)
-            else:
-                _finish_job_in(s, job_id, JobStatus.succeeded, clock, live=promoted)
-                _queue_follow_ups(s, lineage_id, artifacts.follow_up, requester=ctx.owner)
-            failpoint("publish.commit")
-    except LeaseLost:
-        raise
-    except Exception as exc:  # e.g. promotion refused: the version is never served
-        with transaction(ctx.sessions) as s:
+    # (An error here, e.g. a refused promotion, fails the version: it is never served.)
+    with _version_failed_on_error(ctx, version_id), transaction(ctx.sessions) as s:
+        if verdict == "reject":
             registry.mark_failed(s, version_id=version_id, actor=ctx.owner,
-                                 reason=one_line_cause(exc))
-        raise
+                                 reason=reason, metrics=metrics)
+            error = f"version {lineage_name}@v{version_no} {reason}"
+            settled = [queue.reject_in(s, ticket_id=t.id, owner=ctx.owner, error=error)
+                       for t in tickets]
+            ending: dict[str, Any] = {"status": JobStatus.failed, "error": error}
+        else:
+            registry.mark_ready(s, version_id=version_id, object_key=stored.key,
+                                sha256=stored.sha256, size=stored.size, metrics=metrics,
+                                peft_config=artifacts.peft_config, actor=ctx.owner)
+            registry.promote(s, lineage_name=lineage_name, version=version_no,
+                             actor=ctx.owner, alias="live" if promoted else "candidate")
+            # Whether this job promoted it; the ticket's status (and the receipt's `live`)
+            # says whether live contains it now: complete_in reads live.
+            receipt["auto_promoted"] = promoted
+            settled = [queue.complete_in(s, ticket_id=t.id, owner=ctx.owner,
+                                         version_id=version_id,
+                                         receipt={**receipt, "payload_sha256": t.payload_sha256})
+                       for t in tickets]
+            _queue_follow_ups(s, lineage_id, artifacts.follow_up, requester=ctx.owner)
+            ending = {"status": JobStatus.succeeded, "live": promoted}
+        if not all(settled):  # another claimer holds a ticket: publish nothing
+            raise LeaseLost(str(job_id))
+        clock.add("promote", promote_started, time.time())
+        _finish_job_in(s, job_id, clock=clock, **ending)
+        failpoint("publish.commit")
     failpoint("publish.after")
     _observe_finished(job_id, clock)
     if verdict == "reject":
         return JobOutcome(job_id, None, None, False, metrics)
     return JobOutcome(job_id, version_id, version_no, promoted, metrics)
+
+
+@contextlib.contextmanager
+def _version_failed_on_error(ctx: JobContext, version_id: uuid.UUID) -> Iterator[None]:
+    """Any error but a lost lease marks the job's version failed (never served), then goes
+    on up to run_job, which fails or retries the tickets."""
+    try:
+        yield
+    except LeaseLost:
+        raise
+    except Exception as exc:
+        with transaction(ctx.sessions) as s:
+            registry.mark_failed(s, version_id=version_id, actor=ctx.owner,
+                                 reason=one_line_cause(exc))
+        raise
 
 
 def _queue_follow_ups(session: Session, lineage_id: uuid.UUID,

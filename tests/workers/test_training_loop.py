@@ -211,7 +211,8 @@ def test_frozen_references_equal_the_full_forward_at_every_labelled_token(tiny_m
     with torch.no_grad():
         logits, labels = shifted_logits_and_labels(model, batch)
     expected = logits[labels != IGNORE]
-    got, counts = frozen_labelled_logits(model, batch)
+    got, got_labels, counts = frozen_labelled_logits(model, batch)
     assert counts.tolist() == (labels != IGNORE).sum(-1).tolist()
+    assert got_labels.tolist() == labels[labels != IGNORE].tolist()
     assert got.shape == expected.shape
     assert torch.allclose(got, expected, atol=1e-5)

@@ -160,6 +160,8 @@ def greedy_decode(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]
     import torch
     from transformers import DynamicCache
 
+    from workers.model.shared_prefix import common_prefix_length, prefix_cache, repeat_cache
+
     eos = model.generation_config.eos_token_id if model.generation_config else None
     eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     if tokenizer.eos_token_id is not None:
@@ -168,7 +170,7 @@ def greedy_decode(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]
     todo = [i for i, n in enumerate(budgets) if n > 0]
     if not todo:
         return rows
-    shared = _common_prefix_length([prompt_ids[i] for i in todo]) if len(todo) > 1 else 0
+    shared = common_prefix_length([prompt_ids[i] for i in todo]) if len(todo) > 1 else 0
 
     def forward(input_ids: Any, mask: Any, positions: Any, cache: Any) -> Any:
         return model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
@@ -178,11 +180,8 @@ def greedy_decode(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]
         return torch.tensor(values, dtype=torch.long, device=device)
 
     with torch.no_grad():
-        prefix: list[tuple[Any, Any]] = []
-        if shared:
-            ids = tensor([list(prompt_ids[todo[0]][:shared])])
-            out = forward(ids, torch.ones_like(ids), tensor([list(range(shared))]), None)
-            prefix = [(layer.keys, layer.values) for layer in out.cache.layers]
+        prefix = (prefix_cache(model, tensor([list(prompt_ids[todo[0]][:shared])]))
+                  if shared else None)
         # Prefill: longest suffixes first, so each batch pads little.
         order = sorted(todo, key=lambda i: -len(prompt_ids[i]))
         width = len(prompt_ids[order[0]]) - shared
@@ -194,10 +193,8 @@ def greedy_decode(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]
             ids = tensor([[0] * (own - len(t)) + t for t in suffixes])
             mask = tensor([[1] * shared + [0] * (own - len(t)) + [1] * len(t) for t in suffixes])
             positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, shared:]
-            cache = DynamicCache([(k.expand(len(group), -1, -1, -1),
-                                   v.expand(len(group), -1, -1, -1)) for k, v in prefix]
-                                 ) if prefix else None
-            out = forward(ids, mask, positions, cache)
+            out = forward(ids, mask, positions,
+                          repeat_cache(prefix, len(group)) if prefix is not None else None)
             first.append(out.logits[:, -1].argmax(-1))
             pad = width - own  # to the widest group: [prefix][padding][own tokens]
 
@@ -237,12 +234,3 @@ def greedy_decode(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]
             next_ids = forward(next_ids.unsqueeze(-1), mask, positions,
                                cache).logits[:, -1].argmax(-1)
 
-
-def _common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
-    """Tokens every prompt starts with, leaving each at least one of its own (whose logits
-    give its first answer token)."""
-    shortest = min(len(p) for p in prompts)
-    n = 0
-    while n < shortest - 1 and all(p[n] == prompts[0][n] for p in prompts):
-        n += 1
-    return n

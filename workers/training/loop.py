@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from workers.training.data import (
-    IGNORE,
     cycle_batches,
     drop_mentions,
     encode_pairs,
@@ -119,14 +118,14 @@ def run_training(spec: TrainJobSpec, strategy: TrainingStrategy,
         if method.needs_reference:
             for chunk in _chunks(forget_pairs, 8):
                 batch = encode_pairs(tokenizer, chunk, keywords)
-                logits, counts = frozen_labelled_logits(peft_model, batch)
-                labels = batch.labels[:, 1:][batch.labels[:, 1:] != IGNORE]
+                logits, labels, counts = frozen_labelled_logits(peft_model, batch)
                 token_logp = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1))
                 for pair, row in zip(chunk, token_logp.squeeze(-1).split(counts.tolist())):
                     ref_logp[_key(pair)] = float(row.sum())
         if retain_pairs and recipe.retain_loss == "kl":
             for chunk in _chunks(retain_pairs, 8):
-                logits, counts = frozen_labelled_logits(peft_model, encode_pairs(tokenizer, chunk))
+                logits, _, counts = frozen_labelled_logits(peft_model,
+                                                           encode_pairs(tokenizer, chunk))
                 logp = torch.log_softmax(logits, -1)
                 for pair, row in zip(chunk, logp.split(counts.tolist())):
                     # (answer tokens, vocab), half precision: it is held for the whole run.

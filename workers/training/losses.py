@@ -38,39 +38,31 @@ def answer_kl(ref_logp: Tensor, logits: Tensor, labels: Tensor) -> Tensor:
     return (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean()
 
 
-def frozen_labelled_logits(model: Any, batch: Batch) -> tuple[Tensor, Tensor]:
-    """Logits predicting each labelled token, (N, V) in row-major order, and how many each
-    row has, (B,): what `shifted_logits_and_labels` gives at `labels != IGNORE`, for a
-    model whose weights do not change (the references, computed once before training).
+def frozen_labelled_logits(model: Any, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+    """Logits predicting each labelled token, (N, V) in row-major order, those tokens, (N,),
+    and how many each row has, (B,): what `shifted_logits_and_labels` gives at
+    `labels != IGNORE`, for a model whose weights do not change (the references, computed
+    once before training).
 
     Cheaper on CPU: the rows' common prefix (the chat template's system turn) runs once,
     and the vocabulary projection (a fifth of a small model's compute) only where a label
     is. Right padding, so every row's prefix is at the same positions.
     """
-    from transformers import DynamicCache
+    from workers.model.shared_prefix import common_prefix_length, prefix_cache, repeat_cache
 
     ids, mask = batch.input_ids, batch.attention_mask
     need = torch.zeros_like(mask, dtype=torch.bool)
     need[:, :-1] = batch.labels[:, 1:] != IGNORE
-    counts = need.sum(-1)
-    lengths = mask.sum(-1)
-    first_needed = [int(row.nonzero()[0]) if row.any() else int(n) - 1
-                    for row, n in zip(need, lengths)]
-    shared = 0
-    if len(ids) > 1:
-        limit = min(min(first_needed), int(lengths.min()) - 1)
-        same = (ids[:, :max(limit, 0)] == ids[:1, :max(limit, 0)]).all(0)
-        shared = int(same.long().cumprod(0).sum()) if len(same) else 0
+    # The shared prefix ends before any row's first labelled position (its logits are
+    # needed) and within every row's real tokens.
+    ends = [int(row.nonzero()[0]) + 1 if row.any() else int(n)
+            for row, n in zip(need, mask.sum(-1))]
+    shared = (common_prefix_length([r[:end] for r, end in zip(ids.tolist(), ends)])
+              if len(ids) > 1 else 0)
     with torch.no_grad():
-        cache = None
-        if shared:
-            prefix = model(input_ids=ids[:1, :shared], attention_mask=mask[:1, :shared],
-                           use_cache=True, logits_to_keep=1).cache
-            cache = DynamicCache([(layer.keys.expand(len(ids), -1, -1, -1),
-                                   layer.values.expand(len(ids), -1, -1, -1))
-                                  for layer in prefix.layers])
+        cache = repeat_cache(prefix_cache(model, ids[:1, :shared]), len(ids)) if shared else None
         positions = torch.arange(shared, ids.shape[1], device=ids.device).expand(len(ids), -1)
         out = model(input_ids=ids[:, shared:], attention_mask=mask, position_ids=positions,
                     cache=cache, use_cache=cache is not None,
                     logits_to_keep=need[:, shared:])
-    return out.logits.float(), counts
+    return out.logits.float(), batch.labels[:, 1:][need[:, :-1]], need.sum(-1)
