@@ -33,7 +33,8 @@ from service.client import ApiError, ApiUnreachable, OblivioClient
 app = typer.Typer(name="oblivio", help="Continual machine unlearning for language models.",
                   no_args_is_help=True, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]})
-ticket_app = typer.Typer(help="File, follow and cancel deletion tickets.", no_args_is_help=True)
+ticket_app = typer.Typer(help="File, follow, cancel and revoke deletion tickets.",
+                         no_args_is_help=True)
 versions_app = typer.Typer(help="Adapter versions of a lineage.", no_args_is_help=True)
 lineage_app = typer.Typer(help="Lineages: a base model and its chain of adapters.",
                           no_args_is_help=True)
@@ -448,6 +449,21 @@ def ticket_cancel(ticket_id: Annotated[str, typer.Argument(help="Ticket id")],
         render.print_json(ticket)
     else:
         render.out().print(f"ticket {ticket['id']} {ticket['status']}", markup=False)
+
+
+@ticket_app.command("revoke")
+def ticket_revoke(ticket_id: Annotated[str, typer.Argument(help="Id of the done ticket")],
+                  reason: Annotated[str, typer.Option(help="Why (kept in its timeline)")],
+                  api_url: ApiUrl = None, token: Token = None, as_json: Json = False) -> None:
+    """Withdraw one done ticket's forgetting, keeping the others (operator; o3 lineages)."""
+    with api(api_url, token) as client:
+        revoke_ticket = client.revoke_ticket(ticket_id, reason=reason)
+    if as_json:
+        render.print_json(revoke_ticket)
+    else:
+        render.out().print(f"revocation queued as ticket {revoke_ticket['id']}; "
+                           f"follow it with: oblivio ticket watch {revoke_ticket['id']}",
+                           markup=False)
 
 
 @ticket_app.command("receipt")

@@ -67,6 +67,10 @@ class OblivioClient:
     def cancel_ticket(self, ticket_id: uuid.UUID | str) -> dict[str, Any]:
         return self._call("POST", f"/v1/tickets/{ticket_id}/cancel")
 
+    def revoke_ticket(self, ticket_id: uuid.UUID | str, *, reason: str) -> dict[str, Any]:
+        """Queue the withdrawal of a done ticket's forgetting; returns the revoke ticket."""
+        return self._call("POST", f"/v1/tickets/{ticket_id}/revoke", json={"reason": reason})
+
     def receipt(self, ticket_id: uuid.UUID | str) -> dict[str, Any]:
         return self._call("GET", f"/v1/tickets/{ticket_id}/receipt")
 

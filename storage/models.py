@@ -64,6 +64,9 @@ class TicketKind(str, enum.Enum):
     # Internal (POST /v1/lineages/{name}/finetune, and S3T's retrain after a deletion):
     # fine-tunes go through the same durable queue, leases and job runner as deletions.
     finetune = "finetune"
+    # Internal (POST /v1/tickets/{id}/revoke): an operator withdraws a done ticket's
+    # forgetting; engines with separable requests (O3) publish a version without it.
+    revoke = "revoke"
 
 
 class TicketStatus(str, enum.Enum):

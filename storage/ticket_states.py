@@ -13,6 +13,11 @@ to forget, so it is derived from the `live` alias, never from "the job finished"
   `sync_with_live`), tickets waiting on a version now in the live chain become `done`, and
   `done` tickets whose version left it become `reopened`. Each move is an audit event, so it shows in the ticket's timeline, and
   the time is kept in the ticket's receipt (`done_at` / `reopened_at`).
+- A version may withdraw earlier tickets (an operator's `POST /v1/tickets/{id}/revoke`:
+  O3 drops that request's block, no training); it lists them in its metrics
+  (`withdrawn_tickets`). The live model contains a ticket iff its version is in the live
+  chain and no version of the chain withdrew it, so a withdrawn ticket is `reopened` when
+  such a version goes live, and done again if live is rolled back to before it.
 - When a version is withdrawn (`after_withdrawal`): revoked by an operator, or found corrupt
   (its stored files fail their sha256, so it can never be served or promoted again), its
   tickets that still hold their forget set (awaiting review) go back to the queue or to
@@ -31,7 +36,7 @@ from __future__ import annotations
 import uuid
 from typing import Any, Literal
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from storage import audit
@@ -45,6 +50,9 @@ RevokedTickets = Literal["requeue", "fail"]
 Withdrawal = Literal["revoke", "corrupt"]
 _WITHDRAWN: dict[str, str] = {"revoke": "was revoked",
                               "corrupt": "is corrupt (its stored files failed their checksum)"}
+
+_WITHDRAWN_MESSAGE = ("reopened: an operator revoked this ticket (see its timeline for why); "
+                      "live ({to}) no longer contains its forgetting")
 
 
 def live_chain(session: Session, lineage_id: uuid.UUID) -> set[uuid.UUID]:
@@ -63,6 +71,15 @@ def live_chain(session: Session, lineage_id: uuid.UUID) -> set[uuid.UUID]:
     return chain
 
 
+def withdrawn_along(session: Session, chain: set[uuid.UUID]) -> set[uuid.UUID]:
+    """Tickets that some version of `chain` withdrew (metrics["withdrawn_tickets"])."""
+    if not chain:
+        return set()
+    rows = session.scalars(select(AdapterVersion.metrics)
+                           .where(AdapterVersion.id.in_(chain))).all()
+    return {uuid.UUID(str(t)) for m in rows for t in (m or {}).get("withdrawn_tickets") or []}
+
+
 def settle(session: Session, ticket: Ticket, *, version_id: uuid.UUID | None,
            actor: str, now: Any = None) -> TicketStatus:
     """The state a ticket whose job just finished takes: done iff its version is live.
@@ -72,7 +89,9 @@ def settle(session: Session, ticket: Ticket, *, version_id: uuid.UUID | None,
     to serve) is done at once.
     """
     now = now or utcnow()
-    if version_id is None or version_id in live_chain(session, ticket.lineage_id):
+    chain = live_chain(session, ticket.lineage_id)
+    if version_id is None or (version_id in chain
+                              and ticket.id not in withdrawn_along(session, chain)):
         ticket.status = TicketStatus.done
         ticket.receipt = {**(ticket.receipt or {}), "done_at": now.isoformat()}
         ticket.payload = None  # the raw forget set goes once the live model has forgotten
@@ -102,12 +121,15 @@ def sync_with_live(session: Session, *, lineage: Lineage, actor: str,
     """
     now = utcnow()
     chain = live_chain(session, lineage.id)
+    withdrawn = withdrawn_along(session, chain)
     moved: dict[str, list[uuid.UUID]] = {"done": [], "reopened": []}
     if chain:
         waiting = session.scalars(select(Ticket).where(
             Ticket.lineage_id == lineage.id, Ticket.status.in_(WAITING_FOR_LIVE),
             Ticket.result_version_id.in_(chain))).all()
         for ticket in waiting:
+            if ticket.id in withdrawn:
+                continue
             previous = ticket.status
             ticket.status = TicketStatus.done
             receipt = {k: v for k, v in (ticket.receipt or {}).items()
@@ -126,13 +148,15 @@ def sync_with_live(session: Session, *, lineage: Lineage, actor: str,
                                 Ticket.status == TicketStatus.done,
                                 Ticket.result_version_id.is_not(None))
     if chain:
-        left = left.where(Ticket.result_version_id.not_in(chain))
+        left = left.where(or_(Ticket.result_version_id.not_in(chain),
+                              Ticket.id.in_(withdrawn)))
     for ticket in session.scalars(left).all():
         ticket.status = TicketStatus.reopened
         ticket.receipt = {**(ticket.receipt or {}), "reopened_at": now.isoformat(),
                           "reopened_because": cause}
         ticket.progress = {**(ticket.progress or {}), "phase": "reopened"}
-        ticket.error = _reopen_message(cause)
+        ticket.error = (_WITHDRAWN_MESSAGE.format(to=cause.get("to"))
+                        if ticket.id in withdrawn else _reopen_message(cause))
         ticket.updated_at = now
         audit.record(session, actor=actor, action="ticket.reopened", subject_type="ticket",
                      subject_id=ticket.id,

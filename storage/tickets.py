@@ -275,6 +275,45 @@ def submit_follow_up(session: Session, *, lineage_id: uuid.UUID, kind: str, engi
     return ticket
 
 
+def submit_revoke(session: Session, *, ticket_id: uuid.UUID, reason: str, actor: str) -> Ticket:
+    """Queue the withdrawal of a done ticket's forgetting (an operator's decision).
+
+    The caller has checked that the ticket's engine can drop one request without training
+    (O3). The revoke ticket runs through the same queue and job runner as any other; the
+    version it publishes lists the revoked ticket in `withdrawn_tickets`, and when that
+    version goes live the revoked ticket becomes `reopened` (storage.ticket_states).
+    Refused (Conflict) unless the ticket is a done forget ticket, and while another
+    revocation of it is still pending.
+    """
+    original = get_ticket(session, ticket_id)
+    if original.kind is not TicketKind.forget:
+        raise Conflict(f"ticket {ticket_id} is a {original.kind.value} ticket; only forget "
+                       "tickets can be revoked")
+    if original.status is not TicketStatus.done:
+        raise Conflict(f"ticket {ticket_id} is {original.status.value}; only a done ticket "
+                       "(its forgetting is live) can be revoked")
+    target = f"ticket {ticket_id}"  # also how a pending revocation of it is found
+    pending = session.scalar(select(Ticket.id).where(
+        Ticket.kind == TicketKind.revoke, Ticket.target == target,
+        Ticket.status.in_([s for s in TicketStatus if not s.is_final])))
+    if pending is not None:
+        raise Conflict(f"ticket {ticket_id} already has a pending revocation: {pending}")
+    payload = {"revokes": str(ticket_id)}
+    revoke = Ticket(kind=TicketKind.revoke, lineage_id=original.lineage_id,
+                    engine=original.engine, target=target, payload=payload,
+                    payload_sha256=payload_sha256(payload), status=TicketStatus.queued,
+                    requester=actor)
+    session.add(revoke)
+    session.flush()
+    audit.record(session, actor=actor, action="ticket.submitted", subject_type="ticket",
+                 subject_id=revoke.id, detail={"kind": "revoke", "engine": original.engine,
+                                               "revokes": str(ticket_id), "reason": reason})
+    audit.record(session, actor=actor, action="ticket.revoke_requested",
+                 subject_type="ticket", subject_id=ticket_id,
+                 detail={"revoke_ticket": str(revoke.id), "reason": reason})
+    return revoke
+
+
 def _by_idempotency_key(session: Session, key: str) -> Ticket | None:
     # populate_existing: after a lost race the row may be stale or absent in the identity map.
     return session.scalar(select(Ticket).where(Ticket.idempotency_key == key)

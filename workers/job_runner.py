@@ -203,6 +203,8 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
         if verdict not in ("pass", "hold", "reject"):
             raise RuntimeError(f"engine {engine.name!r} gave no verdict (got {verdict!r})")
         metrics["training"] = artifacts.metrics
+        if artifacts.withdrawn:  # read by ticket_states: these tickets are not live here
+            metrics["withdrawn_tickets"] = list(artifacts.withdrawn)
         with clock.phase("upload"):
             _write_manifest(artifacts.version_dir, engine=engine.name, base=base,
                             tickets=tickets, metrics=metrics, method=artifacts.method_config,

@@ -1,4 +1,4 @@
-"""/v1/tickets: submit, read, list, cancel, receipt."""
+"""/v1/tickets: submit, read, list, cancel, revoke (operators), receipt."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import JSONResponse
 
-from service.deps import CipherDep, SessionDep, SettingsDep, SubmitterDep
+from service.deps import CipherDep, OperatorDep, SessionDep, SettingsDep, SubmitterDep
 from service.receipt_keys import receipt_key
 from service.schemas.common import NAME_PATTERN, PLAIN_TEXT_PATTERN
 from service.schemas.tickets import (
@@ -16,10 +16,12 @@ from service.schemas.tickets import (
     TicketIn,
     TicketOut,
     TicketPageOut,
+    TicketRevokeIn,
     check_limits,
     to_request,
 )
 from storage import receipts, tickets
+from storage.errors import Conflict
 from storage.models import TicketStatus
 
 router = APIRouter(prefix="/v1/tickets", tags=["tickets"])
@@ -80,6 +82,24 @@ def cancel(ticket_id: uuid.UUID, session: SessionDep, caller: SubmitterDep) -> T
     ticket = tickets.cancel(session, ticket_id=ticket_id, actor=caller.principal,
                             requester=caller.ticket_owner_filter)
     return TicketOut.from_view(tickets.describe(session, [ticket])[0])
+
+
+@router.post("/{ticket_id}/revoke", status_code=202, response_model=TicketOut)
+def revoke(ticket_id: uuid.UUID, body: TicketRevokeIn, session: SessionDep,
+           caller: OperatorDep) -> TicketOut:
+    """Withdraw a done ticket's forgetting without touching the other requests: queues a
+    `revoke` ticket (returned) whose version drops that request's block and detector, with
+    no training (engines with separable requests: o3). When it goes live the revoked
+    ticket is `reopened`. 409 for a ticket that is not done, or whose engine cannot."""
+    from workers.engines import get_engine
+
+    original = tickets.get_ticket(session, ticket_id)
+    if not hasattr(get_engine(original.engine), "without_request"):
+        raise Conflict(f"engine {original.engine!r} cannot remove one request without "
+                       "retraining; revoke the version instead (POST /v1/versions/{id}/revoke)")
+    revoke_ticket = tickets.submit_revoke(session, ticket_id=ticket_id, reason=body.reason,
+                                          actor=caller.principal)
+    return TicketOut.from_view(tickets.describe(session, [revoke_ticket])[0])
 
 
 @router.get("/{ticket_id}/receipt", response_model=ReceiptOut)

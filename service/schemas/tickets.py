@@ -106,6 +106,12 @@ class DeleteRecordsTicketIn(_TicketBase):
 TicketIn = Annotated[ForgetTicketIn | DeleteRecordsTicketIn, Field(discriminator="kind")]
 
 
+class TicketRevokeIn(_Strict):
+    """POST /v1/tickets/{id}/revoke: withdraw a done ticket's forgetting (operators)."""
+
+    reason: Text = Field(max_length=2000, description="Why, kept in the ticket's timeline.")
+
+
 def check_limits(body: ForgetTicketIn | DeleteRecordsTicketIn, settings: Settings) -> None:
     """Apply the configurable limits; violations are 422s shaped like pydantic's own."""
     errors: list[dict[str, Any]] = []

@@ -225,3 +225,65 @@ def test_a_text_only_ticket_is_accepted_only_by_engines_that_train_it(api: Api,
         assert engine in runnable_forget_engines()
     else:
         assert r.json()["status"] == "queued"
+
+
+def _make_done(api: Api, ticket_id: str) -> None:
+    """Publish `ticket_id` (claimed alone) as the lineage's live version, as a job would."""
+    claimed = queue.claim(api.db.sessions, owner="w", lease_seconds=60, max_attempts=3)
+    assert [str(c.id) for c in claimed] == [ticket_id]
+    with transaction(api.db.sessions) as s:
+        lineage = registry.get_lineage(s, "default")
+        live = registry.get_aliases(s, lineage_name="default").get("live")
+        version = registry.create_version(s, lineage=lineage,
+                                          parent_id=live.id if live else None,
+                                          ticket_ids=[claimed[0].id], job_id=None,
+                                          peft_config=None, base_model_sha256="cd" * 32,
+                                          actor="w")
+        sha = hashlib.sha256(ticket_id.encode()).hexdigest()
+        registry.mark_ready(s, version_id=version.id, object_key=f"adapters/{sha}", sha256=sha,
+                            size=1, metrics={}, actor="w")
+        registry.promote(s, lineage_name="default", version=version.version, actor="w")
+        version_id = version.id
+    assert queue.complete(api.db.sessions, ticket_id=claimed[0].id, owner="w",
+                          version_id=version_id, receipt={})
+
+
+def test_only_operators_revoke_and_only_a_done_ticket_of_a_separable_engine(api: Api) -> None:
+    """POST /v1/tickets/{id}/revoke queues a `revoke` ticket on the same lineage and engine
+    (the job runner then publishes a version without that request's block); refused with a
+    message, and nothing queued, for a submitter, a ticket not yet done, an engine that
+    cannot drop one request, and a second revocation while the first is pending."""
+    o3 = submit(api, {**FORGET, "engine": "o3"}).json()
+    path = f"/v1/tickets/{o3['id']}/revoke"
+    body = {"reason": "the subject withdrew the request"}
+    early = api.client.post(path, json=body, headers=api.headers("operator"))
+    assert early.status_code == 409 and "only a done ticket" in early.json()["message"]
+    _make_done(api, o3["id"])
+
+    idk = submit(api, {**FORGET, "target": "Ada Lovelace"}).json()
+    _make_done(api, idk["id"])
+    r = api.client.post(f"/v1/tickets/{idk['id']}/revoke", json=body,
+                        headers=api.headers("operator"))
+    assert r.status_code == 409 and "revoke the version instead" in r.json()["message"]
+
+    assert api.client.post(path, json=body, headers=api.headers("submitter")).status_code == 403
+    assert api.client.post(path, json={}, headers=api.headers("operator")).status_code == 422
+    before = ticket_count(api)
+    r = api.client.post(path, json=body, headers=api.headers("operator"))
+    assert r.status_code == 202, r.text
+    revoke = r.json()
+    assert (revoke["kind"], revoke["engine"], revoke["status"]) == ("revoke", "o3", "queued")
+    assert revoke["lineage"] == "default" and revoke["target"] == f"ticket {o3['id']}"
+    again = api.client.post(path, json=body, headers=api.headers("operator"))
+    assert again.status_code == 409 and revoke["id"] in again.json()["message"]
+    assert ticket_count(api) == before + 1
+    # The revocation is queued for the worker like any ticket, and the original stays done
+    # until the version without its block goes live.
+    claimed = queue.claim(api.db.sessions, owner="w", lease_seconds=60, max_attempts=3)
+    assert [str(c.id) for c in claimed] == [revoke["id"]]
+    assert api.client.get(f"/v1/tickets/{o3['id']}",
+                          headers=api.headers()).json()["status"] == "done"
+    with api.db.sessions() as s:
+        actions = s.scalars(select(AuditEvent.action)
+                            .where(AuditEvent.subject_id == o3["id"])).all()
+    assert "ticket.revoke_requested" in actions

@@ -48,7 +48,7 @@ class FakeEngine:
     """An engine whose training and evaluation outcome each test sets."""
 
     name: str = ENGINE
-    ticket_kinds: frozenset[str] = frozenset({"forget"})
+    ticket_kinds: frozenset[str] = frozenset({"forget", "revoke"})
     metrics: dict[str, Any] = field(default_factory=lambda: {"verdict": "pass"})
     during_training: Callable[[Any, Callable[[dict[str, Any]], None]], None] | None = None
     trained: list[list[str]] = field(default_factory=list)
@@ -65,7 +65,8 @@ class FakeEngine:
             self.during_training(job, progress)
         job.output_dir.mkdir(parents=True, exist_ok=True)
         (job.output_dir / "weights.bin").write_bytes(uuid.uuid4().bytes)  # a new version
-        return Artifacts(version_dir=job.output_dir, metrics={"steps": 1})
+        return Artifacts(version_dir=job.output_dir, metrics={"steps": 1},
+                         withdrawn=[r.revokes for r in job.requests if r.kind == "revoke"])
 
     def load_servable(self, version_dir: Path | None, **_kw: Any) -> FakeServable:
         return FakeServable()
@@ -127,7 +128,9 @@ def runner(tmp_path: Path, tiny_model_dir: Path, fake_engine: FakeEngine) -> Run
                         database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
                         object_store=f"file://{tmp_path / 'objects'}",
                         base_model=str(tiny_model_dir), batch_window_seconds=0.0,
-                        lease_seconds=60, max_attempts=2)
+                        lease_seconds=60, max_attempts=2,
+                        # The stand-in engine trains nothing: no warm Ray ranks to start.
+                        trainer="plain")
     upgrade(settings.resolved_database_url)
     engine = make_engine(settings.resolved_database_url)
     sessions = make_session_factory(engine)
@@ -172,6 +175,46 @@ def test_the_verdict_and_auto_promote_decide_where_the_version_goes(runner: Runn
     # The live version is still the one that passed with auto_promote on.
     with runner.sessions() as s:
         assert registry.resolve(s, lineage_name="default", ref="live").version == 1
+
+
+def test_a_revocation_reopens_just_the_revoked_ticket_until_live_moves_back(runner: Runner
+                                                                          ) -> None:
+    """A revoke ticket's version withdraws one done ticket: that ticket is reopened (live
+    no longer contains its forgetting), the others stay done; rolling live back to before
+    the revocation makes it done again, promoting the revocation reopens it again."""
+    from storage.errors import Conflict
+
+    kept, revoked = runner.submit("kept"), runner.submit("revoked")
+    assert runner.loop().run_once() == 1 and runner.loop().run_once() == 1
+    with transaction(runner.sessions) as s:
+        revoke_id = tickets.submit_revoke(s, ticket_id=revoked, reason="filed in error",
+                                          actor="op").id
+    with transaction(runner.sessions) as s, pytest.raises(Conflict, match="pending"):
+        tickets.submit_revoke(s, ticket_id=revoked, reason="twice", actor="op")
+    with transaction(runner.sessions) as s, pytest.raises(Conflict, match="only forget"):
+        tickets.submit_revoke(s, ticket_id=revoke_id, reason="a revoke ticket", actor="op")
+    assert runner.loop().run_once() == 1
+    v3 = runner.versions()[-1]
+    assert (v3.version, v3.status, v3.metrics["withdrawn_tickets"]) == \
+        (3, VersionStatus.ready, [str(revoked)])
+    assert v3.parent_id == runner.versions()[1].id
+    assert runner.ticket(revoke_id).status == TicketStatus.done
+    assert runner.ticket(kept).status == TicketStatus.done
+    gone = runner.ticket(revoked)
+    assert gone.status == TicketStatus.reopened and "revoked" in gone.error, gone.error
+    with transaction(runner.sessions) as s:
+        events = [e["event"] for e in tickets.timeline(s, s.get_one(Ticket, revoked))]
+    assert events[-2:] == ["revoke_requested", "reopened"], events
+    with transaction(runner.sessions) as s, pytest.raises(Conflict, match="reopened"):
+        tickets.submit_revoke(s, ticket_id=revoked, reason="again", actor="op")
+
+    with transaction(runner.sessions) as s:
+        registry.rollback(s, lineage_name="default", actor="op")
+    assert runner.ticket(revoked).status == TicketStatus.done
+    with transaction(runner.sessions) as s:
+        registry.promote(s, lineage_name="default", version=3, actor="op")
+    assert runner.ticket(revoked).status == TicketStatus.reopened
+    assert runner.ticket(kept).status == TicketStatus.done
 
 
 def test_a_lost_lease_stops_the_job_without_writing_over_the_new_owner(runner: Runner) -> None:

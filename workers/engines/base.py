@@ -38,8 +38,10 @@ class EngineRequest:
     """What a ticket asks for, as `Engine.validate` sees it at submission time.
 
     Args:
-        kind: "forget", "delete_records" or "finetune" (S3T: train a lineage on a
-            registered dataset; also its background retrain after deletions).
+        kind: "forget", "delete_records", "finetune" (S3T: train a lineage on a
+            registered dataset; also its background retrain after deletions) or "revoke"
+            (an operator withdraws a done ticket's forgetting, for engines that have
+            `without_request`).
         engine: the engine's registry name.
         target: who or what is forgotten (forget tickets), or None.
         forget_qa: [{"question", "answer"}] to forget; forget_texts: passages to forget.
@@ -48,6 +50,7 @@ class EngineRequest:
         options: engine/method options given by the ticket (may be empty); for finetune
             the S3T plan (shards, slices, sequences_per_shard, ...).
         dataset: the registered dataset (delete_records, finetune), or None.
+        revokes: the id of the ticket whose contribution a revoke ticket removes.
     """
 
     kind: str
@@ -61,6 +64,7 @@ class EngineRequest:
     subject_id: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     dataset: str | None = None
+    revokes: str | None = None
 
 
 def request_from_payload(*, kind: str, engine: str, payload: dict[str, Any] | None,
@@ -82,7 +86,8 @@ def request_from_payload(*, kind: str, engine: str, payload: dict[str, Any] | No
         forget_qa=qa(forget), forget_texts=list(forget.get("texts") or []),
         retain_qa=qa(retain), retain_texts=list(retain.get("texts") or []),
         record_ids=list(payload.get("record_ids") or []), subject_id=payload.get("subject_id"),
-        options=dict(payload.get("options") or {}), dataset=payload.get("dataset"))
+        options=dict(payload.get("options") or {}), dataset=payload.get("dataset"),
+        revokes=payload.get("revokes"))
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,8 @@ class Artifacts:
             ids and the exactness evidence).
         follow_up: tickets the job runner queues once this version is published, each
             {"kind", "engine", "payload"} (S3T: the background retrain after a deletion).
+        withdrawn: ids of tickets whose contribution this version removed (revoke
+            tickets); while it is in the live chain they are not done (ticket_states).
     """
 
     version_dir: Path
@@ -140,6 +147,7 @@ class Artifacts:
     peft_config: dict[str, Any] | None = None
     receipt: dict[str, Any] = field(default_factory=dict)
     follow_up: list[dict[str, Any]] = field(default_factory=list)
+    withdrawn: list[str] = field(default_factory=list)
 
 
 class Servable(Protocol):

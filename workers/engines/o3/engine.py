@@ -88,11 +88,15 @@ class O3Engine:
     """O3 (Gao et al., 2024) as an oblivio engine (see module docstring)."""
 
     name: ClassVar[str] = "o3"
-    ticket_kinds: ClassVar[frozenset[str]] = frozenset({"forget"})
+    ticket_kinds: ClassVar[frozenset[str]] = frozenset({"forget", "revoke"})
 
     # -- submission -----------------------------------------------------------------------
 
     def validate(self, request: EngineRequest) -> None:
+        if request.kind == "revoke":
+            if not request.revokes:
+                raise InvalidRequest("a revoke ticket names the ticket it revokes")
+            return
         if request.kind not in self.ticket_kinds:
             raise InvalidRequest(f"engine 'o3' forgets knowledge or text; it cannot serve "
                                  f"{request.kind!r} tickets")
@@ -106,24 +110,30 @@ class O3Engine:
     # -- training -------------------------------------------------------------------------
 
     def train(self, job: JobInput, progress: ProgressFn) -> Artifacts:
-        """One block per request of the job, each on the previous (parent first)."""
+        """One block per request of the job, each on the previous (parent first); a revoke
+        ticket instead drops the block of the ticket it names (no training)."""
         parent = job.parent_dir
         work = Path(job.output_dir).parent / f"o3-{job.job_id}"
         work.mkdir(parents=True, exist_ok=True)
         metrics: dict[str, Any] = {"blocks": []}
-        configs = []
+        configs: list[dict[str, Any]] = []
+        withdrawn: list[str] = []
         try:
             # Every request's config before any training: a job recipe that cannot combine
             # with a ticket's options fails the job at once, not after earlier blocks.
-            cfgs = [self.job_config(job, request) for request in job.requests]
+            cfgs = [None if request.kind == "revoke" else self.job_config(job, request)
+                    for request in job.requests]
             for n, (request, ticket_id, cfg) in enumerate(zip(job.requests, job.ticket_ids,
                                                               cfgs)):
                 last = n == len(job.requests) - 1
                 out = Path(job.output_dir) if last else work / f"v{n}"
-                block_metrics = self._train_block(job, request, ticket_id, cfg, parent, out,
-                                                  progress)
-                metrics["blocks"].append(block_metrics)
-                configs.append(cfg.to_json())
+                if cfg is None:
+                    metrics["blocks"].append(self._revoke_block(parent, request, out))
+                    withdrawn.append(str(request.revokes))
+                else:
+                    metrics["blocks"].append(self._train_block(job, request, ticket_id, cfg,
+                                                               parent, out, progress))
+                    configs.append(cfg.to_json())
                 parent = out
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -133,10 +143,21 @@ class O3Engine:
                     "train_seconds", "detector_seconds", "orthogonality_max_overlap"):
             if key in newest:
                 metrics[key] = newest[key]
-        config = json.loads((Path(job.output_dir) / "adapter_config.json").read_text())
+        config_file = Path(job.output_dir) / "adapter_config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else None
         return Artifacts(version_dir=Path(job.output_dir), metrics=metrics,
                          method_config={"engine": "o3", "configs": configs},
-                         peft_config=config)
+                         peft_config=config, withdrawn=withdrawn)
+
+    def _revoke_block(self, parent: Path | None, request: EngineRequest, out: Path
+                      ) -> dict[str, Any]:
+        revoked = str(request.revokes)
+        if parent is None or revoked not in {b.ticket_id for b in read_blocks(parent)}:
+            # E.g. live was rolled back to before that ticket: nothing of it is served.
+            raise InvalidRequest(f"the live version has no block of ticket {revoked}; "
+                                 "nothing to revoke")
+        self.without_request(parent, ticket_id=revoked, output_dir=out)
+        return {"revoked_ticket": revoked, "blocks_left": len(read_blocks(out))}
 
     @staticmethod
     def job_config(job: JobInput, request: EngineRequest) -> O3Config:
@@ -230,6 +251,14 @@ class O3Engine:
                  parent: Any | None = None) -> dict[str, Any]:
         """The forgetting engines' shared evaluation, through gated O3 servables."""
         from workers.evaluation.version_eval import evaluate_forgetting
+
+        if all(r.kind == "revoke" for r in job.requests):
+            # Exact by construction: the kept blocks and detectors are the parent's, byte
+            # for byte (tests/workers/engines/test_o3_revocation.py), and nothing trained.
+            revoked = ", ".join(str(r.revokes) for r in job.requests)
+            return {"verdict": "pass",
+                    "verdict_reason": f"removes the block and detector of ticket(s) {revoked} "
+                                      "exactly; nothing was trained"}
 
         if parent is None:
             return evaluate_forgetting(job, before=before, after=after)
