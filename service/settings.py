@@ -102,6 +102,10 @@ class Settings(BaseSettings):
         True, description="CPU jobs train on DeepSpeed ranks kept alive between jobs "
         "(workers/training/warm_pool.py) instead of new Ray Train workers each time, which "
         "spend tens of seconds importing libraries before the first step.")
+    background_nice: int = Field(
+        10, ge=0, le=19, description="CPU niceness of the work behind the API (the "
+        "dispatcher, its evaluations, training ranks), so that ticket submission and "
+        "generation stay fast while a job runs on the same machine; 0: same priority.")
     batch_window_seconds: float = Field(2.0, description="Wait this long to group tickets in one job.")
     scheduler_enabled: bool = Field(True, description="Run schedules' windows in this "
                                     "replica when it leads (needs the background workers).")
@@ -163,6 +167,7 @@ class Settings(BaseSettings):
             store=self.store_config(), base_model=self.base_model, device=self.device,
             num_workers=self.num_workers, zero_stage=self.zero_stage, trainer=self.trainer,
             warm_train_workers=self.warm_train_workers,
+            background_nice=self.background_nice,
             recipe=dict(self.recipe), evaluation=dict(self.evaluation),
             lease_seconds=self.lease_seconds,
             max_attempts=self.max_attempts, retry_backoff_seconds=self.retry_backoff_seconds,

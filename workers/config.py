@@ -29,6 +29,9 @@ class WorkerConfig:
             in-process loop: benchmark baseline, debugging).
         warm_train_workers: with trainer "deepspeed" on CPU, train on this process's warm
             DeepSpeed ranks (workers/training/warm_pool.py) instead of new Ray Train workers.
+        background_nice: CPU niceness (0-19) of the dispatcher actor (jobs' evaluation) and
+            of training ranks, so that the API and generation keep their latency while a
+            job runs on the same machine (workers/priority.py); 0 leaves them as they are.
         recipe: operator overrides of the forget recipe (workers/evaluation/recipe.py).
         evaluation: operator overrides of each job's version report (ReportConfig fields,
             plus relearn_steps / relearn_lr; workers/evaluation/version_eval.configs_from).
@@ -56,6 +59,7 @@ class WorkerConfig:
     zero_stage: int = 2
     trainer: str = "deepspeed"
     warm_train_workers: bool = True
+    background_nice: int = 10
     recipe: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
     lease_seconds: float = 300.0

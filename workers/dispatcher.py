@@ -190,8 +190,12 @@ def start_dispatcher_actor(config: WorkerConfig) -> Any:
         def __init__(self, config: WorkerConfig) -> None:
             from workers.logcontext import configure_logging
             from workers.metrics import ray_claim_latency_observer
+            from workers.priority import yield_cpu
 
             configure_logging(config.log_format, config.log_level)
+            # Before the loop's thread starts (it inherits the niceness): evaluations and
+            # plain-loop training here must not slow the API down on a shared machine.
+            yield_cpu(config.background_nice)
             self._loop = DispatcherLoop(config, observe_claim=ray_claim_latency_observer())
             self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
             self._thread.start()

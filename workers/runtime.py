@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.config import WorkerConfig
+from workers.priority import NICE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ def ray_env(config: WorkerConfig) -> dict[str, str]:
         "TRANSFORMERS_OFFLINE": "1",
         "TORCH_EXTENSIONS_DIR": str(cache),
         "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+        # Read by training ranks only (workers.priority.yield_cpu_from_env), not by Serve.
+        NICE_ENV: str(config.background_nice),
         **{k: os.environ.get(k, v) for k, v in RAY_TRAIN_ENV_DEFAULTS.items()},
     }
 

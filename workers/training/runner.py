@@ -215,6 +215,9 @@ def rank_train(task: RankTask, sink: Any, progress_enabled: bool, cpus: float | 
     import ray.util
     import torch
 
+    from workers.priority import yield_cpu_from_env
+
+    yield_cpu_from_env()  # a rank is background work: the API keeps its latency
     # As many threads as CPUs Ray gave this rank: more would oversubscribe the cores that
     # the other ranks use (seen: 2 ranks x 2 threads on 2 cores ran several times slower).
     torch.set_num_threads(max(1, int(cpus or os.environ.get("OMP_NUM_THREADS", "1"))))

@@ -104,6 +104,28 @@ def test_w_zero_is_the_base_model_exactly(tiny_version) -> None:
     servable.close()
 
 
+def test_rows_no_block_applies_to_answer_as_the_base_model_on_the_bundled_model(
+        bundled_model) -> None:
+    """The skip path continues from the detection forward's cache, so a left-padded row
+    must get the base model's own answer. It did not while that forward numbered positions
+    from the padding: 16 held-out questions about Einstein, none gated, went from 16/16
+    right to 3/16, which read as forgetting. (The tiny random model is too insensitive to
+    show it; a version with no blocks is the same path.)"""
+    from workers.engines.o3.serving import O3Servable
+    from workers.evaluation.generation import greedy_answers
+    from workers.model import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(bundled_model)
+    prompts = ["Who developed the theory of general relativity?",
+               "Which scientist wrote the book On the Origin of Species, published in 1859, "
+               "after the voyage of the Beagle?", "What is 2+2?"]
+    servable = O3Servable.load(None, model=model, tokenizer=tokenizer, device="cpu")
+    batched = servable.generate(prompts, [16] * len(prompts))
+    servable.close()
+    assert batched == greedy_answers(model, tokenizer, prompts, max_new_tokens=16)
+    assert "Einstein" in batched[0] and "Darwin" in batched[1]
+
+
 def test_w_one_is_the_stored_peft_stack(tiny_version) -> None:
     from peft import PeftModel
 

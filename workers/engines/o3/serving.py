@@ -129,8 +129,13 @@ class O3Servable:
             was_training = self.model.training
             self.model.eval()
             try:
+                # Positions as generate() numbers a left-padded row (from its first real
+                # token): generation continues from this cache, and keys cached at other
+                # positions than the ones its new tokens get would skew every padded row.
+                pos = (attn.long().cumsum(-1) - 1).clamp(min=0)[:, :width]
                 pre = self.model(input_ids=ids[:, :width], attention_mask=attn[:, :width],
-                                 output_hidden_states=bool(self._layers), use_cache=True)
+                                 position_ids=pos, output_hidden_states=bool(self._layers),
+                                 use_cache=True)
                 mask = content_mask(attn, self._span, width=width)
                 w = self._weights_from_hidden(pre.hidden_states or (), mask)
                 self.last_weights = w.cpu()
