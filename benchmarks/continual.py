@@ -271,18 +271,23 @@ def serve(method: str, version: Path, model: Any, tok: Any, device: str) -> tupl
 
 def detector_auroc(version: Path, model: Any, tok: Any, target: Target, neighbours: list[Any],
                    unrelated: list[Any]) -> dict[str, Any]:
-    """The newest block's detector: the target's probes vs unrelated / vs neighbours."""
+    """The newest block's gate (its subject probe, else its contrastive detector): the
+    target's probes vs unrelated / vs neighbours."""
     from workers.engines.o3.detector import Detector, auroc, prompt_features
     from workers.engines.o3.engine import read_blocks
+    from workers.engines.o3.subject_probe import SubjectProbe, subject_scores
 
     block = read_blocks(version)[-1]
+    probe = SubjectProbe.load(version / block.detector)
     det = Detector.load(version / block.detector)
-    layers = list(det.layers)
 
     def scores(probes: list[Any]) -> list[float]:
         if not probes:
             return []
-        return det.score(prompt_features(model, tok, [p.question for p in probes], layers,
+        questions = [p.question for p in probes]
+        if probe is not None:
+            return subject_scores(model, tok, questions, [probe.subject])[:, 0].tolist()
+        return det.score(prompt_features(model, tok, questions, list(det.layers),
                                          pooling=det.pooling)).tolist()
 
     pos = scores(target.probes)

@@ -36,3 +36,11 @@ def repeat_cache(cache: Any, rows: int) -> Any:
 
     return DynamicCache([(layer.keys.expand(rows, -1, -1, -1),
                           layer.values.expand(rows, -1, -1, -1)) for layer in cache.layers])
+
+
+def branch_cache(cache: Any) -> Any:
+    """A new cache over the same tensors: what a forward appends to it (a concatenation,
+    new tensors) leaves `cache` as it was, so several continuations can share one prefill."""
+    from transformers import DynamicCache
+
+    return DynamicCache([(layer.keys, layer.values) for layer in cache.layers])

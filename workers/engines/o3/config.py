@@ -71,6 +71,12 @@ class DetectorConfig:
             scores give weight 1; in between the weight rises linearly.
         generic_margin: extra room above the generic prompts' quantile, in units of their
             spread, before the weight starts to rise (neighbours sit just above generic).
+        subject_probe: gate on the subject probe (subject_probe.py: does the base model
+            name the ticket's target as what the prompt is about?) instead of the
+            contrastive detector, when the ticket names its target. The contrastive
+            detector is fitted and measured all the same, and gates tickets without one.
+        subject_generic_quantile: the subject probe's w = 0 up to this quantile of the
+            generic prompts' scores.
         skip_below: a block whose weight is at most this for every sample of a batch is not
             applied at all (the batch runs at the base model's cost).
         seed: masking and initialisation.
@@ -94,6 +100,8 @@ class DetectorConfig:
     w_low_quantile: float = 1.0
     w_high_quantile: float = 0.25
     generic_margin: float = 0.0
+    subject_probe: bool = True
+    subject_generic_quantile: float = 0.95
     skip_below: float = 0.02
     seed: int = 0
 
@@ -104,6 +112,8 @@ class DetectorConfig:
                 raise ValueError("layers must be non-negative layer indices")
         if self.n_layers < 1 or self.proj_dim < 1 or self.views < 1 or self.epochs < 0:
             raise ValueError("n_layers, proj_dim and views must be >= 1, epochs >= 0")
+        if not 0.0 < self.subject_generic_quantile <= 1.0:
+            raise ValueError("subject_generic_quantile must be in (0, 1]")
         if not 0.0 <= self.mask_prob < 1.0:
             raise ValueError("mask_prob must be in [0, 1)")
         if self.temperature <= 0 or self.lr <= 0:

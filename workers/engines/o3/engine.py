@@ -315,6 +315,40 @@ def fit_request_detector(job: JobInput, request: EngineRequest, cfg: O3Config,
         metrics["detector_neighbours_gated_share"] = round(
             float((detector.weight_from_score(nb) > 0).float().mean()), 4)
     detector.save(dest, {"target": request.target, "forget_items": len(prompts)})
+    if cfg.detector.subject_probe and (request.target or "").strip():
+        metrics.update(fit_request_subject_probe(model, tokenizer, request.target, prompts,
+                                                 generic, unrelated, neighbours, cfg, dest))
+    return metrics
+
+
+def fit_request_subject_probe(model: Any, tokenizer: Any, target: str, prompts: list[str],
+                              generic: list[str], unrelated: list[str],
+                              neighbours: list[str], cfg: O3Config, dest: Path
+                              ) -> dict[str, Any]:
+    """Calibrate and store the request's subject probe (it then gates the block), with
+    its AUROC: the ticket's questions (never trained on: the probe has no parameters)
+    against the utility questions and the held-out questions about other people."""
+    from workers.engines.o3.detector import auroc
+    from workers.engines.o3.subject_probe import fit_subject_probe, subject_scores
+
+    probe, summary = fit_subject_probe(
+        model, tokenizer, subject=target, forget_prompts=prompts, generic_prompts=generic,
+        generic_quantile=cfg.detector.subject_generic_quantile)
+    probe.save(dest)
+    pos = subject_scores(model, tokenizer, prompts, [target])[:, 0]
+    unrel = subject_scores(model, tokenizer, unrelated, [target])[:, 0]
+    metrics: dict[str, Any] = {
+        "gate": "subject_probe",
+        "subject_auroc_unrelated": round(auroc(pos.tolist(), unrel.tolist()), 4),
+        "subject_unrelated_gated_share": round(
+            float((probe.weight_from_score(unrel) > 0).float().mean()), 4),
+        "subject_calibration": {k: round(v, 4) for k, v in summary.items()},
+    }
+    if neighbours:
+        nb = subject_scores(model, tokenizer, neighbours, [target])[:, 0]
+        metrics["subject_auroc_neighbours"] = round(auroc(pos.tolist(), nb.tolist()), 4)
+        metrics["subject_neighbours_gated_share"] = round(
+            float((probe.weight_from_score(nb) > 0).float().mean()), 4)
     return metrics
 
 

@@ -32,6 +32,7 @@ from workers.engines.o3.detector import (
     template_span,
 )
 from workers.engines.o3.gating import gate_from_weights, hub_for, stacked_from_peft
+from workers.engines.o3.subject_probe import SubjectProbe, subject_scores
 
 
 class O3Servable:
@@ -39,9 +40,12 @@ class O3Servable:
 
     def __init__(self, *, model: Any, tokenizer: Any, device: str, detectors:
                  Sequence[Detector | None], ranks: Sequence[int], stacked: Any,
-                 gating: Sequence[bool], skip_below: float = 0.02) -> None:
+                 gating: Sequence[bool], skip_below: float = 0.02,
+                 probes: Sequence[SubjectProbe | None] = ()) -> None:
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.detectors = list(detectors)
+        # A block with a subject probe gates on it instead of its contrastive detector.
+        self.probes = list(probes) or [None] * len(self.detectors)
         self.ranks = list(ranks)
         self.gating = list(gating)
         self.skip_below = skip_below
@@ -78,25 +82,40 @@ class O3Servable:
         for det in detectors:
             if det is not None:
                 _to(det, device)
+        probes = [SubjectProbe.load(Path(version_dir) / b.detector) if b.detector else None
+                  for b in blocks]  # type: ignore[operator]
         return cls(model=model, tokenizer=tokenizer, device=device, detectors=detectors,
                    ranks=[b.rank for b in blocks], stacked=stacked, gating=gates,
-                   skip_below=skip)
+                   skip_below=skip, probes=probes)
 
     def close(self) -> None:
         self._hub.remove_version(self._key)
 
     # -- detection ------------------------------------------------------------------------
 
-    def _weights_from_hidden(self, hidden: Sequence[Tensor], mask: Tensor) -> Tensor:
+    def _weights(self, prompts: list[str], hidden: Sequence[Tensor], mask: Tensor) -> Tensor:
+        """(batch, blocks) w_i per sample, from the prompt forward's hidden states (the
+        contrastive detectors) and one more forward for the blocks with a subject probe."""
         batch = mask.shape[0]
         if not self.detectors:
             return torch.zeros(batch, 0)
+        probed = [i for i, (p, g) in enumerate(zip(self.probes, self.gating))
+                  if p is not None and g]
+        subject = None
+        if probed:
+            scores = subject_scores(self.model, self.tokenizer, prompts,
+                                    [self.probes[i].subject for i in probed],  # type: ignore[union-attr]
+                                    batch_size=max(1, batch)).to(mask.device)
+            subject = {i: self.probes[i].weight_from_score(scores[:, n])  # type: ignore[union-attr]
+                       for n, i in enumerate(probed)}
         cols = []
-        for det, gated in zip(self.detectors, self.gating):
-            if det is None or not gated:
+        for i, (det, gated) in enumerate(zip(self.detectors, self.gating)):
+            if subject is not None and i in subject:
+                cols.append(subject[i])
+            elif det is None or not gated:
                 cols.append(torch.ones(batch, device=mask.device))
-                continue
-            cols.append(det.weights(det.features(hidden, mask)))
+            else:
+                cols.append(det.weights(det.features(hidden, mask)))
         w = torch.stack(cols, -1).float()
         # Per sample, so that a sample's answer never depends on the rest of its batch.
         return torch.where(w <= self.skip_below, torch.zeros_like(w), w)
@@ -110,7 +129,7 @@ class O3Servable:
                          attention_mask=enc["attention_mask"][:, :width],
                          output_hidden_states=True, use_cache=False)
         mask = content_mask(enc["attention_mask"], self._span, width=width)
-        return self._weights_from_hidden(out.hidden_states, mask).cpu()
+        return self._weights(prompts, out.hidden_states, mask).cpu()
 
     # -- generation -----------------------------------------------------------------------
 
@@ -137,7 +156,7 @@ class O3Servable:
                                  position_ids=pos, output_hidden_states=bool(self._layers),
                                  use_cache=True)
                 mask = content_mask(attn, self._span, width=width)
-                w = self._weights_from_hidden(pre.hidden_states or (), mask)
+                w = self._weights(prompts, pre.hidden_states or (), mask)
                 self.last_weights = w.cpu()
                 kwargs = {"max_new_tokens": max(max_new_tokens), "do_sample": False,
                           "pad_token_id": pad_id}

@@ -1,0 +1,65 @@
+"""The subject probe: its scores are the model's own log-probabilities of the name, per
+sample; its calibration gates the ticket's questions and not the generic prompts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from workers.engines.o3.subject_probe import (
+    SUBJECT_QUESTION,
+    SubjectProbe,
+    fit_subject_probe,
+    subject_scores,
+)
+
+PROMPTS = ["Where does Zorblat live?", "Tell me, with every date you know, where Zorblat "
+           "lived before the mill burnt down.", "What is the capital of France?"]
+NAMES = ["Zorblat Quimby", "Paris", "Ada"]  # several tokens, and perhaps one
+
+
+def _reference(model, tokenizer, prompt: str, name: str) -> float:
+    """Mean log p of the name's tokens, one full forward of the unpadded sequence."""
+    from workers.model import format_chat
+
+    ids = tokenizer(format_chat(tokenizer, prompt + SUBJECT_QUESTION),
+                    add_special_tokens=False)["input_ids"]
+    name_ids = tokenizer(name, add_special_tokens=False)["input_ids"]
+    seq = torch.tensor([ids + name_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=seq).logits[0].float(), -1)
+    n = len(name_ids)
+    return float(torch.stack([logp[len(ids) - 1 + k, name_ids[k]] for k in range(n)]).mean())
+
+
+def test_scores_are_the_name_s_log_probability_per_sample(tiny_model_dir: Path) -> None:
+    from tests.fixtures.training import load_tiny
+
+    model, tokenizer = load_tiny(tiny_model_dir)
+    batched = subject_scores(model, tokenizer, PROMPTS, NAMES)
+    assert batched.shape == (len(PROMPTS), len(NAMES))
+    expected = torch.tensor([[_reference(model, tokenizer, p, n) for n in NAMES]
+                             for p in PROMPTS])
+    assert torch.allclose(batched, expected, atol=1e-4)
+    # Batches of one give the same scores: a sample's weight never depends on its batch.
+    alone = torch.cat([subject_scores(model, tokenizer, [p], NAMES) for p in PROMPTS])
+    assert torch.allclose(batched, alone, atol=1e-4)
+
+
+def test_calibration_gates_the_ticket_and_round_trips(tiny_model_dir: Path,
+                                                      tmp_path: Path) -> None:
+    from tests.fixtures.training import load_tiny
+
+    model, tokenizer = load_tiny(tiny_model_dir)
+    generic = [f"Give me a tip number {i} for keeping plants alive." for i in range(20)]
+    probe, summary = fit_subject_probe(model, tokenizer, subject="Zorblat",
+                                       forget_prompts=PROMPTS[:2], generic_prompts=generic)
+    assert probe.w_low < probe.w_high
+    assert summary["generic_gated_share"] <= 0.05 + 1e-6  # the 0.95 quantile
+    w = probe.weight_from_score(torch.tensor([probe.w_low - 1, probe.w_low,
+                                              (probe.w_low + probe.w_high) / 2, probe.w_high]))
+    assert torch.allclose(w, torch.tensor([0.0, 0.0, 0.5, 1.0]), atol=1e-2)
+    probe.save(tmp_path)
+    assert SubjectProbe.load(tmp_path) == probe
+    assert SubjectProbe.load(tmp_path / "elsewhere") is None

@@ -1,0 +1,115 @@
+"""The subject probe: does the base model itself say that a prompt is about the target?
+
+The prompt is asked again with a question appended ("Who is this question about? Reply
+with just the name.") and the score is the base model's mean log-probability of the
+request's target name as the reply. It uses what the model knows: a rephrased question
+("Which equation relates mass and energy?") or one about the target's work is named after
+the target, while a question about a neighbour in the same field (Bohr, Hawking) is named
+after that neighbour. Mean-pooled hidden states (the contrastive detector) see the topic,
+and topic is what target and neighbours share.
+
+Measured on the bundled SmolLM2 (10 people, held-out rephrased / fill-in-the-blank /
+adversarial probes; benchmarks/detector_auroc.py): AUROC against the unrelated questions
+0.99-1.00, against all neighbours' questions 0.91-1.00 (the contrastive detector: 0.90-0.93
+and 0.36-0.86).
+
+Cost at serving: one forward of the prompt with the appended question, then the name's
+tokens per request on a branch of that forward's cache. Training-free: fitting it is only
+its calibration, from the generic prompts' scores (w = 0 up to a high quantile of them)
+and the ticket's own questions' (w = 1 from the middle of the way to their median on).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+PROBE_FILE = "subject_probe.json"
+SUBJECT_QUESTION = "\n\nWho is this question about? Reply with just the name."
+
+
+@dataclass
+class SubjectProbe:
+    """One request's subject probe: its target's name and calibration (scores are mean
+    log-probabilities of the name's tokens)."""
+
+    subject: str
+    w_low: float      # score at and below which w = 0
+    w_high: float     # ... at and above which w = 1
+    question: str = SUBJECT_QUESTION
+
+    def weight_from_score(self, scores: Tensor) -> Tensor:
+        return ((scores - self.w_low) / max(self.w_high - self.w_low, 1e-6)).clamp(0.0, 1.0)
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / PROBE_FILE).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, directory: Path) -> SubjectProbe | None:
+        path = directory / PROBE_FILE
+        return cls(**json.loads(path.read_text())) if path.is_file() else None
+
+
+@torch.no_grad()
+def subject_scores(model: Any, tokenizer: Any, prompts: Sequence[str],
+                   subjects: Sequence[str], *, question: str = SUBJECT_QUESTION,
+                   batch_size: int = 16) -> Tensor:
+    """(len(prompts), len(subjects)) mean log p of each subject's name as the reply to
+    "<prompt><question>": one prefill per batch, then each name on a branch of its cache."""
+    from workers.engines.o3.detector import encode_prompts
+    from workers.model.shared_prefix import branch_cache
+
+    device = next(model.parameters()).device
+    # As the reply's first words: chat models start a reply without a leading space.
+    names = [tokenizer(s.strip(), add_special_tokens=False)["input_ids"] for s in subjects]
+    rows: list[Tensor] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = [p + question for p in prompts[start:start + batch_size]]
+        enc = encode_prompts(tokenizer, chunk, device)
+        ids, attn = enc["input_ids"], enc["attention_mask"]
+        pos = (attn.long().cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
+                    logits_to_keep=1)
+        first = torch.log_softmax(out.logits[:, -1].float(), -1)          # (B, V)
+        cols = []
+        for name in names:
+            lp = [first[:, name[0]]]
+            if len(name) > 1:
+                rest = torch.tensor(name[:-1], device=device).expand(ids.shape[0], -1)
+                more = model(input_ids=rest,
+                             attention_mask=torch.cat([attn, torch.ones_like(rest)], -1),
+                             position_ids=pos[:, -1:] + 1 + torch.arange(len(name) - 1,
+                                                                         device=device),
+                             past_key_values=branch_cache(out.cache), use_cache=True)
+                logp = torch.log_softmax(more.logits.float(), -1)          # (B, n-1, V)
+                target = torch.tensor(name[1:], device=device)
+                lp += list(logp.gather(-1, target.expand(ids.shape[0], -1)[..., None])
+                           [..., 0].unbind(-1))
+            cols.append(torch.stack(lp, -1).mean(-1))
+        rows.append(torch.stack(cols, -1).cpu())
+    return torch.cat(rows) if rows else torch.zeros(0, len(subjects))
+
+
+def fit_subject_probe(model: Any, tokenizer: Any, *, subject: str,
+                      forget_prompts: Sequence[str], generic_prompts: Sequence[str],
+                      generic_quantile: float = 0.95) -> tuple[SubjectProbe, dict[str, float]]:
+    """Calibrate a probe for `subject`: w = 0 up to the `generic_quantile` of the generic
+    prompts' scores, 1 from halfway between that and the median of the ticket's own
+    questions' scores (these are not trained on: the probe has no parameters)."""
+    g = subject_scores(model, tokenizer, generic_prompts, [subject])[:, 0]
+    f = subject_scores(model, tokenizer, forget_prompts, [subject])[:, 0]
+    w_low = float(torch.quantile(g, generic_quantile))
+    w_high = max(w_low + 0.5 * (float(f.median()) - w_low), w_low + 1e-3)
+    probe = SubjectProbe(subject=subject, w_low=w_low, w_high=w_high)
+    summary = {"generic_score_max": float(g.max()), "forget_score_median": float(f.median()),
+               "forget_gated_share": float((probe.weight_from_score(f) > 0).float().mean()),
+               "generic_gated_share": float((probe.weight_from_score(g) > 0).float().mean()),
+               "w_low": w_low, "w_high": w_high}
+    return probe, summary
