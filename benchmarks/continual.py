@@ -8,8 +8,9 @@ method), and after every request the current version is measured against the bas
   ratios to the base model (goal <= 0.20);
 - neighbours / unrelated: questions about people near the targets, and the shipped
   unrelated questions, as ratios to base (goals >= 0.90 and >= 0.95 after all requests);
-- AUROC: the newest request's detector (o3 only), held-out probes vs unrelated / vs
-  neighbours;
+- AUROC: the newest request's gate (o3 only: its subject probe, else its contrastive
+  detector), held-out probes vs unrelated / vs neighbours; gate now: its mean weight on
+  the current target's held-out probes;
 - train s: wall seconds of the request's training (detector included for o3);
 - serve x: time to answer the unrelated questions, relative to the base model (goal with
   10 requests <= 1.1).
@@ -277,6 +278,8 @@ def detector_auroc(version: Path, model: Any, tok: Any, target: Target, neighbou
     from workers.engines.o3.engine import read_blocks
     from workers.engines.o3.subject_probe import SubjectProbe, subject_scores
 
+    import torch
+
     block = read_blocks(version)[-1]
     probe = SubjectProbe.load(version / block.detector)
     det = Detector.load(version / block.detector)
@@ -291,12 +294,14 @@ def detector_auroc(version: Path, model: Any, tok: Any, target: Target, neighbou
                                          pooling=det.pooling)).tolist()
 
     pos = scores(target.probes)
+    gate = probe.weight_from_score if probe is not None else det.weight_from_score
     return {"AUROC unrel": auroc(pos, scores(unrelated)),
-            "AUROC neigh": auroc(pos, scores(neighbours))}
+            "AUROC neigh": auroc(pos, scores(neighbours)),
+            "gate now": float(gate(torch.tensor(pos)).mean()) if pos else None}
 
 
 COLUMNS = ("forget now", "forget earlier", "neighbours", "unrelated", "AUROC unrel",
-           "AUROC neigh", "train s", "serve x", "steps")
+           "AUROC neigh", "gate now", "train s", "serve x", "steps")
 
 
 def _fmt(value: Any) -> str:

@@ -1,11 +1,16 @@
 """Load: sustained ticket submission with concurrent polling and generation, at 1x and 10x.
 
     .venv/bin/python benchmarks/load.py [--rate 5] [--seconds 30] [--no-train] [--no-generate]
+        [--layouts thread,process]
 
-Starts the whole service as one process on 127.0.0.1 (tests/fixtures/service_process.py:
-the API, a dispatcher thread training the tiny random model with the plain trainer, and
-in-process generation through the real serving code), then drives it with an async httpx
-client, one phase per rate, for a bounded time each:
+Starts the service on 127.0.0.1 (tests/fixtures/service_process.py: the API with
+in-process generation through the real serving code, and a dispatcher training the tiny
+random model with the plain trainer, one job after another while tickets keep coming), in
+each layout side by side:
+  - thread: the dispatcher is a thread of the API process, at the same priority;
+  - process: the dispatcher runs in its own process at the background priority
+    (OBLIVIO_BACKGROUND_NICE=10), as `oblivio serve` runs it (a Ray actor) and its ranks;
+then drives it with an async httpx client, one phase per rate, for a bounded time each:
   - submissions at `rate` (and 10x) per second, each with its own Idempotency-Key, 10% of
     them sent twice (a client retry) to check that a retry never makes a second ticket;
   - status polls of submitted tickets at 2x the submission rate;
@@ -162,7 +167,8 @@ async def account(client: httpx.AsyncClient, phases: list[Phase]) -> tuple[int, 
     return len(listed), lost, duplicated
 
 
-def start_service(tmp: Path, *, train: bool, generate: bool) -> tuple[subprocess.Popen, str, str]:
+def start_service(tmp: Path, *, train: bool, generate: bool, layout: str
+                  ) -> tuple[list[subprocess.Popen], str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OBLIVIO_")}
     env.update({"OBLIVIO_DATA_DIR": str(tmp / "data"),
                 "OBLIVIO_RATE_LIMIT_PER_SECOND": "0", "OBLIVIO_TRAINER": "plain",
@@ -181,17 +187,18 @@ def start_service(tmp: Path, *, train: bool, generate: bool) -> tuple[subprocess
                                                          tokenizer_from=bundled.local_path))
     with socket_port() as port:
         pass
-    args = [sys.executable, "-m", "tests.fixtures.service_process", "--port", str(port)]
+    module = [sys.executable, "-m", "tests.fixtures.service_process"]
+    args = [*module, "--port", str(port)]
     if generate:
         args.append("--generate")
-    if not train:
+    if not train or layout == "process":
         args.append("--no-dispatcher")
     log = open(tmp / "service.log", "wb")
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    procs = [subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)]
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if procs[0].poll() is not None:
             raise SystemExit(f"service exited: {(tmp / 'service.log').read_text()[-2000:]}")
         try:
             if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
@@ -199,8 +206,11 @@ def start_service(tmp: Path, *, train: bool, generate: bool) -> tuple[subprocess
         except httpx.TransportError:
             pass
         time.sleep(0.2)
+    if train and layout == "process":  # after the API has migrated the database
+        procs.append(subprocess.Popen([*module, "--dispatcher-only"], cwd=REPO, env=env,
+                                      stdout=log, stderr=subprocess.STDOUT))
     token = (tmp / "data" / "admin-token").read_text().strip()
-    return proc, url, token
+    return procs, url, token
 
 
 class socket_port:
@@ -215,7 +225,7 @@ class socket_port:
         return None
 
 
-async def main_async(args: argparse.Namespace, url: str, token: str
+async def main_async(args: argparse.Namespace, url: str, token: str, layout: str
                      ) -> tuple[list[Phase], int, int]:
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=100)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits,
@@ -228,31 +238,32 @@ async def main_async(args: argparse.Namespace, url: str, token: str
         listed, lost, duplicated = await account(client, phases)
         r = await client.get("/v1/tickets", params={"status": "done", "limit": 500})
         done = len(r.json()["items"])
-    print(f"\ntickets listed: {listed}, done by the dispatcher during the run: {done}, "
-          f"tickets lost: {lost}, duplicated: {duplicated}")
-    table(phases)
+    print(f"\n[{layout}] tickets listed: {listed}, done by the dispatcher during the run: "
+          f"{done}, tickets lost: {lost}, duplicated: {duplicated}", flush=True)
     return phases, lost, duplicated
 
 
-def table(phases: list[Phase]) -> None:
-    base = phases[0]
-    print("\n| rate | submitted (202) | throughput req/s | submit p50 ms | submit p99 ms | "
-          "poll p50 ms | poll p99 ms | generate p50 ms | generate p99 ms | errors | "
-          "retries same ticket |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for p in phases:
-        lat = p.latencies
-        errors = sum(p.errors.values())
-        print(f"| {p.rate:g}/s ({p.rate / base.rate:g}x) | {len(p.accepted)} | "
-              f"{p.requests / p.wall:.1f} | {_pct(lat['submit'], .5):.1f} | "
-              f"{_pct(lat['submit'], .99):.1f} | {_pct(lat['poll'], .5):.1f} | "
-              f"{_pct(lat['poll'], .99):.1f} | {_pct(lat['generate'], .5):.1f} | "
-              f"{_pct(lat['generate'], .99):.1f} | {errors} {p.errors or ''} | "
-              f"{p.replays - p.replay_mismatch}/{p.replays} |")
-    ten = phases[-1]
-    ratio = _pct(ten.latencies["submit"], .99) / _pct(base.latencies["submit"], .99)
-    print(f"\nsubmit p99 at 10x / 1x: {ratio:.2f}; median submit at 10x: "
-          f"{statistics.median(ten.latencies['submit']) * 1000:.1f} ms")
+def table(results: dict[str, list[Phase]]) -> None:
+    print("\n| dispatcher | rate | submitted (202) | throughput req/s | submit p50 ms | "
+          "submit p99 ms | poll p50 ms | poll p99 ms | generate p50 ms | generate p99 ms | "
+          "errors | retries same ticket |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for layout, phases in results.items():
+        base = phases[0]
+        for p in phases:
+            lat = p.latencies
+            errors = sum(p.errors.values())
+            print(f"| {layout} | {p.rate:g}/s ({p.rate / base.rate:g}x) | {len(p.accepted)} | "
+                  f"{p.requests / p.wall:.1f} | {_pct(lat['submit'], .5):.1f} | "
+                  f"{_pct(lat['submit'], .99):.1f} | {_pct(lat['poll'], .5):.1f} | "
+                  f"{_pct(lat['poll'], .99):.1f} | {_pct(lat['generate'], .5):.1f} | "
+                  f"{_pct(lat['generate'], .99):.1f} | {errors} {p.errors or ''} | "
+                  f"{p.replays - p.replay_mismatch}/{p.replays} |")
+    if len(results) == 2:
+        (a, pa), (b, pb) = results.items()
+        for n, label in ((0, "1x"), (-1, "10x")):
+            ratio = _pct(pb[n].latencies["submit"], .99) / _pct(pa[n].latencies["submit"], .99)
+            print(f"submit p99 at {label}, {b} / {a}: {ratio:.2f}")
 
 
 def main() -> None:
@@ -261,20 +272,31 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0, help="length of each phase")
     parser.add_argument("--no-train", dest="train", action="store_false")
     parser.add_argument("--no-generate", dest="generate", action="store_false")
+    parser.add_argument("--layouts", default="thread,process",
+                        help="where the dispatcher runs (see above), comma separated")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="oblivio-load-") as tmp:
-        proc, url, token = start_service(Path(tmp), train=args.train, generate=args.generate)
-        try:
-            phases, lost, duplicated = asyncio.run(main_async(args, url, token))
-        finally:
-            proc.kill()
-            proc.wait(timeout=30)
-            errors = sorted({line.strip()[:200] for line in
-                             (Path(tmp) / "service.log").read_text(errors="replace").splitlines()
-                             if "Error" in line and not line.startswith(" ")})
-            if errors:
-                print("\nservice log errors (distinct, first 8):\n" + "\n".join(errors[:8]))
-    bad = lost or duplicated or any(p.replay_mismatch for p in phases)
+    layouts = [x for x in args.layouts.split(",") if x] if args.train else ["none"]
+    results: dict[str, list[Phase]] = {}
+    bad = False
+    for layout in layouts:
+        with tempfile.TemporaryDirectory(prefix="oblivio-load-") as tmp:
+            procs, url, token = start_service(Path(tmp), train=args.train,
+                                              generate=args.generate, layout=layout)
+            try:
+                phases, lost, duplicated = asyncio.run(main_async(args, url, token, layout))
+            finally:
+                for proc in procs:
+                    proc.kill()
+                    proc.wait(timeout=30)
+                errors = sorted({line.strip()[:200] for line in
+                                 (Path(tmp) / "service.log").read_text(errors="replace")
+                                 .splitlines()
+                                 if "Error" in line and not line.startswith(" ")})
+                if errors:
+                    print("\nservice log errors (distinct, first 8):\n" + "\n".join(errors[:8]))
+        results[layout] = phases
+        bad = bad or bool(lost or duplicated or any(p.replay_mismatch for p in phases))
+    table(results)
     raise SystemExit(1 if bad else 0)
 
 

@@ -65,7 +65,7 @@ def load_for_training(spec: TrainJobSpec) -> tuple[Any, Any]:
     ref = BaseModelRef(name="base", local_path=Path(spec.base_model_path),
                        sha256=spec.base_model_sha256)
     model, tokenizer = load_model_and_tokenizer(ref, device=spec.device)
-    if spec.parent_adapter_dir:
+    if spec.parent_adapter_dir and spec.train_on_parent:
         from peft import PeftModel
 
         # Merged, the parent is simply part of the weights this adapter learns on top of,
@@ -305,7 +305,7 @@ def _retain_pairs(spec: TrainJobSpec, recipe: Any, model: Any, tokenizer: Any, e
 
 def _model_key(spec: TrainJobSpec) -> str:
     """Identifies the model that generated the retain answers: base + parent adapter."""
-    if not spec.parent_adapter_dir:
+    if not (spec.parent_adapter_dir and spec.train_on_parent):
         return spec.base_model_sha256
     import hashlib
 

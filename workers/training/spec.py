@@ -33,7 +33,11 @@ class TrainJobSpec:
             None -> one probe per forget QA pair, accepting its answer's keywords. Only the
             ticket's own questions belong here; held-out rephrasings are the test.
         parent_adapter_dir: the lineage's current adapter; merged into the base before
-            training, and stacked with the new LoRA into the saved adapter.
+            training (unless train_on_parent is False), and stacked with the new LoRA into
+            the saved adapter.
+        train_on_parent: False trains the new LoRA on the base model alone, still stacking
+            it on the parent: for O3, whose blocks are each gated by their own request's
+            weight, so a block meets the base model at serving, not the earlier blocks.
         num_workers: Ray Train workers = DeepSpeed ranks; zero_stage: 2 or 3.
         zero3_persistence_threshold: ZeRO-3 keeps parameters smaller than this whole on
             every rank (see DeepSpeedStrategy); 0 partitions all of them.
@@ -57,6 +61,7 @@ class TrainJobSpec:
     method_options: dict[str, Any] = field(default_factory=dict)
     stop_probes: list[dict[str, Any]] | None = None
     parent_adapter_dir: str | None = None
+    train_on_parent: bool = True
     num_workers: int = 2
     zero_stage: int = 2
     zero3_persistence_threshold: int = 100_000

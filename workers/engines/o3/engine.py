@@ -174,7 +174,8 @@ class O3Engine:
 
         earlier = read_blocks(parent)
         has_adapter = parent is not None and (parent / "adapter_config.json").is_file()
-        spec = self._spec(job, request, cfg, parent if has_adapter else None, out)
+        spec = self._spec(job, request, cfg, parent if has_adapter else None, out,
+                          block_index=len(earlier))
         started = time.perf_counter()
         result = train_adapter(spec, progress, trainer=job.config.trainer,
                                warm=job.config.warm_train_workers)
@@ -210,7 +211,7 @@ class O3Engine:
         return block_metrics
 
     def _spec(self, job: JobInput, request: EngineRequest, cfg: O3Config,
-              parent_adapter: Path | None, out: Path) -> Any:
+              parent_adapter: Path | None, out: Path, *, block_index: int = 0) -> Any:
         from workers.training.spec import TrainJobSpec
 
         qa = [{"question": i["question"], "answer": i["answer"]} for i in request.forget_qa]
@@ -233,6 +234,12 @@ class O3Engine:
             target=request.target, retain_qa=list(request.retain_qa) or None,
             retain_texts=list(request.retain_texts) or None, method_options=options,
             parent_adapter_dir=str(parent_adapter) if parent_adapter else None,
+            # Each block is gated by its own request's weight: it meets the base model at
+            # serving (earlier blocks are off for this request's inputs), so it learns there.
+            train_on_parent=False,
+            # Its own initialisation: with one seed every block would start from the same
+            # A, the very overlap the orthogonality term has to undo.
+            seed=block_index,
             orthogonal_to_adapter=str(parent_adapter) if parent_adapter else None,
             orthogonal_weight=cfg.lambda_orth, num_workers=job.config.num_workers,
             zero_stage=job.config.zero_stage, device=job.config.device)
