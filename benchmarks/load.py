@@ -236,10 +236,12 @@ async def main_async(args: argparse.Namespace, url: str, token: str, layout: str
             await run_phase(client, phase, generate=args.generate)
             phases.append(phase)
         listed, lost, duplicated = await account(client, phases)
-        r = await client.get("/v1/tickets", params={"status": "done", "limit": 500})
-        done = len(r.json()["items"])
-    print(f"\n[{layout}] tickets listed: {listed}, done by the dispatcher during the run: "
-          f"{done}, tickets lost: {lost}, duplicated: {duplicated}", flush=True)
+        r = await client.get("/v1/jobs", params={"limit": 500})
+        jobs = r.json()["items"] if r.status_code == 200 else []
+    ended = sum(1 for j in jobs if j.get("status") in ("succeeded", "failed"))
+    print(f"\n[{layout}] tickets listed: {listed}, jobs started by the dispatcher during the "
+          f"run: {len(jobs)} ({ended} ended), tickets lost: {lost}, duplicated: {duplicated}",
+          flush=True)
     return phases, lost, duplicated
 
 

@@ -86,3 +86,21 @@ def test_two_o3_tickets_forget_both_people_and_keep_unrelated_answers(service):
     for name in PEOPLE:
         assert after[name] <= 0.2 * base[name], (name, after[name], base[name])
     assert utility >= 0.9 * base_utility
+
+    # An operator withdraws Darwin's ticket: a version without its block, no training;
+    # Darwin is answered again, Einstein stays forgotten, and the ticket says so.
+    darwin = next(t for t in client.get("/v1/tickets", headers=headers).json()["items"]
+                  if t["target"] == person_ticket("charles_darwin")["target"])
+    res = client.post(f"/v1/tickets/{darwin['id']}/revoke", headers=headers,
+                      json={"reason": "the request was withdrawn"})
+    assert res.status_code == 202, res.text
+    assert loop.run_once() == 1
+    revoke = client.get(f"/v1/tickets/{res.json()['id']}", headers=headers).json()
+    assert revoke["status"] == "done", revoke
+    assert revoke["result_version"]["label"] == "default@v3"
+    assert client.get(f"/v1/tickets/{darwin['id']}", headers=headers).json()["status"] \
+        == "reopened"
+    back = {name: _rate(client, headers, probes, version="v3") for name, probes in held.items()}
+    print(f"o3 v3 (Darwin revoked): held-out {back}")
+    assert back["charles_darwin"] >= 0.8 * base["charles_darwin"], back
+    assert back["albert_einstein"] <= 0.2 * base["albert_einstein"], back

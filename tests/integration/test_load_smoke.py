@@ -20,11 +20,11 @@ def test_load_loses_and_duplicates_no_ticket_and_fails_no_request() -> None:
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-3000:]
     assert "tickets lost: 0, duplicated: 0" in out, out[-3000:]
-    rows = [line for line in out.splitlines() if re.match(r"\| \d+(\.\d+)?/s \(", line)]
+    rows = [line for line in out.splitlines() if re.match(r"\| none \| \d+(\.\d+)?/s \(", line)]
     assert len(rows) == 2, out[-3000:]
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[9].split()[0] == "0", row  # errors
-        retried, sent = cells[10].split("/")
+        assert cells[10].split()[0] == "0", row  # errors
+        retried, sent = cells[11].split("/")
         assert retried == sent, row
-    print("\n" + "\n".join(line for line in out.splitlines() if line.startswith(("|", "tickets"))))
+    print("\n" + "\n".join(line for line in out.splitlines() if line.startswith(("|", "[none] tickets"))))

@@ -38,9 +38,12 @@ def repeat_cache(cache: Any, rows: int) -> Any:
                           layer.values.expand(rows, -1, -1, -1)) for layer in cache.layers])
 
 
-def branch_cache(cache: Any) -> Any:
-    """A new cache over the same tensors: what a forward appends to it (a concatenation,
-    new tensors) leaves `cache` as it was, so several continuations can share one prefill."""
+def branch_cache(cache: Any, length: int | None = None) -> Any:
+    """A new cache over the same tensors (its first `length` positions, default all): what
+    a forward appends to it (a concatenation, new tensors) leaves `cache` as it was, so
+    several continuations can share one prefill."""
     from transformers import DynamicCache
 
-    return DynamicCache([(layer.keys, layer.values) for layer in cache.layers])
+    cut = slice(None, length)
+    return DynamicCache([(layer.keys[:, :, cut], layer.values[:, :, cut])
+                         for layer in cache.layers])

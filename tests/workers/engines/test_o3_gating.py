@@ -167,3 +167,28 @@ def test_batched_equals_one_by_one_with_mixed_weights(tiny_version) -> None:
     alone = [servable.generate([p], [n])[0] for p, n in zip(PROMPTS, [10, 6, 10, 8])]
     servable.close()
     assert batched == alone
+
+
+def test_subject_probes_gate_from_the_detection_forward_as_scored_alone(tiny_version) -> None:
+    """Serving continues the subject probe from its own prefill's cache; the weights equal
+    the probe's calibration applied to subject_scores run on their own, and generation
+    with them is per sample (batched == one by one)."""
+    from workers.engines.o3.serving import O3Servable
+    from workers.engines.o3.subject_probe import SubjectProbe, subject_scores
+
+    model, tokenizer, version = tiny_version
+    servable = O3Servable.load(version, model=model, tokenizer=tokenizer, device="cpu")
+    subjects = ["Zorblat", "Quimby river"][:len(servable.detectors)]
+    scores = subject_scores(model, tokenizer, PROMPTS, subjects)
+    servable.probes = [SubjectProbe(subject=s, w_low=float(scores[:, i].min()),
+                                    w_high=float(scores[:, i].max()))
+                       for i, s in enumerate(subjects)]
+    expected = torch.stack([p.weight_from_score(scores[:, i])
+                            for i, p in enumerate(servable.probes)], -1)
+    expected = torch.where(expected <= servable.skip_below, 0.0, expected)
+    assert torch.allclose(servable.block_weights(PROMPTS), expected, atol=1e-4)
+    batched = servable.generate(PROMPTS, [8] * len(PROMPTS))
+    assert torch.allclose(servable.last_weights, expected, atol=1e-4)
+    alone = [servable.generate([p], [8])[0] for p in PROMPTS]
+    servable.close()
+    assert batched == alone

@@ -32,7 +32,7 @@ from workers.engines.o3.detector import (
     template_span,
 )
 from workers.engines.o3.gating import gate_from_weights, hub_for, stacked_from_peft
-from workers.engines.o3.subject_probe import SubjectProbe, subject_scores
+from workers.engines.o3.subject_probe import SubjectProbe, scores_after_prompt
 
 
 class O3Servable:
@@ -93,9 +93,11 @@ class O3Servable:
 
     # -- detection ------------------------------------------------------------------------
 
-    def _weights(self, prompts: list[str], hidden: Sequence[Tensor], mask: Tensor) -> Tensor:
-        """(batch, blocks) w_i per sample, from the prompt forward's hidden states (the
-        contrastive detectors) and one more forward for the blocks with a subject probe."""
+    def _weights(self, hidden: Sequence[Tensor], mask: Tensor, cache: Any, attn: Tensor
+                 ) -> Tensor:
+        """(batch, blocks) w_i per sample, from the detection forward: its hidden states
+        (contrastive detectors) and its cache `cache` over the prompt tokens of `attn`
+        (subject probes continue from it)."""
         batch = mask.shape[0]
         if not self.detectors:
             return torch.zeros(batch, 0)
@@ -103,9 +105,9 @@ class O3Servable:
                   if p is not None and g]
         subject = None
         if probed:
-            scores = subject_scores(self.model, self.tokenizer, prompts,
-                                    [self.probes[i].subject for i in probed],  # type: ignore[union-attr]
-                                    batch_size=max(1, batch)).to(mask.device)
+            scores = scores_after_prompt(
+                self.model, self.tokenizer, cache, attn[:, :attn.shape[1] - self._span.suffix],
+                [self.probes[i].subject for i in probed])  # type: ignore[union-attr]
             subject = {i: self.probes[i].weight_from_score(scores[:, n])  # type: ignore[union-attr]
                        for n, i in enumerate(probed)}
         cols = []
@@ -125,11 +127,12 @@ class O3Servable:
         """(batch, blocks) w_i for each prompt (what generate would apply)."""
         enc = encode_prompts(self.tokenizer, prompts, self.device)
         width = enc["input_ids"].shape[1] - 1
-        out = self.model(input_ids=enc["input_ids"][:, :width],
-                         attention_mask=enc["attention_mask"][:, :width],
-                         output_hidden_states=True, use_cache=False)
-        mask = content_mask(enc["attention_mask"], self._span, width=width)
-        return self._weights(prompts, out.hidden_states, mask).cpu()
+        attn = enc["attention_mask"]
+        out = self.model(input_ids=enc["input_ids"][:, :width], attention_mask=attn[:, :width],
+                         position_ids=(attn.long().cumsum(-1) - 1).clamp(min=0)[:, :width],
+                         output_hidden_states=True, use_cache=True)
+        mask = content_mask(attn, self._span, width=width)
+        return self._weights(out.hidden_states, mask, out.cache, attn).cpu()
 
     # -- generation -----------------------------------------------------------------------
 
@@ -156,7 +159,7 @@ class O3Servable:
                                  position_ids=pos, output_hidden_states=bool(self._layers),
                                  use_cache=True)
                 mask = content_mask(attn, self._span, width=width)
-                w = self._weights(prompts, pre.hidden_states or (), mask)
+                w = self._weights(pre.hidden_states or (), mask, pre.cache, attn)
                 self.last_weights = w.cpu()
                 kwargs = {"max_new_tokens": max(max_new_tokens), "do_sample": False,
                           "pad_token_id": pad_id}

@@ -13,8 +13,9 @@ adversarial probes; benchmarks/detector_auroc.py): AUROC against the unrelated q
 0.99-1.00, against all neighbours' questions 0.91-1.00 (the contrastive detector: 0.90-0.93
 and 0.36-0.86).
 
-Cost at serving: one forward of the prompt with the appended question, then the name's
-tokens per request on a branch of that forward's cache. Training-free: fitting it is only
+Cost at serving: the question and the reply header (about 20 tokens) on a branch of the
+detection forward's cache, then each request's name on a branch of that; the prompt itself
+is not run again. Training-free: fitting it is only
 its calibration, from the generic prompts' scores (w = 0 up to a high quantile of them)
 and the ticket's own questions' (w = 1 from the middle of the way to their median on).
 """
@@ -57,44 +58,76 @@ class SubjectProbe:
         return cls(**json.loads(path.read_text())) if path.is_file() else None
 
 
+def _positions(attn: Tensor) -> Tensor:
+    """Positions as generate() numbers a left-padded row: from its first real token."""
+    return (attn.long().cumsum(-1) - 1).clamp(min=0)
+
+
 @torch.no_grad()
 def subject_scores(model: Any, tokenizer: Any, prompts: Sequence[str],
                    subjects: Sequence[str], *, question: str = SUBJECT_QUESTION,
                    batch_size: int = 16) -> Tensor:
-    """(len(prompts), len(subjects)) mean log p of each subject's name as the reply to
-    "<prompt><question>": one prefill per batch, then each name on a branch of its cache."""
-    from workers.engines.o3.detector import encode_prompts
-    from workers.model.shared_prefix import branch_cache
+    """(len(prompts), len(subjects)) mean log p of each subject's name as the reply to the
+    prompt with `question` appended: the chat-formatted prompt up to the end of the user's
+    text, then `scores_after_prompt`."""
+    from workers.engines.o3.detector import encode_prompts, template_span
 
     device = next(model.parameters()).device
-    # As the reply's first words: chat models start a reply without a leading space.
-    names = [tokenizer(s.strip(), add_special_tokens=False)["input_ids"] for s in subjects]
+    suffix = template_span(tokenizer).suffix
     rows: list[Tensor] = []
     for start in range(0, len(prompts), batch_size):
-        chunk = [p + question for p in prompts[start:start + batch_size]]
-        enc = encode_prompts(tokenizer, chunk, device)
-        ids, attn = enc["input_ids"], enc["attention_mask"]
-        pos = (attn.long().cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
-                    logits_to_keep=1)
-        first = torch.log_softmax(out.logits[:, -1].float(), -1)          # (B, V)
-        cols = []
-        for name in names:
-            lp = [first[:, name[0]]]
-            if len(name) > 1:
-                rest = torch.tensor(name[:-1], device=device).expand(ids.shape[0], -1)
-                more = model(input_ids=rest,
-                             attention_mask=torch.cat([attn, torch.ones_like(rest)], -1),
-                             position_ids=pos[:, -1:] + 1 + torch.arange(len(name) - 1,
-                                                                         device=device),
-                             past_key_values=branch_cache(out.cache), use_cache=True)
-                logp = torch.log_softmax(more.logits.float(), -1)          # (B, n-1, V)
-                target = torch.tensor(name[1:], device=device)
-                lp += list(logp.gather(-1, target.expand(ids.shape[0], -1)[..., None])
-                           [..., 0].unbind(-1))
-            cols.append(torch.stack(lp, -1).mean(-1))
-        rows.append(torch.stack(cols, -1).cpu())
+        enc = encode_prompts(tokenizer, list(prompts[start:start + batch_size]), device)
+        end = enc["input_ids"].shape[1] - suffix          # where every row's text ends
+        attn = enc["attention_mask"][:, :end]
+        out = model(input_ids=enc["input_ids"][:, :end], attention_mask=attn,
+                    position_ids=_positions(attn), use_cache=True, logits_to_keep=1)
+        rows.append(scores_after_prompt(model, tokenizer, out.cache, attn, subjects,
+                                        question=question).cpu())
     return torch.cat(rows) if rows else torch.zeros(0, len(subjects))
+
+
+@torch.no_grad()
+def scores_after_prompt(model: Any, tokenizer: Any, cache: Any, attn: Tensor,
+                        subjects: Sequence[str], *, question: str = SUBJECT_QUESTION
+                        ) -> Tensor:
+    """(B, len(subjects)) from `cache`, the KV cache of B left-padded chat prompts up to
+    the end of the user's text (mask `attn`; it may hold more positions: they are cut):
+    the question and the template's reply header run once, then each subject's name on a
+    branch of that cache. Serving passes its detection forward's cache: no second pass
+    over the prompt."""
+    from workers.engines.o3.detector import template_span
+    from workers.model import format_chat
+    from workers.model.shared_prefix import branch_cache
+
+    device = attn.device
+    batch, end = attn.shape
+    span = template_span(tokenizer)
+    header = tokenizer(format_chat(tokenizer, "x"), add_special_tokens=False)["input_ids"]
+    tail = (tokenizer(question, add_special_tokens=False)["input_ids"]
+            + header[len(header) - span.suffix:])
+    # As the reply's first words: chat models start a reply without a leading space.
+    names = [tokenizer(s.strip(), add_special_tokens=False)["input_ids"] for s in subjects]
+
+    def step(ids: list[int], past: Any, mask: Tensor, keep: int) -> tuple[Any, Tensor]:
+        x = torch.tensor(ids, device=device).expand(batch, -1)
+        mask = torch.cat([mask, torch.ones_like(x)], -1)
+        pos = _positions(mask)[:, -len(ids):]
+        out = model(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=past,
+                    use_cache=True, logits_to_keep=keep)
+        return out, mask
+
+    out, mask = step(tail, branch_cache(cache, end), attn, 1)
+    first = torch.log_softmax(out.logits[:, -1].float(), -1)              # (B, V)
+    cols = []
+    for name in names:
+        lp = [first[:, name[0]]]
+        if len(name) > 1:
+            more, _ = step(name[:-1], branch_cache(out.cache), mask, 0)
+            logp = torch.log_softmax(more.logits.float(), -1)              # (B, n-1, V)
+            target = torch.tensor(name[1:], device=device).expand(batch, -1)
+            lp += list(logp.gather(-1, target[..., None])[..., 0].unbind(-1))
+        cols.append(torch.stack(lp, -1).mean(-1))
+    return torch.stack(cols, -1)
 
 
 def fit_subject_probe(model: Any, tokenizer: Any, *, subject: str,
