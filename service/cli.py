@@ -332,7 +332,7 @@ def ticket_submit(
         help="delete_records: every record of this data subject")] = None,
     lineage: Annotated[str | None, typer.Option(help="Lineage [default: default]")] = None,
     engine: Annotated[str | None, typer.Option(
-        help="idk (forget default), npo, ga, graddiff, o3; s3t (delete_records)")] = None,
+        help="o3 (forget default), idk, npo, ga, graddiff; s3t (delete_records)")] = None,
     priority: Annotated[int | None, typer.Option(help="-100..100, higher runs first")] = None,
     not_before: Annotated[str | None, typer.Option(
         help="ISO 8601 time with zone; do not start earlier")] = None,

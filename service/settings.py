@@ -105,7 +105,8 @@ class Settings(BaseSettings):
     background_nice: int = Field(
         10, ge=0, le=19, description="CPU niceness of the work behind the API (the "
         "dispatcher, its evaluations, training ranks), so that ticket submission and "
-        "generation stay fast while a job runs on the same machine; 0: same priority.")
+        "generation stay fast while a job runs on the same machine (a floor: Ray starts its "
+        "workers at 15 already); 0: leave it as it is.")
     batch_window_seconds: float = Field(2.0, description="Wait this long to group tickets in one job.")
     scheduler_enabled: bool = Field(True, description="Run schedules' windows in this "
                                     "replica when it leads (needs the background workers).")

@@ -5,6 +5,12 @@ and its evaluation would otherwise take every core for minutes, and ticket submi
 generation would wait behind them (benchmarks/load.py). A niceness of 10 leaves the
 background work the cores whenever the API is idle and costs it almost nothing otherwise.
 
+Ray already starts its worker processes at niceness 15 (the raylet's worker_niceness), so
+on a cluster `oblivio serve` starts, ranks and the dispatcher actor run below the API
+anyway (and so do Serve replicas); this setting is a floor that also holds where workers
+start at 0 (a cluster started with RAY_worker_niceness=0, the dispatcher-only process of
+tests/fixtures/service_process.py), and it never raises a process's priority.
+
 Linux keeps the nice value per thread (nice(2) changes only the calling one), and new
 threads inherit their creator's: so every existing thread of the process is set, and the
 threads torch or the dispatcher start later inherit it.

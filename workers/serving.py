@@ -150,11 +150,15 @@ class Generator:
 
 
 def _default_engine() -> str:
-    # Base-model answers (a lineage with no live version), and versions older than the
-    # manifest's "engine" field (all LoRA), come from the default forget engine.
+    # Base-model answers (a lineage with no live version) come from the default forget
+    # engine's servable of no version, which is the base model itself.
     from workers.engines.registry import DEFAULT_ENGINES
 
     return DEFAULT_ENGINES["forget"]
+
+
+# Versions stored before manifests named their engine were all LoRA versions.
+_ENGINE_OF_UNNAMED_VERSIONS = "idk"
 
 
 def manifest_engine(version_dir: Path) -> str:
@@ -164,8 +168,8 @@ def manifest_engine(version_dir: Path) -> str:
     try:
         manifest = json.loads((version_dir / MANIFEST_FILE).read_text())
     except (OSError, ValueError):
-        return _default_engine()
-    return str(manifest.get("engine") or _default_engine())
+        return _ENGINE_OF_UNNAMED_VERSIONS
+    return str(manifest.get("engine") or _ENGINE_OF_UNNAMED_VERSIONS)
 
 
 @dataclass(frozen=True)

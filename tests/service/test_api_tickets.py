@@ -44,7 +44,7 @@ def test_submit_queues_a_ticket_that_can_be_read_back(api: Api) -> None:
     ticket = r.json()
     assert ticket["status"] == "queued"
     assert ticket["kind"] == "forget"
-    assert ticket["engine"] == DEFAULT_ENGINES["forget"] == "idk"
+    assert ticket["engine"] == DEFAULT_ENGINES["forget"] == "o3"
     assert ticket["lineage"] == "default" and ticket["target"] == "Marie Curie"
     assert ticket["summary"] == {"forget_texts": 1, "forget_qa": 1}
     assert "forget" not in ticket  # the text to forget is never echoed back

@@ -231,5 +231,5 @@ def test_prompt_text_is_never_configuration(fuzz_api: Api) -> None:
     r = api.client.post("/v1/tickets", headers=api.headers(), json={
         "kind": "forget", "target": sneaky[0], "forget": {"texts": sneaky[:5]}})
     assert r.status_code == 202, r.text
-    assert r.json()["engine"] == "idk" and r.json()["priority"] == 0
+    assert r.json()["engine"] == "o3" and r.json()["priority"] == 0
     assert api.settings.recipe == {} and api.settings.auto_promote is True

@@ -39,7 +39,7 @@ def test_the_registry_is_the_one_table_of_engines_kinds_and_defaults() -> None:
     assert kinds["idk"] == kinds["npo"] == frozenset({"forget"})
     assert kinds["s3t"] == frozenset({"delete_records", "finetune"})
     assert resolve_engine("finetune", None) == "s3t" and "s3t" in runnable_engines()
-    assert resolve_engine("forget", None) == DEFAULT_ENGINES["forget"] == "idk"
+    assert resolve_engine("forget", None) == DEFAULT_ENGINES["forget"] == "o3"
     assert resolve_engine("delete_records", None) == "s3t"
     # Planned engines accept tickets that wait; the dispatcher claims only runnable ones.
     assert {"idk", "npo", "ga", "graddiff"} <= set(runnable_engines())

@@ -13,9 +13,10 @@ from storage.errors import InvalidRequest
 
 _ENGINES: dict[str, Any] = {}
 
-# The engine a ticket of each kind runs on when it names none. idk met the forget/utility
-# targets on the bundled model (workers/evaluation/recipe.py) until O3 lands.
-DEFAULT_ENGINES: dict[str, str] = {"forget": "idk", "delete_records": "s3t", "finetune": "s3t"}
+# The engine a ticket of each kind runs on when it names none. O3 (gated per request) keeps
+# unrelated answers where an ungated LoRA (idk) loses them request after request
+# (benchmarks/continual.py, README "O3 engine").
+DEFAULT_ENGINES: dict[str, str] = {"forget": "o3", "delete_records": "s3t", "finetune": "s3t"}
 
 # Engines announced in DESIGN.md whose implementation has not landed yet: tickets naming
 # them are accepted and wait queued (the dispatcher only claims runnable engines). When the
