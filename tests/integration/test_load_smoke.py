@@ -27,4 +27,5 @@ def test_load_loses_and_duplicates_no_ticket_and_fails_no_request() -> None:
         assert cells[10].split()[0] == "0", row  # errors
         retried, sent = cells[11].split("/")
         assert retried == sent, row
-    print("\n" + "\n".join(line for line in out.splitlines() if line.startswith(("|", "[none] tickets"))))
+    print("\n" + "\n".join(line for line in out.splitlines()
+                            if line.startswith(("|", "[none] tickets"))))

@@ -1,4 +1,5 @@
-"""The LoRA unlearning methods as engines: idk (the default forget engine before O3), npo, ga, graddiff."""
+"""The LoRA unlearning methods as engines: idk (the default forget engine before O3), npo,
+ga, graddiff."""
 
 from workers.engines.lora_methods.engine import METHOD_TRAITS, LoraMethodEngine
 from workers.engines.registry import register_engine

@@ -87,6 +87,12 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], device: Any = "cpu") 
         tokenizer.padding_side = side
 
 
+def padded_positions(attention_mask: Tensor) -> Tensor:
+    """Positions of left-padded rows as generate() numbers them: from each row's first real
+    token. A forward whose cache generation continues from must use these."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def content_mask(attention_mask: Tensor, span: TemplateSpan, width: int | None = None
                  ) -> Tensor:
     """(B, width) True on the user's tokens of left-padded, chat-formatted rows.

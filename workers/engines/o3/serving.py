@@ -3,8 +3,9 @@
 Per batch:
 1. One forward of the base model over the prompts without their last token, keeping the
    hidden states (detector features) and the KV cache.
-2. Each request's detector turns the pooled features into w_i per sample; weights at or
-   below the detector's `skip_below` become exactly 0.
+2. Each request's gate gives w_i per sample: its subject probe (subject_probe.py), which
+   continues from that cache, or else its contrastive detector on the pooled features;
+   weights at or below `skip_below` become exactly 0.
 3. No block applies to any sample: generation continues from that cache, so the batch
    costs what the base model costs (plus the detectors' few small matrix products).
    Otherwise the blocks are applied per sample (gating.py) and the prompts are prefilled
@@ -29,6 +30,7 @@ from workers.engines.o3.detector import (
     Detector,
     content_mask,
     encode_prompts,
+    padded_positions,
     template_span,
 )
 from workers.engines.o3.gating import gate_from_weights, hub_for, stacked_from_peft
@@ -129,7 +131,7 @@ class O3Servable:
         width = enc["input_ids"].shape[1] - 1
         attn = enc["attention_mask"]
         out = self.model(input_ids=enc["input_ids"][:, :width], attention_mask=attn[:, :width],
-                         position_ids=(attn.long().cumsum(-1) - 1).clamp(min=0)[:, :width],
+                         position_ids=padded_positions(attn)[:, :width],
                          output_hidden_states=True, use_cache=True)
         mask = content_mask(attn, self._span, width=width)
         return self._weights(out.hidden_states, mask, out.cache, attn).cpu()
@@ -151,12 +153,11 @@ class O3Servable:
             was_training = self.model.training
             self.model.eval()
             try:
-                # Positions as generate() numbers a left-padded row (from its first real
-                # token): generation continues from this cache, and keys cached at other
-                # positions than the ones its new tokens get would skew every padded row.
-                pos = (attn.long().cumsum(-1) - 1).clamp(min=0)[:, :width]
+                # generate()'s positions: generation continues from this cache, and keys
+                # cached at other positions would skew every left-padded row.
                 pre = self.model(input_ids=ids[:, :width], attention_mask=attn[:, :width],
-                                 position_ids=pos, output_hidden_states=bool(self._layers),
+                                 position_ids=padded_positions(attn)[:, :width],
+                                 output_hidden_states=bool(self._layers),
                                  use_cache=True)
                 mask = content_mask(attn, self._span, width=width)
                 w = self._weights(pre.hidden_states or (), mask, pre.cache, attn)

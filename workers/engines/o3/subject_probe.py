@@ -58,11 +58,6 @@ class SubjectProbe:
         return cls(**json.loads(path.read_text())) if path.is_file() else None
 
 
-def _positions(attn: Tensor) -> Tensor:
-    """Positions as generate() numbers a left-padded row: from its first real token."""
-    return (attn.long().cumsum(-1) - 1).clamp(min=0)
-
-
 @torch.no_grad()
 def subject_scores(model: Any, tokenizer: Any, prompts: Sequence[str],
                    subjects: Sequence[str], *, question: str = SUBJECT_QUESTION,
@@ -70,7 +65,7 @@ def subject_scores(model: Any, tokenizer: Any, prompts: Sequence[str],
     """(len(prompts), len(subjects)) mean log p of each subject's name as the reply to the
     prompt with `question` appended: the chat-formatted prompt up to the end of the user's
     text, then `scores_after_prompt`."""
-    from workers.engines.o3.detector import encode_prompts, template_span
+    from workers.engines.o3.detector import encode_prompts, padded_positions, template_span
 
     device = next(model.parameters()).device
     suffix = template_span(tokenizer).suffix
@@ -80,7 +75,7 @@ def subject_scores(model: Any, tokenizer: Any, prompts: Sequence[str],
         end = enc["input_ids"].shape[1] - suffix          # where every row's text ends
         attn = enc["attention_mask"][:, :end]
         out = model(input_ids=enc["input_ids"][:, :end], attention_mask=attn,
-                    position_ids=_positions(attn), use_cache=True, logits_to_keep=1)
+                    position_ids=padded_positions(attn), use_cache=True, logits_to_keep=1)
         rows.append(scores_after_prompt(model, tokenizer, out.cache, attn, subjects,
                                         question=question).cpu())
     return torch.cat(rows) if rows else torch.zeros(0, len(subjects))
@@ -95,7 +90,7 @@ def scores_after_prompt(model: Any, tokenizer: Any, cache: Any, attn: Tensor,
     the question and the template's reply header run once, then each subject's name on a
     branch of that cache. Serving passes its detection forward's cache: no second pass
     over the prompt."""
-    from workers.engines.o3.detector import template_span
+    from workers.engines.o3.detector import padded_positions, template_span
     from workers.model import format_chat
     from workers.model.shared_prefix import branch_cache
 
@@ -111,7 +106,7 @@ def scores_after_prompt(model: Any, tokenizer: Any, cache: Any, attn: Tensor,
     def step(ids: list[int], past: Any, mask: Tensor, keep: int) -> tuple[Any, Tensor]:
         x = torch.tensor(ids, device=device).expand(batch, -1)
         mask = torch.cat([mask, torch.ones_like(x)], -1)
-        pos = _positions(mask)[:, -len(ids):]
+        pos = padded_positions(mask)[:, -len(ids):]
         out = model(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=past,
                     use_cache=True, logits_to_keep=keep)
         return out, mask
