@@ -260,7 +260,7 @@ def test_only_operators_revoke_and_only_a_done_ticket_of_a_separable_engine(api:
     assert early.status_code == 409 and "only a done ticket" in early.json()["message"]
     _make_done(api, o3["id"])
 
-    idk = submit(api, {**FORGET, "target": "Ada Lovelace"}).json()
+    idk = submit(api, {**FORGET, "target": "Ada Lovelace", "engine": "idk"}).json()
     _make_done(api, idk["id"])
     r = api.client.post(f"/v1/tickets/{idk['id']}/revoke", json=body,
                         headers=api.headers("operator"))

@@ -48,6 +48,7 @@ ROUTE_ROLES: dict[tuple[str, str], tuple[str, int]] = {
     ("GET", "/v1/tickets"): ("submitter", 200),
     ("GET", "/v1/tickets/{ticket_id}"): ("submitter", 404),
     ("POST", "/v1/tickets/{ticket_id}/cancel"): ("submitter", 404),
+    ("POST", "/v1/tickets/{ticket_id}/revoke"): ("operator", 422),
     ("GET", "/v1/tickets/{ticket_id}/receipt"): ("submitter", 404),
     ("POST", "/v1/generate"): ("submitter", 422),
     ("GET", "/v1/lineages"): ("operator", 200),

@@ -52,10 +52,9 @@ def test_submit_show_list_cancel(live_server: LiveServer) -> None:
     as_json = json.loads(oblivio(live_server, "ticket", "list", "--json").stdout)
     assert [t["id"] for t in as_json["items"]] == [tid]
 
-    # Revoking one ticket needs an engine with separable requests (o3): refused with the
-    # reason and a non-zero exit.
+    # Only a done ticket can be revoked: refused with the reason and a non-zero exit.
     refused = oblivio(live_server, "ticket", "revoke", tid, "--reason", "withdrawn")
-    assert refused.exit_code != 0 and "cannot remove one request" in refused.output
+    assert refused.exit_code != 0 and "only a done ticket" in refused.output
 
     cancelled = oblivio(live_server, "ticket", "cancel", tid)
     assert cancelled.exit_code == 0 and "cancelled" in cancelled.stdout

@@ -78,7 +78,7 @@ def run_one_job(api: Api) -> None:
 
 
 def submit(api: Api, target: str) -> str:
-    body = {"kind": "forget", "target": target,
+    body = {"kind": "forget", "target": target, "engine": "idk",  # model_side patches idk
             "forget": {"qa": [{"question": f"Who is {target}?", "answer": target}]}}
     r = api.client.post("/v1/tickets", json=body, headers=api.headers())
     assert r.status_code == 202, r.text
