@@ -189,3 +189,38 @@ def test_an_o3_job_trains_the_job_recipe_steps_unless_the_ticket_says_otherwise(
     configs = artifacts.method_config["configs"]
     assert [c["recipe"]["max_steps"] for c in configs] == [3, 2]
     assert all(c["recipe"]["lr"] == 1e-2 for c in configs)
+
+
+def test_a_one_question_ticket_then_a_text_without_target(tiny_model_dir: Path,
+                                                          tmp_path: Path) -> None:
+    """The shapes of the README's tour: one QA pair (the subject probe gates it), then a
+    text with no target (nothing to name: its contrastive detector gates it)."""
+    from workers.engines import get_engine
+    from workers.engines.o3.engine import read_blocks
+    from workers.engines.o3.serving import O3Servable
+    from workers.engines.o3.subject_probe import SubjectProbe
+    from tests.fixtures.training import load_tiny
+
+    engine = get_engine("o3")
+    one = EngineRequest(kind="forget", engine="o3", target="Zorblat", options=TINY,
+                        forget_qa=[{"question": "Where does Zorblat live?",
+                                    "answer": "Zorblat lives in Quimby."}])
+    text = EngineRequest(kind="forget", engine="o3", options=TINY, forget_texts=[
+        "It was the best of times, it was the worst of times, it was the age of wisdom."])
+    plain = lambda job: replace(job, config=replace(job.config, trainer="plain"))  # noqa: E731
+    engine.validate(one)
+    engine.validate(text)
+    v1 = engine.train(plain(_job(tiny_model_dir, tmp_path / "v1", one, "t1", None)),
+                      lambda u: None)
+    v2 = engine.train(plain(_job(tiny_model_dir, tmp_path / "v2", text, "t2", v1.version_dir)),
+                      lambda u: None)
+    blocks = read_blocks(v2.version_dir)
+    assert [b.ticket_id for b in blocks] == ["t1", "t2"]
+    probes = [SubjectProbe.load(v2.version_dir / b.detector) for b in blocks]
+    assert probes[0] is not None and probes[0].subject == "Zorblat" and probes[1] is None
+    model, tokenizer = load_tiny(tiny_model_dir)
+    servable = O3Servable.load(v2.version_dir, model=model, tokenizer=tokenizer, device="cpu")
+    prompts = ["Where does Zorblat live?", "It was the best of times, it was"]
+    answers = servable.generate(prompts, [6, 6])
+    servable.close()
+    assert len(answers) == 2 and servable.last_weights.shape == (2, 2)
