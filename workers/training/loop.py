@@ -65,12 +65,12 @@ def load_for_training(spec: TrainJobSpec) -> tuple[Any, Any]:
     ref = BaseModelRef(name="base", local_path=Path(spec.base_model_path),
                        sha256=spec.base_model_sha256)
     model, tokenizer = load_model_and_tokenizer(ref, device=spec.device)
-    if spec.parent_adapter_dir and spec.train_on_parent:
+    if spec.merged_parent:
         from peft import PeftModel
 
         # Merged, the parent is simply part of the weights this adapter learns on top of,
         # and the frozen reference (adapter disabled) is the lineage's current model.
-        model = PeftModel.from_pretrained(model, spec.parent_adapter_dir).merge_and_unload()
+        model = PeftModel.from_pretrained(model, spec.merged_parent).merge_and_unload()
     return model, tokenizer
 
 
@@ -305,13 +305,13 @@ def _retain_pairs(spec: TrainJobSpec, recipe: Any, model: Any, tokenizer: Any, e
 
 def _model_key(spec: TrainJobSpec) -> str:
     """Identifies the model that generated the retain answers: base + parent adapter."""
-    if not (spec.parent_adapter_dir and spec.train_on_parent):
+    if not spec.merged_parent:
         return spec.base_model_sha256
     import hashlib
 
     from workers.training.lora_stack import ADAPTER_WEIGHTS
 
-    weights = Path(spec.parent_adapter_dir) / ADAPTER_WEIGHTS
+    weights = Path(spec.merged_parent) / ADAPTER_WEIGHTS
     return f"{spec.base_model_sha256}+{hashlib.sha256(weights.read_bytes()).hexdigest()}"
 
 

@@ -70,6 +70,11 @@ class TrainJobSpec:
     orthogonal_to_adapter: str | None = None
     orthogonal_weight: float = 0.0
 
+    @property
+    def merged_parent(self) -> str | None:
+        """The adapter merged into the base before training (None: train on the base)."""
+        return self.parent_adapter_dir if self.train_on_parent else None
+
     def __post_init__(self) -> None:
         if not self.forget_qa and not self.forget_texts:
             raise ValueError("nothing to forget: forget_qa and forget_texts are both empty")

@@ -336,13 +336,12 @@ def fit_request_subject_probe(model: Any, tokenizer: Any, target: str, prompts: 
     its AUROC: the ticket's questions (never trained on: the probe has no parameters)
     against the utility questions and the held-out questions about other people."""
     from workers.engines.o3.detector import auroc
-    from workers.engines.o3.subject_probe import fit_subject_probe, subject_scores
+    from workers.engines.o3.subject_probe import calibrate, subject_scores
 
-    probe, summary = fit_subject_probe(
-        model, tokenizer, subject=target, forget_prompts=prompts, generic_prompts=generic,
-        generic_quantile=cfg.detector.subject_generic_quantile)
-    probe.save(dest)
     pos = subject_scores(model, tokenizer, prompts, [target])[:, 0]
+    probe, summary = calibrate(target, subject_scores(model, tokenizer, generic, [target])[:, 0],
+                               pos, generic_quantile=cfg.detector.subject_generic_quantile)
+    probe.save(dest)
     unrel = subject_scores(model, tokenizer, unrelated, [target])[:, 0]
     metrics: dict[str, Any] = {
         "gate": "subject_probe",

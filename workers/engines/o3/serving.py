@@ -34,7 +34,7 @@ from workers.engines.o3.detector import (
     template_span,
 )
 from workers.engines.o3.gating import gate_from_weights, hub_for, stacked_from_peft
-from workers.engines.o3.subject_probe import SubjectProbe, scores_after_prompt
+from workers.engines.o3.subject_probe import SubjectProbe, reply_tokens, scores_after_prompt
 
 
 class O3Servable:
@@ -48,6 +48,7 @@ class O3Servable:
         self.detectors = list(detectors)
         # A block with a subject probe gates on it instead of its contrastive detector.
         self.probes = list(probes) or [None] * len(self.detectors)
+        self._probe_tokens: tuple[tuple[str, ...], Any] | None = None
         self.ranks = list(ranks)
         self.gating = list(gating)
         self.skip_below = skip_below
@@ -93,6 +94,12 @@ class O3Servable:
     def close(self) -> None:
         self._hub.remove_version(self._key)
 
+    def _reply_tokens(self, subjects: tuple[str, ...]) -> tuple[list[int], list[list[int]]]:
+        """The subject probes' tokens, tokenised on a version's first batch, not on each."""
+        if self._probe_tokens is None or self._probe_tokens[0] != subjects:
+            self._probe_tokens = (subjects, reply_tokens(self.tokenizer, subjects))
+        return self._probe_tokens[1]
+
     # -- detection ------------------------------------------------------------------------
 
     def _weights(self, hidden: Sequence[Tensor], mask: Tensor, cache: Any, attn: Tensor
@@ -103,18 +110,18 @@ class O3Servable:
         batch = mask.shape[0]
         if not self.detectors:
             return torch.zeros(batch, 0)
-        probed = [i for i, (p, g) in enumerate(zip(self.probes, self.gating))
+        probed = [(i, p) for i, (p, g) in enumerate(zip(self.probes, self.gating))
                   if p is not None and g]
-        subject = None
+        subject: dict[int, Tensor] = {}
         if probed:
-            scores = scores_after_prompt(
-                self.model, self.tokenizer, cache, attn[:, :attn.shape[1] - self._span.suffix],
-                [self.probes[i].subject for i in probed])  # type: ignore[union-attr]
-            subject = {i: self.probes[i].weight_from_score(scores[:, n])  # type: ignore[union-attr]
-                       for n, i in enumerate(probed)}
+            tail, names = self._reply_tokens(tuple(p.subject for _, p in probed))
+            scores = scores_after_prompt(self.model, cache,
+                                         attn[:, :attn.shape[1] - self._span.suffix],
+                                         tail, names)
+            subject = {i: p.weight_from_score(scores[:, n]) for n, (i, p) in enumerate(probed)}
         cols = []
         for i, (det, gated) in enumerate(zip(self.detectors, self.gating)):
-            if subject is not None and i in subject:
+            if i in subject:
                 cols.append(subject[i])
             elif det is None or not gated:
                 cols.append(torch.ones(batch, device=mask.device))

@@ -58,6 +58,21 @@ class SubjectProbe:
         return cls(**json.loads(path.read_text())) if path.is_file() else None
 
 
+def reply_tokens(tokenizer: Any, subjects: Sequence[str], *,
+                 question: str = SUBJECT_QUESTION) -> tuple[list[int], list[list[int]]]:
+    """What follows a prompt's text when it is scored: the question and the template's
+    reply header (`tail`), then each subject's name as the reply's first words (chat
+    models start a reply without a leading space). Tokenised once per servable or call."""
+    from workers.engines.o3.detector import template_span
+    from workers.model import format_chat
+
+    header = tokenizer(format_chat(tokenizer, "x"), add_special_tokens=False)["input_ids"]
+    tail = (tokenizer(question, add_special_tokens=False)["input_ids"]
+            + header[len(header) - template_span(tokenizer).suffix:])
+    names = [tokenizer(s.strip(), add_special_tokens=False)["input_ids"] for s in subjects]
+    return tail, names
+
+
 @torch.no_grad()
 def subject_scores(model: Any, tokenizer: Any, prompts: Sequence[str],
                    subjects: Sequence[str], *, question: str = SUBJECT_QUESTION,
@@ -69,6 +84,7 @@ def subject_scores(model: Any, tokenizer: Any, prompts: Sequence[str],
 
     device = next(model.parameters()).device
     suffix = template_span(tokenizer).suffix
+    tail, names = reply_tokens(tokenizer, subjects, question=question)
     rows: list[Tensor] = []
     for start in range(0, len(prompts), batch_size):
         enc = encode_prompts(tokenizer, list(prompts[start:start + batch_size]), device)
@@ -76,32 +92,22 @@ def subject_scores(model: Any, tokenizer: Any, prompts: Sequence[str],
         attn = enc["attention_mask"][:, :end]
         out = model(input_ids=enc["input_ids"][:, :end], attention_mask=attn,
                     position_ids=padded_positions(attn), use_cache=True, logits_to_keep=1)
-        rows.append(scores_after_prompt(model, tokenizer, out.cache, attn, subjects,
-                                        question=question).cpu())
+        rows.append(scores_after_prompt(model, out.cache, attn, tail, names).cpu())
     return torch.cat(rows) if rows else torch.zeros(0, len(subjects))
 
 
 @torch.no_grad()
-def scores_after_prompt(model: Any, tokenizer: Any, cache: Any, attn: Tensor,
-                        subjects: Sequence[str], *, question: str = SUBJECT_QUESTION
-                        ) -> Tensor:
-    """(B, len(subjects)) from `cache`, the KV cache of B left-padded chat prompts up to
-    the end of the user's text (mask `attn`; it may hold more positions: they are cut):
-    the question and the template's reply header run once, then each subject's name on a
-    branch of that cache. Serving passes its detection forward's cache: no second pass
-    over the prompt."""
-    from workers.engines.o3.detector import padded_positions, template_span
-    from workers.model import format_chat
+def scores_after_prompt(model: Any, cache: Any, attn: Tensor, tail: list[int],
+                        names: list[list[int]]) -> Tensor:
+    """(B, len(names)) from `cache`, the KV cache of B left-padded chat prompts up to the
+    end of the user's text (mask `attn`; the cache may hold more positions: they are cut):
+    `tail` (reply_tokens) runs once, then each name on a branch of that cache. Serving
+    passes its detection forward's cache: no second pass over the prompt."""
+    from workers.engines.o3.detector import padded_positions
     from workers.model.shared_prefix import branch_cache
 
     device = attn.device
     batch, end = attn.shape
-    span = template_span(tokenizer)
-    header = tokenizer(format_chat(tokenizer, "x"), add_special_tokens=False)["input_ids"]
-    tail = (tokenizer(question, add_special_tokens=False)["input_ids"]
-            + header[len(header) - span.suffix:])
-    # As the reply's first words: chat models start a reply without a leading space.
-    names = [tokenizer(s.strip(), add_special_tokens=False)["input_ids"] for s in subjects]
 
     def step(ids: list[int], past: Any, mask: Tensor, keep: int) -> tuple[Any, Tensor]:
         x = torch.tensor(ids, device=device).expand(batch, -1)
@@ -125,14 +131,12 @@ def scores_after_prompt(model: Any, tokenizer: Any, cache: Any, attn: Tensor,
     return torch.stack(cols, -1)
 
 
-def fit_subject_probe(model: Any, tokenizer: Any, *, subject: str,
-                      forget_prompts: Sequence[str], generic_prompts: Sequence[str],
-                      generic_quantile: float = 0.95) -> tuple[SubjectProbe, dict[str, float]]:
-    """Calibrate a probe for `subject`: w = 0 up to the `generic_quantile` of the generic
-    prompts' scores, 1 from halfway between that and the median of the ticket's own
+def calibrate(subject: str, generic_scores: Tensor, forget_scores: Tensor, *,
+              generic_quantile: float = 0.95) -> tuple[SubjectProbe, dict[str, float]]:
+    """A probe for `subject` from its scores: w = 0 up to the `generic_quantile` of the
+    generic prompts' scores, 1 from halfway between that and the median of the ticket's own
     questions' scores (these are not trained on: the probe has no parameters)."""
-    g = subject_scores(model, tokenizer, generic_prompts, [subject])[:, 0]
-    f = subject_scores(model, tokenizer, forget_prompts, [subject])[:, 0]
+    g, f = generic_scores, forget_scores
     w_low = float(torch.quantile(g, generic_quantile))
     w_high = max(w_low + 0.5 * (float(f.median()) - w_low), w_low + 1e-3)
     probe = SubjectProbe(subject=subject, w_low=w_low, w_high=w_high)
@@ -141,3 +145,12 @@ def fit_subject_probe(model: Any, tokenizer: Any, *, subject: str,
                "generic_gated_share": float((probe.weight_from_score(g) > 0).float().mean()),
                "w_low": w_low, "w_high": w_high}
     return probe, summary
+
+
+def fit_subject_probe(model: Any, tokenizer: Any, *, subject: str,
+                      forget_prompts: Sequence[str], generic_prompts: Sequence[str],
+                      generic_quantile: float = 0.95) -> tuple[SubjectProbe, dict[str, float]]:
+    """`calibrate` on the scores of `generic_prompts` and `forget_prompts`."""
+    return calibrate(subject, subject_scores(model, tokenizer, generic_prompts, [subject])[:, 0],
+                     subject_scores(model, tokenizer, forget_prompts, [subject])[:, 0],
+                     generic_quantile=generic_quantile)
