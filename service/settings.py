@@ -107,6 +107,13 @@ class Settings(BaseSettings):
         "dispatcher, its evaluations, training ranks), so that ticket submission and "
         "generation stay fast while a job runs on the same machine (a floor: Ray starts its "
         "workers at 15 already); 0: leave it as it is.")
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description='Ray resources that every training rank, evaluation and serving replica '
+                    'asks for, as JSON: start worker nodes with that resource (`ray start '
+                    '--resources \'{"oblivio_worker": 1000}\'`) and set e.g. '
+                    'OBLIVIO_WORKER_RESOURCES=\'{"oblivio_worker": 1}\' to keep the work '
+                    'off the head node. Empty: anywhere.')
     batch_window_seconds: float = Field(2.0, description="Wait this long to group tickets in one job.")
     scheduler_enabled: bool = Field(True, description="Run schedules' windows in this "
                                     "replica when it leads (needs the background workers).")
@@ -123,6 +130,13 @@ class Settings(BaseSettings):
         default_factory=dict,
         description='Overrides of the forget recipe (workers/evaluation/recipe.py), as JSON: '
                     'e.g. OBLIVIO_RECIPE=\'{"max_steps": 60, "lr": 2e-4}\'.')
+
+    @field_validator("worker_resources")
+    @classmethod
+    def _positive_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        if any(amount <= 0 for amount in value.values()):
+            raise ValueError(f"every resource amount must be > 0, got {value}")
+        return value
 
     @field_validator("data_dir")
     @classmethod
@@ -168,6 +182,7 @@ class Settings(BaseSettings):
             store=self.store_config(), base_model=self.base_model, device=self.device,
             num_workers=self.num_workers, zero_stage=self.zero_stage, trainer=self.trainer,
             warm_train_workers=self.warm_train_workers,
+            worker_resources=dict(self.worker_resources),
             background_nice=self.background_nice,
             recipe=dict(self.recipe), evaluation=dict(self.evaluation),
             lease_seconds=self.lease_seconds,

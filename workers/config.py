@@ -29,6 +29,9 @@ class WorkerConfig:
             in-process loop: benchmark baseline, debugging).
         warm_train_workers: with trainer "deepspeed" on CPU, train on this process's warm
             DeepSpeed ranks (workers/training/warm_pool.py) instead of new Ray Train workers.
+        worker_resources: Ray resources every training rank, evaluation task and serving
+            replica asks for (a custom resource that only worker nodes have keeps that work
+            off the head node); empty: anywhere.
         background_nice: CPU niceness (0-19) of the dispatcher actor (jobs' evaluation) and
             of training ranks, so that the API and generation keep their latency while a
             job runs on the same machine (workers/priority.py); 0 leaves them as they are.
@@ -59,6 +62,7 @@ class WorkerConfig:
     zero_stage: int = 2
     trainer: str = "deepspeed"
     warm_train_workers: bool = True
+    worker_resources: dict[str, float] = field(default_factory=dict)
     background_nice: int = 10
     recipe: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
@@ -78,3 +82,7 @@ class WorkerConfig:
         # would be read against another working directory.
         if not Path(self.data_dir).is_absolute():
             raise ValueError(f"data_dir must be absolute, got {self.data_dir}")
+        if any(not (isinstance(v, (int, float)) and v > 0)
+               for v in self.worker_resources.values()):
+            raise ValueError(f"worker_resources must be positive amounts, got "
+                             f"{self.worker_resources}")

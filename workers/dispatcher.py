@@ -144,8 +144,8 @@ class DispatcherLoop:
         return opened
 
     def warm_up(self) -> None:
-        """Load the evaluation model of the default forget engine, and start the warm
-        training ranks (CPU DeepSpeed jobs with warm_train_workers), so that even the first
+        """Load the evaluation model of the default forget engine (on the evaluator, see
+        workers/evaluator.py), and start the warm training ranks (CPU DeepSpeed jobs with warm_train_workers), so that even the first
         job skips their start-up. Failures only cost the speed-up: the first job then does
         it itself."""
         from workers import job_compute
@@ -153,7 +153,12 @@ class DispatcherLoop:
 
         config = self.config
         try:
-            job_compute.warm_evaluation(config, DEFAULT_ENGINES["forget"])
+            if config.trainer == "plain":  # evaluation runs in this process then
+                job_compute.warm_evaluation(config, DEFAULT_ENGINES["forget"])
+            else:
+                from workers.evaluator import warm_evaluator
+
+                warm_evaluator(config, DEFAULT_ENGINES["forget"])
         except Exception:
             log.warning("could not load the evaluation model ahead", exc_info=True)
         if not (config.trainer == "deepspeed" and config.warm_train_workers
@@ -162,7 +167,7 @@ class DispatcherLoop:
         try:
             from workers.training.warm_pool import warm_pool
 
-            warm_pool(config.num_workers)
+            warm_pool(config.num_workers, config.worker_resources)
         except Exception:
             log.warning("could not start the warm training ranks", exc_info=True)
 
@@ -207,4 +212,10 @@ def start_dispatcher_actor(config: WorkerConfig) -> Any:
         def stop(self) -> None:
             self._loop.stop()
 
-    return DispatcherActor.options(name="oblivio-dispatcher", get_if_exists=True).remote(config)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # With the API, on the node that started it: the control plane stays where operators
+    # configured it, and the work it starts asks for config.worker_resources.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return DispatcherActor.options(name="oblivio-dispatcher", get_if_exists=True,
+                                   scheduling_strategy=here).remote(config)

@@ -196,9 +196,8 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
             progress({"phase": "evaluating"})
             queue.set_progress(ctx.sessions, ticket_ids=ids, owner=ctx.owner,
                                status=TicketStatus.evaluating, progress={"phase": "evaluating"})
-            metrics = job_compute.evaluate_version(engine, job, base=base,
-                                                   version_dir=artifacts.version_dir,
-                                                   fetch=fetch)
+            metrics = _evaluate(ctx, job_id, ids, engine, job, base, artifacts.version_dir,
+                                fetch)
         verdict = metrics.get("verdict")
         if verdict not in ("pass", "hold", "reject"):
             raise RuntimeError(f"engine {engine.name!r} gave no verdict (got {verdict!r})")
@@ -270,6 +269,23 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
     if verdict == "reject":
         return JobOutcome(job_id, None, None, False, metrics)
     return JobOutcome(job_id, version_id, version_no, promoted, metrics)
+
+
+def _evaluate(ctx: JobContext, job_id: uuid.UUID, ids: list[uuid.UUID], engine: Any,
+              job: Any, base: Any, version_dir: Path, fetch: Callable[[str], Path]
+              ) -> dict[str, Any]:
+    """The version's evaluation: a Ray task on the evaluator (workers/evaluator.py), or in
+    this process with trainer "plain" (everything in one process)."""
+    from workers import job_compute
+
+    if ctx.config.trainer == "plain":
+        return job_compute.evaluate_version(engine, job, base=base, version_dir=version_dir,
+                                            fetch=fetch)
+    from workers.evaluator import evaluate_on_ray
+
+    done = evaluate_on_ray(engine.name, job, version_dir=version_dir)
+    _set_progress(ctx, job_id, ids, {"evaluation_node": done.node_id})
+    return done.metrics
 
 
 @contextlib.contextmanager

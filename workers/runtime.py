@@ -130,4 +130,5 @@ def serving_config(config: WorkerConfig) -> Any:
     from workers.serving import ServingConfig
 
     return ServingConfig(base_model=config.base_model, data_dir=str(config.data_dir),
-                         store=config.store, device=config.device)
+                         store=config.store, device=config.device,
+                         resources=dict(config.worker_resources))

@@ -19,7 +19,7 @@ def build_ingress_app(api: Any, config: WorkerConfig, *,
     from ray import serve
 
     from workers.runtime import serving_config
-    from workers.serving import Generator
+    from workers.serving import generator_app
 
     @serve.deployment(name="OblivioAPI", num_replicas=1, ray_actor_options={"num_cpus": 0.5})
     @serve.ingress(api)
@@ -35,4 +35,4 @@ def build_ingress_app(api: Any, config: WorkerConfig, *,
             if self._scheduler is not None:
                 self._scheduler.stop()
 
-    return OblivioAPI.bind(Generator.bind(serving_config(config)))
+    return OblivioAPI.bind(generator_app(serving_config(config)))

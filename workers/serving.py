@@ -14,7 +14,7 @@ import json
 import logging
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ class ServingConfig:
         store: the object store holding the versions.
         device: `cpu` or `cuda`.
         max_adapters: adapters kept loaded per replica (LRU beyond that).
+        resources: Ray resources each replica asks for (WorkerConfig.worker_resources).
     """
 
     base_model: str
@@ -45,6 +46,13 @@ class ServingConfig:
     store: StoreConfig
     device: str = "cpu"
     max_adapters: int = 4
+    resources: dict[str, float] = field(default_factory=dict)
+
+
+def generator_app(config: ServingConfig) -> Any:
+    """The Generator deployment bound to `config`, its replicas placed by its resources."""
+    options = {"num_cpus": 0, "resources": dict(config.resources)}
+    return Generator.options(ray_actor_options=options).bind(config)
 
 
 @serve.deployment(name="Generator", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32)
@@ -226,7 +234,7 @@ def deploy(config: ServingConfig) -> Any:
     """Start (or update) the generation app on the connected Ray cluster; returns its handle."""
     # Handles only: the API is the one HTTP front door, so no Serve HTTP proxy is started.
     serve.start(proxy_location="Disabled")
-    return serve.run(Generator.bind(config), name=APP_NAME, route_prefix=None)
+    return serve.run(generator_app(config), name=APP_NAME, route_prefix=None)
 
 
 def generate(handle: Any, *, prompt: str, adapter_key: str | None,

@@ -2,9 +2,10 @@
 
 from workers.model.base_model import (
     BaseModelRef,
+    base_model_on_this_node,
     format_chat,
     load_model_and_tokenizer,
     resolve_base_model,
 )
 
-__all__ = ["BaseModelRef", "format_chat", "load_model_and_tokenizer", "resolve_base_model"]
+__all__ = ["BaseModelRef", "base_model_on_this_node", "format_chat", "load_model_and_tokenizer", "resolve_base_model"]

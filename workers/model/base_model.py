@@ -51,6 +51,24 @@ def resolve_base_model(spec: str, data_dir: Path) -> BaseModelRef:
     return BaseModelRef(name=spec, local_path=local, sha256=_weights_sha256(local))
 
 
+def base_model_on_this_node(path: str | Path, sha256: str, spec: str,
+                            data_dir: str | Path) -> Path:
+    """The base model's directory on the node this code runs on.
+
+    A job's paths are the dispatcher's. On another node (a Ray worker node with its own
+    disk) `path` does not exist; the configured `spec` is then resolved into that node's
+    `data_dir` (the bundled model converted there once), and refused unless its weights are
+    the ones the job was planned on.
+    """
+    if Path(path).is_dir() or not spec:
+        return Path(path)
+    local = resolve_base_model(spec, Path(data_dir))
+    if sha256 and local.sha256 != sha256:
+        raise RuntimeError(f"base model {spec!r} on this node has weights {local.sha256[:12]}, "
+                           f"the job was planned on {sha256[:12]}")
+    return local.local_path
+
+
 def load_model_and_tokenizer(ref: BaseModelRef, *, device: str = "cpu",
                              dtype: Any = None) -> tuple[Any, Any]:
     """Load the model (eval mode) and its tokenizer from the local copy, offline."""

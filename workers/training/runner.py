@@ -9,7 +9,9 @@ exact stack parent + new LoRA, one adapter of rank r_parent + r_new (lora_stack.
 version N therefore needs that one directory and the base model, nothing else.
 
 Progress: rank 0 puts updates into a small Ray actor; a driver thread drains it every
-second (and once after the run) into `progress_cb`.
+second (and once after the run) into `progress_cb`. The same actor carries rank 0's result
+back, as bytes (workers/shipping.py): ranks may run on another node, which shares no
+directory with the driver, so their inputs travel with the task too.
 """
 
 from __future__ import annotations
@@ -83,51 +85,60 @@ class RankTask(Protocol):
 
 
 def train_unlearning_adapter(spec: TrainJobSpec, progress_cb: ProgressFn | None = None, *,
-                             warm: bool = False) -> TrainResult:
+                             warm: bool = False,
+                             resources: dict[str, float] | None = None) -> TrainResult:
     """Train on `spec.num_workers` DeepSpeed ZeRO ranks (see `run_on_ranks`)."""
     spec.method_config()  # refuse a bad method or options before any worker starts
-    metrics = run_on_ranks(spec, progress_cb, warm=warm)
+    metrics = run_on_ranks(spec, progress_cb, warm=warm, resources=resources)
     out = Path(spec.output_dir)
     return TrainResult(adapter_dir=out, metrics=metrics, peft_config=_read_config(out))
 
 
 def train_adapter(spec: TrainJobSpec, progress_cb: ProgressFn | None, *, trainer: str,
-                  warm: bool) -> TrainResult:
+                  warm: bool, resources: dict[str, float] | None = None) -> TrainResult:
     """The worker configuration's trainer: "plain" in this process, else the DeepSpeed
     ranks (`warm`: the dispatcher's warm ranks on CPU, else Ray Train)."""
     if trainer == "plain":
         return train_plain(spec, progress_cb)
-    return train_unlearning_adapter(spec, progress_cb, warm=warm)
+    return train_unlearning_adapter(spec, progress_cb, warm=warm, resources=resources)
 
 
 def run_on_ranks(task: RankTask, progress_cb: ProgressFn | None = None, *,
-                 warm: bool = False) -> dict[str, Any]:
+                 warm: bool = False, resources: dict[str, float] | None = None
+                 ) -> dict[str, Any]:
     """Run `task` on `task.num_workers` DeepSpeed ranks: Ray Train workers, or with `warm`
     (CPU only) this process's warm ranks (workers/training/warm_pool.py), which skip the
-    per-job start-up and run the same rank code. Rank 0's result directory ends up at
-    `task.output_dir`; returns rank 0's metrics."""
-    if warm and task.device == "cpu":
-        return _run_on_warm_pool(task, progress_cb)
+    per-job start-up and run the same rank code. Each rank also asks Ray for `resources`
+    (WorkerConfig.worker_resources: which nodes may train). Rank 0's result directory ends
+    up at `task.output_dir`; returns rank 0's metrics."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+
+    from workers.shipping import task_inputs
+
+    inputs = ray.put(task_inputs(task))  # once, however many ranks read it
+    if warm and task.device == "cpu":
+        return _run_on_warm_pool(task, progress_cb, inputs, resources or {})
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    # Always created: besides progress it carries the run's placement group to clean up.
+    # Always created: besides progress it carries rank 0's result and the run's placement
+    # group to clean up.
     sink = _progress_sink_cls().options(num_cpus=0).remote()
     Path(task.output_dir).parent.mkdir(parents=True, exist_ok=True)
     storage = Path(tempfile.mkdtemp(prefix="ray-train-", dir=Path(task.output_dir).parent))
     use_gpu = task.device == "cuda"
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"task": task, "sink": sink, "progress": progress_cb is not None},
+        train_loop_config={"task": task, "sink": sink, "progress": progress_cb is not None,
+                           "inputs": inputs},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=task.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=None if use_gpu else {"CPU": 1}),
+        scaling_config=ScalingConfig(
+            num_workers=task.num_workers, use_gpu=use_gpu,
+            resources_per_worker={"GPU" if use_gpu else "CPU": 1, **(resources or {})}),
         # No retries inside Ray: a failed job goes back to the durable queue, which counts
-        # attempts and keeps the error.
+        # attempts and keeps the error. (Ray Train's own run state only: no checkpoints.)
         run_config=RunConfig(storage_path=str(storage), name="unlearn",
-                             failure_config=FailureConfig(max_failures=0),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+                             failure_config=FailureConfig(max_failures=0)),
     )
     stop = threading.Event()
     poller = None
@@ -136,14 +147,11 @@ def run_on_ranks(task: RankTask, progress_cb: ProgressFn | None = None, *,
                                   daemon=True)
         poller.start()
     try:
-        result = trainer.fit()
-        if result.checkpoint is None:
-            raise RuntimeError(f"training produced no result: {result.error}")
-        out = Path(task.output_dir)
-        with result.checkpoint.as_directory() as ckpt:
-            if out.exists():
-                shutil.rmtree(out)
-            shutil.copytree(ckpt, out)
+        fitted = trainer.fit()
+        metrics, files = ray.get(sink.result.remote())
+        if files is None:
+            raise RuntimeError(f"training produced no result: {fitted.error}")
+        _write_output(Path(task.output_dir), files)
     finally:
         stop.set()
         if poller is not None:
@@ -154,10 +162,19 @@ def run_on_ranks(task: RankTask, progress_cb: ProgressFn | None = None, *,
         except Exception:  # already gone with a failed run: nothing to clean up
             log.debug("progress sink already gone", exc_info=True)
         shutil.rmtree(storage, ignore_errors=True)
-    return {k: v for k, v in (result.metrics or {}).items() if not k.startswith("_")}
+    return {k: v for k, v in (metrics or {}).items() if not k.startswith("_")}
 
 
-def _run_on_warm_pool(task: RankTask, progress_cb: ProgressFn | None) -> dict[str, Any]:
+def _write_output(out: Path, files: dict[str, bytes]) -> None:
+    from workers.shipping import write_files
+
+    if out.exists():
+        shutil.rmtree(out)
+    write_files(files, out)
+
+
+def _run_on_warm_pool(task: RankTask, progress_cb: ProgressFn | None, inputs: Any,
+                      resources: dict[str, float]) -> dict[str, Any]:
     import ray
 
     from workers.training.warm_pool import warm_pool
@@ -169,11 +186,10 @@ def _run_on_warm_pool(task: RankTask, progress_cb: ProgressFn | None) -> dict[st
         poller = threading.Thread(target=_poll_progress, args=(sink, progress_cb, stop),
                                   daemon=True)
         poller.start()
-    out = Path(task.output_dir)
     try:
-        if out.exists():
-            shutil.rmtree(out)
-        metrics = warm_pool(task.num_workers).train(task, sink, progress_cb is not None, out)
+        metrics, files = warm_pool(task.num_workers, resources).train(
+            task, sink, progress_cb is not None, inputs)
+        _write_output(Path(task.output_dir), files)
     finally:
         stop.set()
         if poller is not None:
@@ -186,9 +202,8 @@ def _run_on_warm_pool(task: RankTask, progress_cb: ProgressFn | None) -> dict[st
 
 
 def _train_worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker (rank); rank 0 reports its result as the checkpoint."""
+    """Runs on every Ray Train worker (rank); rank 0 puts its result into the sink."""
     import ray
-    import ray.train
 
     task: RankTask = config["task"]
     if task.device == "cuda":
@@ -198,26 +213,28 @@ def _train_worker(config: dict[str, Any]) -> None:
         # "cuda" then means this worker's own GPU (Ray Train assigns one per worker).
         torch.cuda.set_device(ray.train.torch.get_device())
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-    metrics, result = rank_train(task, config["sink"], config["progress"], cpus)
-    if result is not None:
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(result)))
-        shutil.rmtree(result, ignore_errors=True)
-    else:
-        ray.train.report(metrics)
+    metrics, files = rank_train(task, config["sink"], config["progress"], cpus,
+                                ray.get(config["inputs"]))
+    if files is not None:
+        ray.get(config["sink"].put_result.remote(metrics, files))
 
 
-def rank_train(task: RankTask, sink: Any, progress_enabled: bool, cpus: float | None
-               ) -> tuple[dict[str, Any], Path | None]:
+def rank_train(task: RankTask, sink: Any, progress_enabled: bool, cpus: float | None,
+               inputs: dict[str, dict[str, bytes]]
+               ) -> tuple[dict[str, Any], dict[str, bytes] | None]:
     """One DeepSpeed rank's share of a task, inside an initialised torch.distributed group
-    (Ray Train's, or a warm pool's): returns its metrics and, on rank 0, a temporary
-    directory holding the result (the caller moves or deletes it)."""
+    (Ray Train's, or a warm pool's): returns its metrics and, on rank 0, the result
+    directory's files. `inputs` are the task's input directories (workers/shipping.py),
+    written to this node where their paths do not exist."""
     import ray
     import ray.util
     import torch
 
     from workers.priority import yield_cpu_from_env
+    from workers.shipping import read_files, task_on_this_node
 
     yield_cpu_from_env()  # a rank is background work: the API keeps its latency
+    task, temporary = task_on_this_node(task, inputs)
     # As many threads as CPUs Ray gave this rank: more would oversubscribe the cores that
     # the other ranks use (seen: 2 ranks x 2 threads on 2 cores ran several times slower).
     torch.set_num_threads(max(1, int(cpus or os.environ.get("OMP_NUM_THREADS", "1"))))
@@ -228,12 +245,21 @@ def rank_train(task: RankTask, sink: Any, progress_enabled: bool, cpus: float | 
         if group is not None:
             ray.get(sink.set_placement_group.remote(group.id.hex()))
     if strategy.rank == 0 and progress_enabled:
+        # Where the job trains, for operators (GET /v1/jobs/{id}, the dashboard).
+        node = ray.get_runtime_context().get_node_id()
+
         def progress(update: dict[str, Any]) -> None:
-            sink.put.remote(update)
+            sink.put.remote({**update, "training_node": node})
     try:
-        return task.run_rank(strategy, progress)
+        metrics, result = task.run_rank(strategy, progress)
+        files = None if result is None else read_files(result)
+        if result is not None:
+            shutil.rmtree(result, ignore_errors=True)
+        return metrics, files
     finally:
         strategy.close()
+        for directory in temporary:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def forget_rank_strategy(spec: TrainJobSpec) -> Any:
@@ -363,11 +389,12 @@ def _progress_sink_cls() -> Any:
 
     @ray.remote
     class ProgressSink:
-        """Rank 0 puts updates (and its placement group); the driver drains them."""
+        """Rank 0 puts updates, its result and its placement group; the driver reads them."""
 
         def __init__(self) -> None:
             self._updates: list[dict[str, Any]] = []
             self._placement_group: str | None = None
+            self._result: tuple[dict[str, Any] | None, dict[str, bytes] | None] = (None, None)
 
         def put(self, update: dict[str, Any]) -> None:
             self._updates.append(update)
@@ -375,6 +402,12 @@ def _progress_sink_cls() -> Any:
         def drain(self) -> list[dict[str, Any]]:
             out, self._updates = self._updates, []
             return out
+
+        def put_result(self, metrics: dict[str, Any], files: dict[str, bytes]) -> None:
+            self._result = (metrics, files)
+
+        def result(self) -> tuple[dict[str, Any] | None, dict[str, bytes] | None]:
+            return self._result
 
         def set_placement_group(self, group_hex: str) -> None:
             self._placement_group = group_hex

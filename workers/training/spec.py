@@ -18,8 +18,11 @@ class TrainJobSpec:
     Args:
         base_model_path: local directory of the base model (see workers.model).
         base_model_sha256: its content hash, written into the adapter's manifest.
+        base_model: the configured base model spec: a rank on a node without
+            `base_model_path` resolves it there (workers.model.base_model_on_this_node).
         output_dir: where the finished adapter directory is written.
-        data_dir: the service's data dir (the self-generated retain cache lives there).
+        data_dir: the service's data dir (the self-generated retain cache lives there); on
+            another node, the same path on that node's own disk.
         forget_qa: [{"question", "answer"}] to forget; forget_texts: plain texts to forget.
         target: who/what the ticket is about (retain pairs mentioning it are dropped; with
             recipe forget_tokens="keywords" its name counts as a fact token).
@@ -52,6 +55,7 @@ class TrainJobSpec:
     base_model_sha256: str
     output_dir: str
     data_dir: str
+    base_model: str = ""
     forget_qa: list[dict[str, str]] = field(default_factory=list)
     forget_texts: list[str] = field(default_factory=list)
     target: str | None = None

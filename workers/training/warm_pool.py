@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-_POOLS: dict[int, WarmPool] = {}  # per driver process, by world size
+_POOLS: dict[tuple[int, str], WarmPool] = {}  # per driver process, by world size and resources
 _POOLS_LOCK = threading.Lock()
 
 
@@ -74,37 +73,31 @@ def _rank_cls() -> Any:
                                     world_size=world, timeout=timedelta(minutes=30))
             self.rank = rank
 
-        def train(self, task: Any, sink: Any, progress: bool) -> tuple[dict[str, Any],
-                                                                     dict[str, bytes] | None]:
-            import shutil
-
+        def train(self, task: Any, sink: Any, progress: bool,
+                  inputs: dict[str, dict[str, bytes]]
+                  ) -> tuple[dict[str, Any], dict[str, bytes] | None]:
             from workers.training.runner import rank_train
 
-            metrics, result = rank_train(task, sink, progress, 1)
-            if result is None:
-                return metrics, None
-            try:
-                files = {p.relative_to(result).as_posix(): p.read_bytes()
-                         for p in result.rglob("*") if p.is_file()}
-            finally:
-                shutil.rmtree(result, ignore_errors=True)
-            return metrics, files
+            return rank_train(task, sink, progress, 1, inputs)
 
     return WarmRank
 
 
 class WarmPool:
-    """`world` warm ranks in one gloo group (see the module docstring)."""
+    """`world` warm ranks in one gloo group (see the module docstring), each asking Ray for
+    `resources` (WorkerConfig.worker_resources: which nodes may train)."""
 
-    def __init__(self, world: int) -> None:
+    def __init__(self, world: int, resources: dict[str, float] | None = None) -> None:
         import ray
 
         cls = _rank_cls()
         self.world = world
+        self.key = _key(world, resources)
         # The Ray session (driver job) the ranks belong to: after a ray.shutdown() and a new
         # ray.init() in this process their handles are dead, and a new pool is needed.
         self.session = ray.get_runtime_context().get_job_id()
-        self.ranks = [cls.remote() for _ in range(world)]
+        self.ranks = [cls.options(resources=dict(resources or {})).remote()
+                      for _ in range(world)]
         try:
             master, port = ray.get(self.ranks[0].address.remote())
             ray.get([r.join.remote(i, world, master, port) for i, r in enumerate(self.ranks)])
@@ -112,35 +105,31 @@ class WarmPool:
             self.discard()
             raise
 
-    def train(self, task: Any, sink: Any, progress: bool, output_dir: Path) -> dict[str, Any]:
-        """Run one runner.RankTask on every rank; writes rank 0's result to `output_dir`,
-        returns its metrics. Any failure discards the pool and re-raises."""
+    def train(self, task: Any, sink: Any, progress: bool, inputs: Any
+              ) -> tuple[dict[str, Any], dict[str, bytes] | None]:
+        """Run one runner.RankTask on every rank (`inputs`: a Ray reference to its input
+        directories); returns rank 0's metrics and result files. Any failure discards the
+        pool and re-raises."""
         import ray
 
-        refs = [r.train.remote(task, sink, progress) for r in self.ranks]
+        refs = [r.train.remote(task, sink, progress, inputs) for r in self.ranks]
         pending = list(refs)
         try:
             while pending:
                 # Fail fast: a dead rank leaves the others waiting in a collective.
                 ready, pending = ray.wait(pending, num_returns=1)
                 ray.get(ready[0])
-            metrics, files = ray.get(refs[0])
+            return ray.get(refs[0])
         except Exception:
             self.discard()
             raise
-        output_dir.mkdir(parents=True, exist_ok=True)
-        for name, data in (files or {}).items():
-            target = output_dir / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-        return metrics
 
     def discard(self) -> None:
         import ray
 
         with _POOLS_LOCK:
-            if _POOLS.get(self.world) is self:
-                del _POOLS[self.world]
+            if _POOLS.get(self.key) is self:
+                del _POOLS[self.key]
         for rank in self.ranks:
             try:
                 ray.kill(rank)
@@ -148,22 +137,28 @@ class WarmPool:
                 log.debug("warm rank already gone", exc_info=True)
 
 
-def warm_pool(world: int) -> WarmPool:
-    """This process's pool of `world` warm ranks, started on first use."""
+def _key(world: int, resources: dict[str, float] | None) -> tuple[int, str]:
+    return world, repr(sorted((resources or {}).items()))
+
+
+def warm_pool(world: int, resources: dict[str, float] | None = None) -> WarmPool:
+    """This process's pool of `world` warm ranks asking for `resources`, started on first
+    use."""
     import ray
 
+    key = _key(world, resources)
     session = ray.get_runtime_context().get_job_id()
     with _POOLS_LOCK:
-        pool = _POOLS.get(world)
+        pool = _POOLS.get(key)
         if pool is not None and pool.session != session:
-            del _POOLS[world]  # from an earlier Ray session: its actors are gone
+            del _POOLS[key]  # from an earlier Ray session: its actors are gone
             pool = None
     if pool is not None:
         return pool
-    pool = WarmPool(world)
+    pool = WarmPool(world, resources)
     with _POOLS_LOCK:
-        _POOLS.setdefault(world, pool)
-        return _POOLS[world]
+        _POOLS.setdefault(key, pool)
+        return _POOLS[key]
 
 
 def shutdown_pools() -> None:

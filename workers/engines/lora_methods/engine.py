@@ -87,7 +87,8 @@ class LoraMethodEngine:
             return TrainJobSpec.for_engine(
                 self.name, overrides=config.recipe, base_model_path=str(job.base_model_path),
                 base_model_sha256=job.base_model_sha256, output_dir=str(job.output_dir),
-                data_dir=str(config.data_dir), forget_qa=qa, forget_texts=texts,
+                data_dir=str(config.data_dir), base_model=config.base_model,
+                forget_qa=qa, forget_texts=texts,
                 target=first.target, retain_qa=retain_qa or None,
                 retain_texts=retain_texts or None, method_options=dict(first.options),
                 parent_adapter_dir=str(job.parent_dir) if job.parent_dir else None,
@@ -101,7 +102,8 @@ class LoraMethodEngine:
 
         spec = self.train_spec(job)
         result = train_adapter(spec, progress, trainer=job.config.trainer,
-                               warm=job.config.warm_train_workers)
+                               warm=job.config.warm_train_workers,
+                               resources=job.config.worker_resources)
         return Artifacts(version_dir=Path(result.adapter_dir), metrics=result.metrics,
                          method_config=spec.method_summary(), peft_config=result.peft_config)
 

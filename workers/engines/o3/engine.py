@@ -178,7 +178,8 @@ class O3Engine:
                           block_index=len(earlier))
         started = time.perf_counter()
         result = train_adapter(spec, progress, trainer=job.config.trainer,
-                               warm=job.config.warm_train_workers)
+                               warm=job.config.warm_train_workers,
+                               resources=job.config.worker_resources)
         train_wall = time.perf_counter() - started
         progress({"phase": "detector"})
         det_started = time.perf_counter()
@@ -230,8 +231,8 @@ class O3Engine:
         return TrainJobSpec(
             recipe=asdict(recipe), base_model_path=str(job.base_model_path),
             base_model_sha256=job.base_model_sha256, output_dir=str(out),
-            data_dir=str(job.config.data_dir), forget_qa=qa, forget_texts=texts,
-            target=request.target, retain_qa=list(request.retain_qa) or None,
+            data_dir=str(job.config.data_dir), base_model=job.config.base_model,
+            forget_qa=qa, forget_texts=texts, target=request.target, retain_qa=list(request.retain_qa) or None,
             retain_texts=list(request.retain_texts) or None, method_options=options,
             parent_adapter_dir=str(parent_adapter) if parent_adapter else None,
             # Each block is gated by its own request's weight: it meets the base model at

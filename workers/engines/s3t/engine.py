@@ -353,8 +353,9 @@ def _train_group(job: JobInput, cfg: S3TConfig, group_dir: Path, *,
     task = PrefixTask(base_model_path=str(job.base_model_path),
                       base_model_sha256=job.base_model_sha256, output_dir=str(group_dir),
                       cfg=cfg, frozen=frozen, layers=layers, records=records, seed=seed,
-                      meta=meta, device=config.device, num_workers=config.num_workers,
-                      zero_stage=config.zero_stage)
+                      meta=meta, base_model=config.base_model,
+                      data_dir=str(config.data_dir), device=config.device,
+                      num_workers=config.num_workers, zero_stage=config.zero_stage)
 
     def steps(update: dict[str, Any]) -> None:
         progress(int(update["step"]))
@@ -364,7 +365,8 @@ def _train_group(job: JobInput, cfg: S3TConfig, group_dir: Path, *,
         shutil.rmtree(group_dir, ignore_errors=True)
         shutil.move(str(result), group_dir)
     else:
-        run_on_ranks(task, steps, warm=config.warm_train_workers)
+        run_on_ranks(task, steps, warm=config.warm_train_workers,
+                     resources=config.worker_resources)
     return read_group(group_dir)
 
 

@@ -23,6 +23,8 @@ class PrefixTask:
 
     Args:
         base_model_path, base_model_sha256: the resolved base model.
+        base_model, data_dir: the configured spec and data dir, for a rank on a node
+            without `base_model_path` (workers.model.base_model_on_this_node).
         output_dir: where rank 0's group directory ends up.
         cfg: the lineage's S3T configuration (LoRA shape, lr, epochs, batch size).
         frozen: the earlier groups' LoRA weights (PEFT's saved key format), in order.
@@ -42,6 +44,8 @@ class PrefixTask:
     records: list[TrainRecord]
     seed: int
     meta: dict[str, Any] = field(default_factory=dict)
+    base_model: str = ""
+    data_dir: str = ""
     device: str = "cpu"
     num_workers: int = 2
     zero_stage: int = 2
