@@ -125,6 +125,12 @@ class Generator:
         recently used beyond that, closing its servable. For tests and operators."""
         return sorted(self._loaded)
 
+    def node_id(self) -> str:
+        """The Ray node this replica runs on (for operators and tests)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     async def generate(self, prompt: str, max_new_tokens: int = 64) -> dict[str, Any]:
         key = serve.get_multiplexed_model_id() or BASE_ONLY
         loaded = await self._servable(key)
