@@ -104,7 +104,7 @@ class Settings(BaseSettings):
         "spend tens of seconds importing libraries before the first step.")
     background_nice: int = Field(
         10, ge=0, le=19, description="CPU niceness of the work behind the API (the "
-        "dispatcher, its evaluations, training ranks), so that ticket submission and "
+        "dispatcher, the evaluator, training ranks), so that ticket submission and "
         "generation stay fast while a job runs on the same machine (a floor: Ray starts its "
         "workers at 15 already); 0: leave it as it is.")
     worker_resources: dict[str, float] = Field(
