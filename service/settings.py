@@ -179,7 +179,7 @@ class Settings(BaseSettings):
 
         return WorkerConfig(
             data_dir=self.data_dir, database_url=self.resolved_database_url,
-            store=self.store_config(), base_model=self.base_model, device=self.device,
+            store=self.store_config(), base_model=self._worker_base_model(), device=self.device,
             num_workers=self.num_workers, zero_stage=self.zero_stage, trainer=self.trainer,
             warm_train_workers=self.warm_train_workers,
             worker_resources=dict(self.worker_resources),
@@ -192,6 +192,14 @@ class Settings(BaseSettings):
             auto_promote=self.auto_promote, ray_address=self.ray_address,
             payload_key=self._resolved_payload_key(), log_format=self.log_format,
             log_level=self.log_level)
+
+    def _worker_base_model(self) -> str:
+        # Ray workers run in other directories: a relative local path is made absolute here
+        # (as data_dir is); bundled specs and hub ids are left as they are.
+        local = Path(self.base_model).expanduser()
+        if self.base_model.startswith("bundled:") or local.is_absolute() or not local.is_dir():
+            return self.base_model
+        return str(local.resolve())
 
     def _resolved_payload_key(self) -> str:
         # Workers run in other processes (Ray), maybe on other nodes: hand them the key

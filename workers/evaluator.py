@@ -30,7 +30,7 @@ from workers.engines.base import JobInput
 
 log = logging.getLogger(__name__)
 
-_EVALUATORS: dict[tuple[str, str], Any] = {}  # per dispatcher process: (Ray job, resources)
+_EVALUATORS: dict[tuple[str, str], Any] = {}  # per dispatcher process: (Ray job, config)
 _EVALUATORS_LOCK = threading.Lock()
 
 
@@ -67,12 +67,19 @@ def warm_evaluator(config: WorkerConfig, engine_name: str) -> None:
 
 
 def evaluator(config: WorkerConfig) -> Any:
-    """This process's evaluator actor for `config`, started on first use."""
+    """This process's evaluator actor for `config`, started on first use.
+
+    The actor holds its config (base model, store, database), so a different config gets a
+    different actor; one that replaces it stops the old one, so that a process that moves
+    between configs (tests) does not keep every old evaluator's models in memory."""
     import ray
 
-    key = (ray.get_runtime_context().get_job_id(), repr(sorted(config.worker_resources.items())))
+    key = (ray.get_runtime_context().get_job_id(), _fingerprint(config))
     with _EVALUATORS_LOCK:
         if key not in _EVALUATORS:
+            for stale in list(_EVALUATORS):
+                if stale[0] == key[0]:
+                    _kill(_EVALUATORS.pop(stale))
             # max_restarts: a crashed evaluator fails only the job it was scoring (which is
             # retried through the queue); the next job gets a fresh one.
             _EVALUATORS[key] = _evaluator_cls().options(
@@ -81,18 +88,30 @@ def evaluator(config: WorkerConfig) -> Any:
         return _EVALUATORS[key]
 
 
-def shutdown_evaluators() -> None:
-    """Kill this process's evaluators (the dispatcher stopping; tests)."""
+def _fingerprint(config: WorkerConfig) -> str:
+    import hashlib
+
+    # repr leaves out the payload key (never printed); a digest of it still tells configs apart.
+    key_digest = hashlib.sha256((config.payload_key or "").encode()).hexdigest()[:16]
+    return f"{config!r}|{key_digest}"
+
+
+def _kill(actor: Any) -> None:
     import ray
 
+    try:
+        ray.kill(actor)
+    except Exception:  # already gone
+        log.debug("evaluator already gone", exc_info=True)
+
+
+def shutdown_evaluators() -> None:
+    """Kill this process's evaluators (the dispatcher stopping; tests)."""
     with _EVALUATORS_LOCK:
         actors = list(_EVALUATORS.values())
         _EVALUATORS.clear()
     for actor in actors:
-        try:
-            ray.kill(actor)
-        except Exception:  # already gone
-            log.debug("evaluator already gone", exc_info=True)
+        _kill(actor)
 
 
 def _evaluator_cls() -> Any:
