@@ -10,7 +10,9 @@ from rich.table import Table
 from service import cli_render as render
 
 schedule_app = typer.Typer(help="Schedules: unlearn a lineage's tickets together at a cron "
-                           "window instead of one job per ticket.", no_args_is_help=True)
+                           "window instead of one job per ticket, retrain an S3T lineage's "
+                           "cut layers, or re-evaluate the live version.",
+                           no_args_is_help=True)
 
 
 @schedule_app.command("add")
@@ -21,24 +23,28 @@ def schedule_add(
                                              "waiting")] = 1,
     max_tickets: Annotated[int, typer.Option("--max-tickets", help="At most this many per "
                                              "window's job")] = 64,
+    action: Annotated[str, typer.Option("--action", help="unlearn (the waiting tickets in one "
+                                        "job), retrain (S3T: the cut layers, once per window)"
+                                        " or evaluate (the live version, again)")] = "unlearn",
     api_url: Annotated[str | None, typer.Option("--api-url", envvar="OBLIVIO_API_URL",
                                                 show_default=False)] = None,
     token: Annotated[str | None, typer.Option("--token", envvar="OBLIVIO_API_TOKEN",
                                               show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Add a schedule (operator): the lineage's tickets wait for the window."""
+    """Add a schedule (operator): the lineage's tickets (or retrains) wait for the window."""
     from service.cli import api
 
     with api(api_url, token) as client:
         item = client._call("POST", "/v1/schedules", json={
             "cron": cron, "lineage": lineage, "min_tickets": min_tickets,
-            "max_tickets": max_tickets})
+            "max_tickets": max_tickets, "action": action})
     if as_json:
         render.print_json(item)
     else:
-        render.out().print(f"schedule {item['id']}: lineage {item['lineage']} at "
-                           f"\"{item['cron']}\" (UTC), {item['min_tickets']}..."
+        render.out().print(f"{item['action']} schedule {item['id']}: lineage "
+                           f"{item['lineage']} at \"{item['cron']}\" (UTC), "
+                           f"{item['min_tickets']}..."
                            f"{item['max_tickets']} tickets; next window "
                            f"{item['next_run_at']}; {item['waiting_tickets']} waiting",
                            markup=False)
@@ -63,10 +69,10 @@ def schedule_list(
     if not items:
         render.out().print("no schedules", markup=False)
         return
-    table = Table("id", "lineage", "cron (UTC)", "tickets", "waiting", "next window",
-                  "last run")
+    table = Table("id", "lineage", "action", "cron (UTC)", "tickets", "waiting",
+                  "next window", "last run")
     for s in items:
-        table.add_row(s["id"], s["lineage"], s["cron"],
+        table.add_row(s["id"], s["lineage"], s["action"], s["cron"],
                       f"{s['min_tickets']}..{s['max_tickets']}", str(s["waiting_tickets"]),
                       s["next_run_at"], s["last_run_at"] or "-")
     render.out().print(table)
@@ -110,7 +116,11 @@ def schedule_run() -> None:
     finally:
         runtime.stop()
     for w in windows:
-        what = w.skipped or f"{len(w.tickets)} ticket(s) in {loop.jobs_run} job(s)"
-        render.out().print(f"schedule {w.schedule_id} ({w.lineage}): {what}", markup=False)
+        what = w.skipped or ("the live version re-evaluated" if w.action == "evaluate"
+                             else f"{len(w.tickets)} ticket(s)")
+        render.out().print(f"{w.action} schedule {w.schedule_id} ({w.lineage}): {what}",
+                           markup=False)
+    if windows:
+        render.out().print(f"{loop.jobs_run} job(s) run", markup=False)
     if not windows:
         render.out().print("no window due (or another replica leads)", markup=False)

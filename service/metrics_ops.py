@@ -12,6 +12,9 @@
 - `oblivio_live_version{lineage}`: the live version number (absent: base model).
 - `oblivio_live_eval{lineage,metric}`: numeric evaluation results of each live version
   (forget_ratio, utility_ratio, ...).
+- `oblivio_live_reevaluation{lineage,metric}`: the latest `evaluate` schedule window's
+  figures for the version that is still live (metric `passed`: 1 if its verdict was pass),
+  so that an alert can fire when the live stack stops forgetting its tickets.
 """
 
 from __future__ import annotations
@@ -33,11 +36,13 @@ from storage.models import (
     Job,
     JobStatus,
     Lineage,
+    Schedule,
     Ticket,
     TicketStatus,
     VersionStatus,
     utcnow,
 )
+from storage.registry import version_label
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,9 @@ def _families() -> dict[str, Any]:
                                   labels=["lineage"]),
         "eval": GaugeMetricFamily("oblivio_live_eval", "Evaluation results of each lineage's "
                                   "live version.", labels=["lineage", "metric"]),
+        "reeval": GaugeMetricFamily("oblivio_live_reevaluation", "The latest scheduled "
+                                    "re-evaluation of each lineage's live version (passed: 1 "
+                                    "if its verdict was pass).", labels=["lineage", "metric"]),
     }
 
 
@@ -137,12 +145,31 @@ class OperationsCollector(Collector):
                 f["versions"].add_metric([lineage_name, status.value],
                                          float(per.get((lineage_name, status.value), 0)))
 
+        live_label: dict[str, str] = {}
         for lineage_name, number, metrics in session.execute(
                 select(Lineage.name, AdapterVersion.version, AdapterVersion.metrics)
                 .join(Alias, Alias.lineage_id == Lineage.id)
                 .join(AdapterVersion, AdapterVersion.id == Alias.version_id)
                 .where(Alias.name == "live").order_by(Lineage.name)).tuples():
             f["live"].add_metric([lineage_name], float(number))
+            live_label[lineage_name] = version_label(lineage_name, number)
             for key, value in sorted((metrics or {}).items()):
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if _is_number(value):
                     f["eval"].add_metric([lineage_name, key], float(value))
+
+        for lineage_name, result in session.execute(
+                select(Lineage.name, Schedule.last_result)
+                .join(Lineage, Lineage.id == Schedule.lineage_id)
+                .where(Schedule.action == "evaluate").order_by(Lineage.name)).tuples():
+            if not result or result.get("version") != live_label.get(lineage_name):
+                continue  # never run, skipped, or about a version that is no longer live
+            figures = result.get("evaluation") or {}
+            f["reeval"].add_metric([lineage_name, "passed"],
+                                   1.0 if figures.get("verdict") == "pass" else 0.0)
+            for key, value in sorted(figures.items()):
+                if _is_number(value):
+                    f["reeval"].add_metric([lineage_name, key], float(value))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

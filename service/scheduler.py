@@ -2,8 +2,10 @@
 
 Each replica started with workers runs a `SchedulerLoop` thread. Every `poll_seconds` it
 tries to take (or renew) the `scheduler` leader lease in the database; the one that holds
-it takes the due windows (storage.schedules.take_due_windows) and runs each window's
-tickets as one job per engine, through the same job runner as the dispatcher.
+it takes the due windows (storage.schedules.take_due_windows) and runs each: an unlearn or
+retrain window's tickets as one job per engine, through the same job runner as the
+dispatcher; an evaluate window as a re-evaluation of the live version
+(workers/reevaluation.py). What each came to is added to the schedule's `last_result`.
 """
 
 from __future__ import annotations
@@ -62,20 +64,52 @@ class SchedulerLoop:
             if window.skipped:
                 log.info("schedule %s (%s): window %s skipped: %s", window.schedule_id,
                          window.lineage, window.due_at.isoformat(), window.skipped)
-                continue
-            by_engine: dict[str, list[ClaimedTicket]] = defaultdict(list)
-            for ticket in self._open_payloads(window.tickets):
-                by_engine[ticket.engine].append(ticket)
-            for tickets in by_engine.values():
-                log.info("schedule %s (%s): one job for %d ticket(s)", window.schedule_id,
-                         window.lineage, len(tickets),
-                         extra={"schedule_id": str(window.schedule_id)})
-                try:
-                    self._run_batch(tickets)
-                    self.jobs_run += 1
-                except Exception:  # the job runner already put the tickets back
-                    log.exception("scheduled job for %d ticket(s) failed", len(tickets))
+            elif window.action == "evaluate":
+                self._run_evaluation(window)
+            else:
+                self._run_tickets(window)
         return windows
+
+    def _run_tickets(self, window: schedules.Window) -> None:
+        """unlearn / retrain: the window's tickets as one job per engine."""
+        by_engine: dict[str, list[ClaimedTicket]] = defaultdict(list)
+        for ticket in self._open_payloads(window.tickets):
+            by_engine[ticket.engine].append(ticket)
+        jobs: list[str] = []
+        for tickets in by_engine.values():
+            log.info("schedule %s (%s): one %s job for %d ticket(s)", window.schedule_id,
+                     window.lineage, window.action, len(tickets),
+                     extra={"schedule_id": str(window.schedule_id)})
+            try:
+                outcome = self._run_batch(tickets)
+                self.jobs_run += 1
+                if getattr(outcome, "job_id", None) is not None:
+                    jobs.append(str(outcome.job_id))
+            except Exception:  # the job runner already put the tickets back
+                log.exception("scheduled job for %d ticket(s) failed", len(tickets))
+        schedules.record_outcome(self.sessions, window, {"jobs": jobs})
+
+    def _run_evaluation(self, window: schedules.Window) -> None:
+        """evaluate: the live version's evaluation again, as a job of its own."""
+        from workers.reevaluation import reevaluate_live
+
+        try:
+            done = reevaluate_live(self._job_context(), lineage_name=window.lineage,
+                                   max_tickets=window.max_tickets,
+                                   min_tickets=window.min_tickets,
+                                   schedule_id=window.schedule_id)
+        except Exception as exc:  # the job row has the trace
+            log.exception("scheduled evaluation of %s failed", window.lineage)
+            schedules.record_outcome(self.sessions, window,
+                                     {"error": f"{type(exc).__name__}: {exc}"})
+            return
+        if isinstance(done, str):
+            log.info("schedule %s (%s): nothing evaluated: %s", window.schedule_id,
+                     window.lineage, done)
+            schedules.record_outcome(self.sessions, window, {"skipped": done})
+            return
+        self.jobs_run += 1
+        schedules.record_outcome(self.sessions, window, done.as_result())
 
     @staticmethod
     def _engines() -> list[str] | None:
@@ -108,12 +142,16 @@ class SchedulerLoop:
             opened.append(dataclasses.replace(ticket, payload=payload))
         return opened
 
-    def _run_job(self, tickets: list[ClaimedTicket]) -> Any:
-        from workers.job_runner import JobContext, run_job
+    def _job_context(self) -> Any:
+        from workers.job_runner import JobContext
 
-        ctx = JobContext(config=self.settings.worker_config(), sessions=self.sessions,
-                         store=self.settings.store_config().open(), owner=self.owner)
-        return run_job(ctx, tickets)
+        return JobContext(config=self.settings.worker_config(), sessions=self.sessions,
+                          store=self.settings.store_config().open(), owner=self.owner)
+
+    def _run_job(self, tickets: list[ClaimedTicket]) -> Any:
+        from workers.job_runner import run_job
+
+        return run_job(self._job_context(), tickets)
 
     def _forever(self) -> None:
         while not self._stop.is_set():

@@ -262,16 +262,25 @@ FOLLOW_UP_PRIORITY = -10
 def submit_follow_up(session: Session, *, lineage_id: uuid.UUID, kind: str, engine: str,
                      payload: dict[str, Any], requester: str) -> Ticket:
     """A ticket an engine asked for after publishing a version (S3T: the retrain). Queued
-    below the default priority, so requests that are waiting (deletions) run first."""
+    below the default priority, so requests that are waiting (deletions) run first. With a
+    retrain schedule the retrain waits for its window, and one already waiting there is
+    shared (returned) rather than doubled."""
+    if kind == TicketKind.finetune.value and payload.get("retrain"):
+        waiting = schedules.held_retrain(session, lineage_id)
+        if waiting is not None and waiting.payload == payload:
+            audit.record(session, actor=requester, action="ticket.follow_up_shared",
+                         subject_type="ticket", subject_id=waiting.id, detail={"kind": kind})
+            return waiting
     ticket = Ticket(kind=TicketKind(kind), lineage_id=lineage_id, engine=engine, target=None,
                     payload=payload, payload_sha256=payload_sha256(payload),
                     status=TicketStatus.queued, requester=requester,
                     priority=FOLLOW_UP_PRIORITY)
     session.add(ticket)
     session.flush()
+    held = schedules.hold_if_scheduled(session, ticket)
     audit.record(session, actor=requester, action="ticket.submitted", subject_type="ticket",
                  subject_id=ticket.id, detail={"kind": kind, "engine": engine,
-                                               "follow_up": True})
+                                               "follow_up": True, "held": held})
     return ticket
 
 

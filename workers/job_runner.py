@@ -104,13 +104,13 @@ def run_job(ctx: JobContext, tickets: list[ClaimedTicket]) -> JobOutcome:
     clock = PhaseClock(submitted_at=min(t.created_at for t in tickets))
     job_id = _create_job(ctx, tickets)
     log_token = bind_log_context(job_id=job_id)  # every log line of this job carries its id
-    workdir = Path(tempfile.mkdtemp(prefix="oblivio-job-", dir=_jobs_dir(ctx.config)))
+    workdir = Path(tempfile.mkdtemp(prefix="oblivio-job-", dir=jobs_dir(ctx.config)))
     try:
         with LeaseKeeper(ctx, ids) as keeper:
             outcome = _run_steps(ctx, job_id, lineage_id, tickets, workdir, keeper, clock)
         return outcome
     except LeaseLost:
-        _finish_job(ctx, job_id, JobStatus.failed, clock, error="lease lost to another claimer")
+        finish_job(ctx, job_id, JobStatus.failed, clock, error="lease lost to another claimer")
         raise
     except Exception as exc:
         # The submitter's ticket gets one readable line; the job record keeps the whole
@@ -118,7 +118,7 @@ def run_job(ctx: JobContext, tickets: list[ClaimedTicket]) -> JobOutcome:
         log.exception("job %s failed", job_id)
         cause = one_line_cause(exc)
         permanent = is_permanent(exc)
-        _finish_job(ctx, job_id, JobStatus.failed, clock, error=f"{cause}\n\n{full_trace(exc)}")
+        finish_job(ctx, job_id, JobStatus.failed, clock, error=f"{cause}\n\n{full_trace(exc)}")
         config = ctx.config
         for ticket in tickets:
             delay = retry_delay_seconds(ticket.attempts, base=config.retry_backoff_seconds,
@@ -146,7 +146,7 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
     def progress(update: dict[str, Any]) -> None:
         if keeper.lost:
             raise LeaseLost(str(job_id))
-        _set_progress(ctx, job_id, ids, update)
+        set_job_progress(ctx, job_id, ids, update)
 
     progress({"phase": "preparing"})
     base = job_compute.resolve_base(config)
@@ -196,8 +196,8 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
             progress({"phase": "evaluating"})
             queue.set_progress(ctx.sessions, ticket_ids=ids, owner=ctx.owner,
                                status=TicketStatus.evaluating, progress={"phase": "evaluating"})
-            metrics = _evaluate(ctx, job_id, ids, engine, job, base, artifacts.version_dir,
-                                fetch)
+            metrics = evaluate_job_version(ctx, job_id, ids, engine, job, base,
+                                           artifacts.version_dir, fetch)
         verdict = metrics.get("verdict")
         if verdict not in ("pass", "hold", "reject"):
             raise RuntimeError(f"engine {engine.name!r} gave no verdict (got {verdict!r})")
@@ -210,7 +210,7 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
                             parent_id=parent_id)
             progress({"phase": "uploading"})
             stored = ctx.store.put_directory_content_addressed(artifacts.version_dir)
-            _store_report(ctx, artifacts.version_dir, metrics)
+            store_report(ctx, artifacts.version_dir, metrics)
 
     promote_started = time.time()
     reason = _verdict_reason(metrics, verdict)
@@ -262,18 +262,18 @@ def _run_steps(ctx: JobContext, job_id: uuid.UUID, lineage_id: uuid.UUID,
         if not all(settled):  # another claimer holds a ticket: publish nothing
             raise LeaseLost(str(job_id))
         clock.add("promote", promote_started, time.time())
-        _finish_job_in(s, job_id, clock=clock, **ending)
+        finish_job_in(s, job_id, clock=clock, **ending)
         failpoint("publish.commit")
     failpoint("publish.after")
-    _observe_finished(job_id, clock)
+    observe_finished(job_id, clock)
     if verdict == "reject":
         return JobOutcome(job_id, None, None, False, metrics)
     return JobOutcome(job_id, version_id, version_no, promoted, metrics)
 
 
-def _evaluate(ctx: JobContext, job_id: uuid.UUID, ids: list[uuid.UUID], engine: Any,
-              job: Any, base: Any, version_dir: Path, fetch: Callable[[str], Path]
-              ) -> dict[str, Any]:
+def evaluate_job_version(ctx: JobContext, job_id: uuid.UUID, ids: list[uuid.UUID],
+                         engine: Any, job: Any, base: Any, version_dir: Path,
+                         fetch: Callable[[str], Path]) -> dict[str, Any]:
     """The version's evaluation: a Ray task on the evaluator (workers/evaluator.py), or in
     this process with trainer "plain" (everything in one process)."""
     from workers import job_compute
@@ -284,7 +284,7 @@ def _evaluate(ctx: JobContext, job_id: uuid.UUID, ids: list[uuid.UUID], engine: 
     from workers.evaluator import evaluate_on_ray
 
     done = evaluate_on_ray(engine.name, job, version_dir=version_dir)
-    _set_progress(ctx, job_id, ids, {"evaluation_node": done.node_id})
+    set_job_progress(ctx, job_id, ids, {"evaluation_node": done.node_id})
     return done.metrics
 
 
@@ -315,7 +315,7 @@ def _queue_follow_ups(session: Session, lineage_id: uuid.UUID,
                                       requester=requester)
 
 
-def _store_report(ctx: JobContext, version_dir: Path, metrics: dict[str, Any]) -> None:
+def store_report(ctx: JobContext, version_dir: Path, metrics: dict[str, Any]) -> None:
     """The evaluation report as its own object too (it is also inside the version's tar),
     content addressed, so receipts and auditors can fetch it by key and check its hash."""
     ref = metrics.get("report")
@@ -363,7 +363,7 @@ def _write_manifest(version_dir: Path, *, engine: str, base: Any, tickets: list[
                                                                   sort_keys=True))
 
 
-def _jobs_dir(config: WorkerConfig) -> Path:
+def jobs_dir(config: WorkerConfig) -> Path:
     path = config.data_dir / "jobs"
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -399,7 +399,7 @@ def _pending_job(session: Session, tickets: list[ClaimedTicket]) -> Job | None:
     return job
 
 
-def _set_progress(ctx: JobContext, job_id: uuid.UUID, ticket_ids: list[uuid.UUID],
+def set_job_progress(ctx: JobContext, job_id: uuid.UUID, ticket_ids: list[uuid.UUID],
                   update: dict[str, Any]) -> None:
     with transaction(ctx.sessions) as s:
         job = s.get_one(Job, job_id)
@@ -409,16 +409,16 @@ def _set_progress(ctx: JobContext, job_id: uuid.UUID, ticket_ids: list[uuid.UUID
     queue.set_progress(ctx.sessions, ticket_ids=ticket_ids, owner=ctx.owner, progress=update)
 
 
-def _finish_job(ctx: JobContext, job_id: uuid.UUID, status: JobStatus, clock: PhaseClock, *,
+def finish_job(ctx: JobContext, job_id: uuid.UUID, status: JobStatus, clock: PhaseClock, *,
                 live: bool = False, error: str | None = None) -> None:
     """The job's end: its status, and the phase clock's record (the one source of its phase
     timings: the job row for /metrics and GET /v1/jobs/{id}, and Ray's histogram)."""
     with transaction(ctx.sessions) as s:
-        _finish_job_in(s, job_id, status, clock, live=live, error=error)
-    _observe_finished(job_id, clock)
+        finish_job_in(s, job_id, status, clock, live=live, error=error)
+    observe_finished(job_id, clock)
 
 
-def _finish_job_in(session: Session, job_id: uuid.UUID, status: JobStatus, clock: PhaseClock,
+def finish_job_in(session: Session, job_id: uuid.UUID, status: JobStatus, clock: PhaseClock,
                    *, live: bool = False, error: str | None = None) -> None:
     job = session.get_one(Job, job_id)
     job.status, job.error, job.finished_at = status, error, utcnow()
@@ -426,7 +426,7 @@ def _finish_job_in(session: Session, job_id: uuid.UUID, status: JobStatus, clock
                                                  "phase": status.value})
 
 
-def _observe_finished(job_id: uuid.UUID, clock: PhaseClock) -> None:
+def observe_finished(job_id: uuid.UUID, clock: PhaseClock) -> None:
     observe_phases(clock)
     log.info("job %s phases (s): %s", job_id, clock.seconds())
 

@@ -17,13 +17,16 @@ router = APIRouter(prefix="/v1/schedules", tags=["schedules"])
 
 @router.post("", status_code=201, response_model=ScheduleOut)
 def create(body: ScheduleIn, session: SessionDep, caller: OperatorDep) -> ScheduleOut:
-    """From now on the lineage's tickets wait and are unlearned together at each window
-    (tickets already queued for it wait too). 409 if the lineage already has one."""
+    """`unlearn`: from now on the lineage's tickets wait and are unlearned together at each
+    window (tickets already queued for it wait too); `retrain`: an S3T lineage's background
+    retrains wait for the window; `evaluate`: each window re-evaluates the live version.
+    409 if the lineage already has a schedule of that action; 422 if the action does not fit
+    the lineage's engine."""
     schedule = schedules.create_schedule(
         session, lineage_name=body.lineage, cron=body.cron, min_tickets=body.min_tickets,
         max_tickets=body.max_tickets, action=body.action, actor=caller.principal)
     return ScheduleOut.build(schedule, body.lineage,
-                             schedules.waiting_count(session, schedule.lineage_id))
+                             schedules.waiting_count(session, schedule))
 
 
 @router.get("", response_model=list[ScheduleOut])
@@ -37,7 +40,7 @@ def get_one(schedule_id: uuid.UUID, session: SessionDep, _caller: OperatorDep) -
     schedule = schedules.get_schedule(session, schedule_id)
     lineage = session.get_one(Lineage, schedule.lineage_id)
     return ScheduleOut.build(schedule, lineage.name,
-                             schedules.waiting_count(session, schedule.lineage_id))
+                             schedules.waiting_count(session, schedule))
 
 
 @router.delete("/{schedule_id}")

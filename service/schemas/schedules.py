@@ -22,8 +22,11 @@ class ScheduleIn(BaseModel):
                              "passes and they wait for the next.")
     max_tickets: int = Field(64, ge=1, le=10_000, description="At most this many tickets "
                              "in the window's job; the rest wait for the next window.")
-    action: Literal["unlearn"] = Field("unlearn", description="What the window does: "
-                                       "`unlearn` the waiting tickets in one job.")
+    action: Literal["unlearn", "retrain", "evaluate"] = Field(
+        "unlearn", description="What the window does: `unlearn` the waiting tickets in one "
+        "job; `retrain` the cut layers of an S3T lineage once for all the deletions since the "
+        "last window; `evaluate` the live version again on (the newest max_tickets of) the "
+        "tickets whose forgetting it holds, min_tickets: skip with fewer.")
 
     @model_validator(mode="after")
     def _bounds(self) -> ScheduleIn:

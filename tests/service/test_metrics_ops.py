@@ -9,8 +9,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from storage import registry
 from storage.db import transaction
-from storage.models import Job, JobStatus, Lineage, utcnow
+from storage.models import Job, JobStatus, Lineage, Schedule, utcnow
 from tests.fixtures.versions import add_version
 from tests.service.conftest import Api
 from workers import telemetry
@@ -47,7 +48,21 @@ def test_metrics_expose_queue_jobs_versions_and_live_eval(api: Api) -> None:
         s.add(Job(lineage_id=lineage_id, engine="npo", status=JobStatus.running,
                   started_at=now, progress={"phase": "training", "step": 3, "loss": 1.25}))
 
+        # The live version's latest scheduled re-evaluation, and one of an older version.
+        for lineage_name, version in (("default", 1), ("other", 1)):
+            other = registry.ensure_lineage(s, name=lineage_name, base_model="tiny-test-model")
+            s.add(Schedule(lineage_id=other.id, action="evaluate", cron="0 4 * * *",
+                           next_run_at=now, created_by="test", last_result={
+                               "version": f"{lineage_name}@v{version}",
+                               "evaluation": {"verdict": "hold", "forget_ratio": 0.4}}))
+
     got = _samples(c.get("/metrics").text)
+    assert got[("oblivio_live_reevaluation", (("lineage", "default"), ("metric", "passed")))] \
+        == 0.0
+    assert got[("oblivio_live_reevaluation",
+                (("lineage", "default"), ("metric", "forget_ratio")))] == 0.4
+    assert not any(k[0] == "oblivio_live_reevaluation" and ("lineage", "other") in k[1]
+                   for k in got)  # "other" has no live version
     assert got[("oblivio_tickets", (("status", "queued"),))] == 2
     assert got[("oblivio_queue_depth", ())] == 2
     assert got[("oblivio_queue_oldest_age_seconds", ())] >= 0

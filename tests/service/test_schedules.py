@@ -1,8 +1,10 @@
-"""Scheduled batch unlearning: held tickets, one job per window, catch-up once, one leader.
+"""Scheduled batch work: held tickets, one job per window, catch-up once, one leader; S3T
+retrains that wait for their window; re-evaluating the live version.
 
 The fast tests use the real database (SQLite and PostgreSQL) and a recording job runner;
-`test_a_window_makes_one_job_and_one_version` runs the real job path (Ray Train +
-DeepSpeed on the tiny model) for a window of three tickets.
+`test_a_window_makes_one_job_and_one_version_and_an_evaluate_window_scores_it` runs the
+real job path (Ray Train + DeepSpeed on the tiny model, evaluation on the evaluator actor)
+for a window of three tickets, then an evaluate window on the version it made live.
 """
 
 from __future__ import annotations
@@ -143,6 +145,92 @@ def test_bad_schedules_are_refused_clearly(api: Api) -> None:
     assert sub.status_code == 403
 
 
+def _s3t_lineage(api: Api, name: str = "records") -> uuid.UUID:
+    from storage import registry
+    from storage.db import transaction
+
+    with transaction(api.db.sessions) as s:
+        lineage = registry.ensure_lineage(s, name=name, base_model="tiny-test-model",
+                                          engine="s3t")
+        return lineage.id
+
+
+def _retrain_follow_up(api: Api, lineage_id: uuid.UUID) -> tuple[uuid.UUID, datetime | None]:
+    """What the job runner queues after an S3T deletion is published."""
+    from storage import tickets
+    from storage.db import transaction
+
+    with transaction(api.db.sessions) as s:
+        ticket = tickets.submit_follow_up(
+            s, lineage_id=lineage_id, kind="finetune", engine="s3t", requester="job-runner",
+            payload={"dataset": "people", "options": {"shards": 2}, "retrain": True})
+        return ticket.id, ticket.not_before
+
+
+def test_schedule_actions_must_fit_the_lineage(api: Api) -> None:
+    _s3t_lineage(api)
+    post = lambda body: api.client.post("/v1/schedules", headers=api.headers("operator"),  # noqa: E731
+                                        json={"cron": "0 3 * * *", **body})
+    retrain_o3 = post({"action": "retrain"})
+    assert retrain_o3.status_code == 422
+    assert "only S3T lineages retrain" in retrain_o3.json()["message"]
+    evaluate_s3t = post({"action": "evaluate", "lineage": "records"})
+    assert evaluate_s3t.status_code == 422 and "exact by construction" in \
+        evaluate_s3t.json()["message"]
+    assert post({"action": "forget-everything"}).status_code == 422
+    assert post({"action": "retrain", "lineage": "records"}).status_code == 201
+    assert post({"action": "unlearn", "lineage": "records"}).status_code == 201  # another action
+    assert post({"action": "retrain", "lineage": "records"}).status_code == 409
+
+
+@pytest.mark.parametrize("db", ["sqlite", "postgresql"], indirect=True)
+def test_s3t_retrains_wait_for_the_retrain_window_and_deletions_share_one(api: Api) -> None:
+    lineage_id = _s3t_lineage(api)
+    before, before_hold = _retrain_follow_up(api, lineage_id)  # queued before the schedule
+    assert before_hold is None
+    op = api.headers("operator")
+    for action, cron in (("unlearn", "0 2 * * *"), ("retrain", "0 3 * * *")):
+        made = api.client.post("/v1/schedules", headers=op,
+                               json={"cron": cron, "lineage": "records", "action": action})
+        assert made.status_code == 201, made.text
+    waiting = {s["action"]: s["waiting_tickets"]
+               for s in api.client.get("/v1/schedules", headers=op).json()}
+    assert waiting == {"unlearn": 0, "retrain": 1}  # the retrain is held, by its own action
+    # Two more deletions published before the window: their retrains are the waiting one.
+    assert _retrain_follow_up(api, lineage_id)[0] == before
+    again, hold = _retrain_follow_up(api, lineage_id)
+    assert again == before and hold == schedules.HOLD_UNTIL
+    shown = api.client.get(f"/v1/tickets/{before}", headers=op).json()
+    assert shown["status"] == "queued" and shown["progress"]["phase"] == "waiting_for_schedule"
+    assert queue.claim(api.db.sessions, owner="dispatcher", limit=5, lease_seconds=30,
+                       max_attempts=3) == []  # no dispatcher runs it before the window
+
+    rec = Recorder()
+    loop = SchedulerLoop(api.settings, api.db.sessions, run_batch=rec)
+    with api.db.sessions() as s:
+        retrain_at = s.query(Schedule).filter_by(action="retrain").one().next_run_at
+    taken = {w.action: w for w in loop.run_once(now=retrain_at + timedelta(seconds=1))}
+    assert taken["unlearn"].skipped and not taken["unlearn"].tickets  # nothing of its kinds
+    assert [t.id for t in taken["retrain"].tickets] == [before]
+    assert rec.batches == [[before]] and rec.payloads[0]["retrain"] is True
+    # The retrain runs now: the next deletion's retrain waits for the next window.
+    later, later_hold = _retrain_follow_up(api, lineage_id)
+    assert later != before and later_hold == schedules.HOLD_UNTIL
+
+
+def test_an_evaluate_window_without_a_live_version_says_so(api: Api) -> None:
+    made = api.client.post("/v1/schedules", headers=api.headers("operator"),
+                           json={"cron": "0 4 * * *", "action": "evaluate"})
+    assert made.status_code == 201, made.text
+    loop = SchedulerLoop(api.settings, api.db.sessions, run_batch=Recorder())
+    window = datetime.fromisoformat(made.json()["next_run_at"])
+    [taken] = loop.run_once(now=window.astimezone(timezone.utc) + timedelta(seconds=1))
+    assert taken.action == "evaluate" and loop.jobs_run == 0
+    shown = api.client.get(f"/v1/schedules/{made.json()['id']}",
+                           headers=api.headers("operator")).json()
+    assert shown["last_result"]["skipped"] == "no live version to evaluate"
+
+
 def test_cli_schedule_add_list_remove(live_server: LiveServer) -> None:
     added = oblivio(live_server, "schedule", "add", "--cron", "0 2 * * *", "--lineage",
                     "default", "--min-tickets", "2", "--max-tickets", "32", "--json")
@@ -155,11 +243,19 @@ def test_cli_schedule_add_list_remove(live_server: LiveServer) -> None:
     removed = oblivio(live_server, "schedule", "remove", sid)
     assert removed.exit_code == 0 and "removed schedule" in removed.stdout
     assert oblivio(live_server, "schedule", "remove", sid).exit_code == 2
+    evaluate = oblivio(live_server, "schedule", "add", "--cron", "0 4 * * 0", "--action",
+                       "evaluate")
+    assert evaluate.exit_code == 0 and evaluate.stdout.startswith("evaluate schedule")
+    assert "evaluate" in oblivio(live_server, "schedule", "list").stdout
+    retrain = oblivio(live_server, "schedule", "add", "--cron", "0 4 * * *", "--action",
+                      "retrain")
+    assert retrain.exit_code == 2 and "only S3T lineages retrain" in retrain.output
 
 
-def test_a_window_makes_one_job_and_one_version(tmp_path: Path, tiny_model_dir: Path,
-                                                ray_cluster) -> None:
-    """The real job path: three tickets submitted before the window -> one job, one version."""
+def test_a_window_makes_one_job_and_one_version_and_an_evaluate_window_scores_it(
+        tmp_path: Path, tiny_model_dir: Path, ray_cluster) -> None:
+    """The real job path: three tickets submitted before the window -> one job, one version;
+    an evaluate window then scores the live version on the newest two of them."""
     from fastapi.testclient import TestClient
 
     from service.app import create_app
@@ -205,3 +301,27 @@ def test_a_window_makes_one_job_and_one_version(tmp_path: Path, tiny_model_dir: 
         for tid in ids:
             t = client.get(f"/v1/tickets/{tid}", headers=auth).json()
             assert t["status"] == "done" and t["result_version"]["label"] == "default@v1"
+
+        evaluate = client.post("/v1/schedules", headers=auth, json={
+            "cron": "0 4 * * *", "action": "evaluate", "min_tickets": 2, "max_tickets": 2})
+        assert evaluate.status_code == 201, evaluate.text
+        window = datetime.fromisoformat(evaluate.json()["next_run_at"])
+        loop.run_once(now=window.astimezone(timezone.utc) + timedelta(seconds=1))
+        result = client.get(f"/v1/schedules/{evaluate.json()['id']}",
+                            headers=auth).json()["last_result"]
+        assert result["version"] == "default@v1" and result["evaluated_tickets"] == 2, result
+        assert result["evaluation"]["verdict"] in ("pass", "hold", "reject")
+        # (The random-weight model answers nothing, so its ratios are None; the rates exist.)
+        assert isinstance(result["evaluation"]["utility_rate_after"], float)
+        assert result["evaluation"]["report_object_key"].startswith("reports/")
+        job = client.get(f"/v1/jobs/{result['job_id']}", headers=auth).json()
+        assert job["status"] == "succeeded", job
+        assert sorted(job["ticket_ids"]) == sorted(ids[1:])  # the newest two
+        assert job["progress"]["evaluation"] == result["evaluation"]
+        assert len(client.get("/v1/lineages/default/versions", headers=auth).json()) == 1
+        with app.state.sessions() as s:
+            from storage.models import AuditEvent
+
+            audited = s.query(AuditEvent).filter_by(action="version.reevaluated").one()
+        assert audited.subject_id == versions[0]["id"]
+        assert audited.detail["verdict"] == result["evaluation"]["verdict"]
