@@ -95,8 +95,6 @@ class SchedulerLoop:
 
         try:
             done = reevaluate_live(self._job_context(), lineage_name=window.lineage,
-                                   max_tickets=window.max_tickets,
-                                   min_tickets=window.min_tickets,
                                    schedule_id=window.schedule_id)
         except Exception as exc:  # the job row has the trace
             log.exception("scheduled evaluation of %s failed", window.lineage)
@@ -121,26 +119,14 @@ class SchedulerLoop:
         return list(runnable_engines())
 
     def _open_payloads(self, claimed: list[ClaimedTicket]) -> list[ClaimedTicket]:
-        """Decrypt the claimed tickets' sealed forget sets in memory, as the dispatcher does;
-        one that cannot be opened (another key, tampered) fails for good with the reason."""
-        import dataclasses
-
+        """Decrypt the claimed tickets' sealed forget sets in memory, as the dispatcher does."""
         from storage import queue
-        from storage.sealing import PayloadUnreadable, cipher_from_config
+        from storage.sealing import cipher_from_config
 
         config = self.settings.worker_config()
         cipher = cipher_from_config(config.payload_key, config.data_dir / "payload-key")
-        opened = []
-        for ticket in claimed:
-            try:
-                payload = cipher.open(ticket.payload, expected_sha256=ticket.payload_sha256)
-            except PayloadUnreadable as exc:
-                log.error("ticket %s: %s", ticket.id, exc)
-                queue.fail(self.sessions, ticket_id=ticket.id, owner=self.owner,
-                           error=str(exc), retry=False, max_attempts=config.max_attempts)
-                continue
-            opened.append(dataclasses.replace(ticket, payload=payload))
-        return opened
+        return queue.open_or_fail(self.sessions, cipher, claimed, owner=self.owner,
+                                  max_attempts=config.max_attempts)
 
     def _job_context(self) -> Any:
         from workers.job_runner import JobContext

@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Select, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -45,6 +45,9 @@ from storage.models import (
     VersionStatus,
     utcnow,
 )
+
+if TYPE_CHECKING:
+    from storage.sealing import PayloadCipher
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +291,21 @@ def complete_in(session: Session, *, ticket_id: uuid.UUID, owner: str,
     ticket.error = None
     ticket_states.settle(session, ticket, version_id=version_id, actor=owner, now=now)
     return True
+
+
+def open_or_fail(sessions: sessionmaker[Session], cipher: PayloadCipher,
+                 claimed: Sequence[ClaimedTicket], *, owner: str,
+                 max_attempts: int) -> list[ClaimedTicket]:
+    """Claimed tickets with their forget sets opened in memory; one that cannot be opened
+    (another key, tampered) fails for good with the reason: retrying cannot help."""
+    from storage.sealing import open_tickets
+
+    opened, unreadable = open_tickets(cipher, claimed)
+    for ticket, exc in unreadable:
+        log.error("ticket %s: %s", ticket.id, exc)
+        fail(sessions, ticket_id=ticket.id, owner=owner, error=str(exc), retry=False,
+             max_attempts=max_attempts)
+    return opened
 
 
 def fail(sessions: sessionmaker[Session], *, ticket_id: uuid.UUID, owner: str, error: str,

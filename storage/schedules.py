@@ -13,8 +13,8 @@ A schedule's `action` says what its windows do:
   its version is published at once by switching slices off; only the retraining that
   restores the cut layers waits for the window, e.g. a quiet night).
 - `evaluate`: nothing is held; each window re-runs the evaluation of the lineage's live
-  version on the tickets whose forgetting it holds (the newest `max_tickets` done forget
-  tickets), as a job of its own (service/reevaluation.py), and records the verdict.
+  version (its utility: forget sets are gone once their tickets are done) as a job of its
+  own (workers/reevaluation.py), and records the verdict. min/max tickets are not used.
 
 A window that was missed (the service was down) runs once when the service is back, not
 once per missed window: `next_run_at` always moves to the first cron time after *now*.
@@ -240,8 +240,6 @@ class Window:
     lineage: str
     due_at: datetime
     action: str = "unlearn"
-    min_tickets: int = 1
-    max_tickets: int = 64
     tickets: list[ClaimedTicket] = field(default_factory=list)
     skipped: str | None = None
 
@@ -263,8 +261,7 @@ def take_due_windows(sessions: sessionmaker[Session], *, owner: str, lease_secon
             query = query.with_for_update(skip_locked=True, of=Schedule)
         for schedule, lineage_name in session.execute(query).tuples():
             window = Window(schedule.id, lineage_name, schedule.next_run_at,
-                            action=schedule.action, min_tickets=schedule.min_tickets,
-                            max_tickets=schedule.max_tickets)
+                            action=schedule.action)
             waiting = waiting_count(session, schedule, engines)
             if schedule.action == "evaluate":
                 pass  # nothing held: the scheduler evaluates the live version

@@ -19,13 +19,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from storage.errors import InvalidRequest, OblivioError
+
+if TYPE_CHECKING:
+    from storage.queue import ClaimedTicket
 
 ALGORITHM = "aes-256-gcm"
 _AAD = b"oblivio-ticket-payload-v1"
@@ -156,6 +161,22 @@ def load_or_create_key(configured: str | None, key_file: Path) -> bytes:
 
 def cipher_from_config(configured: str | None, key_file: Path) -> PayloadCipher:
     return PayloadCipher(load_or_create_key(configured, key_file))
+
+
+def open_tickets(cipher: PayloadCipher, tickets: Sequence[ClaimedTicket]
+                 ) -> tuple[list[ClaimedTicket], list[tuple[ClaimedTicket, PayloadUnreadable]]]:
+    """The tickets with their forget sets opened in memory, and those that could not be
+    opened (another key, tampered), with why."""
+    opened: list[ClaimedTicket] = []
+    unreadable: list[tuple[ClaimedTicket, PayloadUnreadable]] = []
+    for ticket in tickets:
+        try:
+            payload = cipher.open(ticket.payload, expected_sha256=ticket.payload_sha256)
+        except PayloadUnreadable as exc:
+            unreadable.append((ticket, exc))
+            continue
+        opened.append(dataclasses.replace(ticket, payload=payload))
+    return opened, unreadable
 
 
 def encode_key(key: bytes) -> str:

@@ -124,24 +124,10 @@ class DispatcherLoop:
             log.warning("could not check for orphaned placement groups", exc_info=True)
 
     def _open_payloads(self, claimed: list[Any]) -> list[Any]:
-        """Claimed tickets with their forget sets decrypted; one that cannot be opened
-        (another key, tampered) fails for good with the reason: retrying cannot help."""
-        import dataclasses
-
         from storage import queue
-        from storage.sealing import PayloadUnreadable
 
-        opened = []
-        for ticket in claimed:
-            try:
-                payload = self.cipher.open(ticket.payload, expected_sha256=ticket.payload_sha256)
-            except PayloadUnreadable as exc:
-                log.error("ticket %s: %s", ticket.id, exc)
-                queue.fail(self.sessions, ticket_id=ticket.id, owner=self.owner, error=str(exc),
-                           retry=False, max_attempts=self.config.max_attempts)
-                continue
-            opened.append(dataclasses.replace(ticket, payload=payload))
-        return opened
+        return queue.open_or_fail(self.sessions, self.cipher, claimed, owner=self.owner,
+                                  max_attempts=self.config.max_attempts)
 
     def warm_up(self) -> None:
         """Load the evaluation model of the default forget engine (on the evaluator, see

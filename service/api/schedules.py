@@ -19,7 +19,8 @@ router = APIRouter(prefix="/v1/schedules", tags=["schedules"])
 def create(body: ScheduleIn, session: SessionDep, caller: OperatorDep) -> ScheduleOut:
     """`unlearn`: from now on the lineage's tickets wait and are unlearned together at each
     window (tickets already queued for it wait too); `retrain`: an S3T lineage's background
-    retrains wait for the window; `evaluate`: each window re-evaluates the live version.
+    retrains wait for the window; `evaluate`: each window re-evaluates the live version's
+    utility.
     409 if the lineage already has a schedule of that action; 422 if the action does not fit
     the lineage's engine."""
     schedule = schedules.create_schedule(

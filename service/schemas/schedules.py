@@ -25,8 +25,9 @@ class ScheduleIn(BaseModel):
     action: Literal["unlearn", "retrain", "evaluate"] = Field(
         "unlearn", description="What the window does: `unlearn` the waiting tickets in one "
         "job; `retrain` the cut layers of an S3T lineage once for all the deletions since the "
-        "last window; `evaluate` the live version again on (the newest max_tickets of) the "
-        "tickets whose forgetting it holds, min_tickets: skip with fewer.")
+        "last window; `evaluate` the live version again (utility, neighbours, general "
+        "benchmark; forget sets are deleted once their tickets are done, so forgetting "
+        "keeps its figures from publication); min/max tickets are not used.")
 
     @model_validator(mode="after")
     def _bounds(self) -> ScheduleIn:

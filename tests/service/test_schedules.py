@@ -255,7 +255,7 @@ def test_cli_schedule_add_list_remove(live_server: LiveServer) -> None:
 def test_a_window_makes_one_job_and_one_version_and_an_evaluate_window_scores_it(
         tmp_path: Path, tiny_model_dir: Path, ray_cluster) -> None:
     """The real job path: three tickets submitted before the window -> one job, one version;
-    an evaluate window then scores the live version on the newest two of them."""
+    an evaluate window then scores the live version again, as a job of its own."""
     from fastapi.testclient import TestClient
 
     from service.app import create_app
@@ -302,26 +302,27 @@ def test_a_window_makes_one_job_and_one_version_and_an_evaluate_window_scores_it
             t = client.get(f"/v1/tickets/{tid}", headers=auth).json()
             assert t["status"] == "done" and t["result_version"]["label"] == "default@v1"
 
-        evaluate = client.post("/v1/schedules", headers=auth, json={
-            "cron": "0 4 * * *", "action": "evaluate", "min_tickets": 2, "max_tickets": 2})
+        evaluate = client.post("/v1/schedules", headers=auth,
+                               json={"cron": "0 4 * * *", "action": "evaluate"})
         assert evaluate.status_code == 201, evaluate.text
         window = datetime.fromisoformat(evaluate.json()["next_run_at"])
         loop.run_once(now=window.astimezone(timezone.utc) + timedelta(seconds=1))
         result = client.get(f"/v1/schedules/{evaluate.json()['id']}",
                             headers=auth).json()["last_result"]
-        assert result["version"] == "default@v1" and result["evaluated_tickets"] == 2, result
-        assert result["evaluation"]["verdict"] in ("pass", "hold", "reject")
-        # (The random-weight model answers nothing, so its ratios are None; the rates exist.)
-        assert isinstance(result["evaluation"]["utility_rate_after"], float)
-        assert result["evaluation"]["report_object_key"].startswith("reports/")
+        assert result["version"] == "default@v1" and result["excluded_targets"] == 3, result
+        figures = result["evaluation"]
+        # The random-weight model answers no probe: utility cannot be judged, and says so.
+        assert figures["verdict"] == "hold" and "cannot be judged" in figures["verdict_reason"]
+        assert figures["utility_probes"] > 0 and figures["utility_rate_after"] == 0.0
+        assert figures["at_publication"]["verdict"] == versions[0]["metrics"]["verdict"]
+        assert figures["report_object_key"].startswith("reports/")
         job = client.get(f"/v1/jobs/{result['job_id']}", headers=auth).json()
-        assert job["status"] == "succeeded", job
-        assert sorted(job["ticket_ids"]) == sorted(ids[1:])  # the newest two
-        assert job["progress"]["evaluation"] == result["evaluation"]
+        assert job["status"] == "succeeded" and job["method_config"]["kind"] == "reevaluate"
+        assert job["progress"]["evaluation"] == figures
         assert len(client.get("/v1/lineages/default/versions", headers=auth).json()) == 1
         with app.state.sessions() as s:
             from storage.models import AuditEvent
 
             audited = s.query(AuditEvent).filter_by(action="version.reevaluated").one()
         assert audited.subject_id == versions[0]["id"]
-        assert audited.detail["verdict"] == result["evaluation"]["verdict"]
+        assert audited.detail["verdict"] == figures["verdict"]
