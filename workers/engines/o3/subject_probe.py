@@ -13,11 +13,14 @@ adversarial probes; benchmarks/detector_auroc.py): AUROC against the unrelated q
 0.99-1.00, against all neighbours' questions 0.91-1.00 (the contrastive detector: 0.90-0.93
 and 0.36-0.86).
 
-Cost at serving: the question and the reply header (about 20 tokens) on a branch of the
-detection forward's cache, then each request's name on a branch of that; the prompt itself
-is not run again. Training-free: fitting it is only
-its calibration, from the generic prompts' scores (w = 0 up to a high quantile of them)
-and the ticket's own questions' (w = 1 from the middle of the way to their median on).
+Cost at serving: one forward, on a branch of the detection forward's cache, over the
+question and the reply header (about 20 tokens) followed by every request's name (a block
+mask keeps the names apart); the prompt itself is not run again. Measured on the bundled
+SmolLM2 (benchmarks/serve_gating.py, 48 unrelated prompts, CPU): 10 gated requests cost
+1.17-1.22x the ungated serving path, where one forward per name cost 1.43x. Training-free:
+fitting it is only its calibration, from the generic prompts' scores (w = 0 up to a high
+quantile of them) and the ticket's own questions' (w = 1 from the middle of the way to
+their median on).
 """
 
 from __future__ import annotations
@@ -100,34 +103,54 @@ def subject_scores(model: Any, tokenizer: Any, prompts: Sequence[str],
 def scores_after_prompt(model: Any, cache: Any, attn: Tensor, tail: list[int],
                         names: list[list[int]]) -> Tensor:
     """(B, len(names)) from `cache`, the KV cache of B left-padded chat prompts up to the
-    end of the user's text (mask `attn`; the cache may hold more positions: they are cut):
-    `tail` (reply_tokens) runs once, then each name on a branch of that cache. Serving
-    passes its detection forward's cache: no second pass over the prompt."""
+    end of the user's text (mask `attn`; the cache may hold more positions: they are cut).
+
+    One forward over `tail` (reply_tokens) followed by every name but its last token, all
+    in one sequence: each name sees the prompt, the tail and its own earlier tokens (a
+    block mask), and each name's positions restart where the tail ends, so every name is
+    scored exactly as if it alone followed the tail. Serving passes its detection
+    forward's cache: no second pass over the prompt, and one small forward for all of a
+    version's requests, not one per request."""
     from workers.engines.o3.detector import padded_positions
     from workers.model.shared_prefix import branch_cache
 
     device = attn.device
     batch, end = attn.shape
-
-    def step(ids: list[int], past: Any, mask: Tensor, keep: int) -> tuple[Any, Tensor]:
-        x = torch.tensor(ids, device=device).expand(batch, -1)
-        mask = torch.cat([mask, torch.ones_like(x)], -1)
-        pos = padded_positions(mask)[:, -len(ids):]
-        out = model(input_ids=x, attention_mask=mask, position_ids=pos, past_key_values=past,
-                    use_cache=True, logits_to_keep=keep)
-        return out, mask
-
-    out, mask = step(tail, branch_cache(cache, end), attn, 1)
-    first = torch.log_softmax(out.logits[:, -1].float(), -1)              # (B, V)
-    cols = []
+    ids, pos, owner = list(tail), list(range(len(tail))), [-1] * len(tail)
+    for j, name in enumerate(names):
+        ids += name[:-1]
+        pos += range(len(tail), len(tail) + len(name) - 1)
+        owner += [j] * (len(name) - 1)
+    q = len(ids)
+    # Query i sees key k (both in the new tokens) if k is a tail token at or before i, or
+    # k belongs to i's own name and comes before it: the tail is causal, names branch off.
+    order = torch.arange(q, device=device)
+    own = torch.tensor(owner, device=device)
+    new_keys = (order[None, :] <= order[:, None]) & ((own[None, :] == -1)
+                                                    | (own[None, :] == own[:, None]))
+    visible = torch.cat([attn.bool()[:, None, :].expand(batch, q, end),
+                         new_keys[None].expand(batch, q, q)], -1)
+    dtype = next(model.parameters()).dtype
+    mask = torch.zeros(visible.shape, dtype=dtype, device=device)
+    mask = mask.masked_fill(~visible, torch.finfo(dtype).min)[:, None]     # (B, 1, q, end+q)
+    start = padded_positions(attn)[:, -1:] + 1                             # after the prompt
+    positions = start + torch.tensor(pos, device=device)[None]
+    # Logits only where a name token is predicted: the tail's last position (every name's
+    # first token) and each name's own positions (its next tokens).
+    keep = [len(tail) - 1] + [i for i, j in enumerate(owner) if j >= 0]
+    out = model(input_ids=torch.tensor(ids, device=device).expand(batch, -1),
+                attention_mask=mask, position_ids=positions,
+                past_key_values=branch_cache(cache, end), use_cache=True,
+                logits_to_keep=torch.tensor(keep, device=device))
+    logp = torch.log_softmax(out.logits.float(), -1)                      # (B, len(keep), V)
+    at = {pos_in_seq: k for k, pos_in_seq in enumerate(keep)}
+    cols, offset = [], len(tail)
     for name in names:
-        lp = [first[:, name[0]]]
-        if len(name) > 1:
-            more, _ = step(name[:-1], branch_cache(out.cache), mask, 0)
-            logp = torch.log_softmax(more.logits.float(), -1)              # (B, n-1, V)
-            target = torch.tensor(name[1:], device=device).expand(batch, -1)
-            lp += list(logp.gather(-1, target[..., None])[..., 0].unbind(-1))
-        cols.append(torch.stack(lp, -1).mean(-1))
+        rows = [at[len(tail) - 1]] + [at[offset + t] for t in range(len(name) - 1)]
+        offset += len(name) - 1
+        picked = logp[:, rows].gather(-1, torch.tensor(name, device=device)
+                                      .expand(batch, -1)[..., None])[..., 0]
+        cols.append(picked.mean(-1))
     return torch.stack(cols, -1)
 
 
