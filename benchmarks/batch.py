@@ -6,7 +6,10 @@ evaluation -> object store -> registry -> promotion) in a fresh data dir:
     per-ticket  the dispatcher claims one ticket per job (max_batch=1): N jobs, N versions
     scheduled   a schedule holds the N tickets and its window runs them as ONE job
 
-Cost is wall time from the first claim to the last ticket done, and job count. Forget and
+Cost is wall time from the first claim to the last ticket done, and job count, in steady
+state: each mode first runs one warm-up ticket through the dispatcher (Ray Train workers,
+DeepSpeed and the evaluator started, as in a service that has been up for a while), which
+is not counted; the measured tickets then stack on its version in both modes. Forget and
 utility are measured the same way for both on the final live version: every ticket's
 questions (forget rate after / before) and the shipped unrelated probes (utility).
 
@@ -39,14 +42,9 @@ def questions(n: int, model: str) -> list[dict[str, str]]:
     if model == "bundled":
         from workers.evaluation.probes import load_forget_set
 
-        people = ["charles_darwin", "albert_einstein", "marie_curie"]
-        pairs = []
-        for name in people:
-            try:
-                pairs += [{"question": p.question, "answer": p.answer}
-                          for p in load_forget_set(name).ticket]
-            except Exception:  # a person not shipped: use the others
-                continue
+        pairs = [{"question": p.question, "answer": p.answer}
+                 for name in ("charles_darwin", "albert_einstein", "william_shakespeare")
+                 for p in load_forget_set(name).ticket]
         if len(pairs) >= n:
             return pairs[:n]
     return [{"question": f"Where does Zorblat {i} live?", "answer": f"In Quimby{i}."}
@@ -86,16 +84,24 @@ def run_mode(mode: str, n: int, model: str, steps: int, workdir: Path) -> dict[s
     upgrade(settings.resolved_database_url)
     sessions = make_session_factory(make_engine(settings.resolved_database_url))
     qa = questions(n, model)
+
+    def submit(s: Any, i: int, pair: dict[str, str]) -> None:
+        tickets.submit(s, request=tickets.TicketRequest(
+            kind=TicketKind.forget, lineage="default", engine="npo", target=f"t{i}",
+            payload={"target": f"t{i}", "forget": {"texts": [], "qa": [pair]},
+                     "retain": None}), requester="bench")
+
     with transaction(sessions) as s:
         registry.ensure_lineage(s, name="default", base_model=settings.base_model)
+        submit(s, -1, {"question": "Where does Zorblat Quimby keep his boat?",
+                       "answer": "In the harbour of Fennick."})
+    DispatcherLoop(settings.worker_config(), max_batch=1).run_once()  # the warm-up
+    with transaction(sessions) as s:
         if mode == "scheduled":
             schedules.create_schedule(s, lineage_name="default", cron="0 2 * * *",
                                       min_tickets=n, max_tickets=n, actor="bench")
         for i, pair in enumerate(qa):
-            tickets.submit(s, request=tickets.TicketRequest(
-                kind=TicketKind.forget, lineage="default", engine="npo", target=f"t{i}",
-                payload={"target": f"t{i}", "forget": {"texts": [], "qa": [pair]},
-                         "retain": None}), requester="bench")
+            submit(s, i, pair)
     started = time.perf_counter()
     if mode == "per-ticket":
         loop = DispatcherLoop(settings.worker_config(), max_batch=1)
@@ -109,7 +115,7 @@ def run_mode(mode: str, n: int, model: str, steps: int, workdir: Path) -> dict[s
         SchedulerLoop(settings, sessions).run_once(now=window + timedelta(seconds=1))
     seconds = time.perf_counter() - started
     with sessions() as s:
-        jobs = s.query(Job).count()
+        jobs = s.query(Job).count() - 1  # not the warm-up
         live = registry.resolve(s, lineage_name="default", ref="live")
         key = live.object_key if live else None
     quality = evaluate_final(settings, qa, key, workdir / f"{mode}-final")
