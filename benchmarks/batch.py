@@ -10,7 +10,8 @@ Cost is wall time from the first claim to the last ticket done, and job count, i
 state: each mode first runs one warm-up ticket through the dispatcher (Ray Train workers,
 DeepSpeed and the evaluator started, as in a service that has been up for a while), which
 is not counted; the measured tickets then stack on its version in both modes. Forget and
-utility are measured the same way for both on the final live version: every ticket's
+utility are measured the same way for both on the newest version (live or held by its
+verdict): every ticket's
 questions (forget rate after / before) and the shipped unrelated probes (utility).
 
     .venv/bin/python benchmarks/batch.py                     # 32 tickets, tiny model
@@ -116,15 +117,17 @@ def run_mode(mode: str, n: int, model: str, steps: int, workdir: Path) -> dict[s
     seconds = time.perf_counter() - started
     with sessions() as s:
         jobs = s.query(Job).count() - 1  # not the warm-up
-        live = registry.resolve(s, lineage_name="default", ref="live")
-        key = live.object_key if live else None
+        from storage.models import AdapterVersion
+
+        newest = (s.query(AdapterVersion).order_by(AdapterVersion.created_at.desc()).first())
+        key = newest.object_key if newest else None
     quality = evaluate_final(settings, qa, key, workdir / f"{mode}-final")
     return {"mode": mode, "tickets": n, "jobs": jobs, "seconds": seconds, **quality}
 
 
 def evaluate_final(settings: Any, qa: list[dict[str, str]], key: str | None,
                    dest: Path) -> dict[str, Any]:
-    """Forget over every ticket's question and utility, on the final live version."""
+    """Forget over every ticket's question and utility, on the newest version."""
     import uuid
     from datetime import datetime, timezone
 
