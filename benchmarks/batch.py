@@ -11,8 +11,8 @@ state: each mode first runs one warm-up ticket through the dispatcher (Ray Train
 DeepSpeed and the evaluator started, as in a service that has been up for a while), which
 is not counted; the measured tickets then stack on its version in both modes. Forget and
 utility are measured the same way for both on the newest version (live or held by its
-verdict): every ticket's
-questions (forget rate after / before) and the shipped unrelated probes (utility).
+verdict): every ticket's questions (forget rate after / before) and the shipped unrelated
+probes (utility).
 
     .venv/bin/python benchmarks/batch.py                     # 32 tickets, tiny model
     .venv/bin/python benchmarks/batch.py --tickets 4         # a quick one
@@ -117,10 +117,7 @@ def run_mode(mode: str, n: int, model: str, steps: int, workdir: Path) -> dict[s
     seconds = time.perf_counter() - started
     with sessions() as s:
         jobs = s.query(Job).count() - 1  # not the warm-up
-        from storage.models import AdapterVersion
-
-        newest = (s.query(AdapterVersion).order_by(AdapterVersion.created_at.desc()).first())
-        key = newest.object_key if newest else None
+        key = registry.list_versions(s, lineage_name="default")[-1].object_key
     quality = evaluate_final(settings, qa, key, workdir / f"{mode}-final")
     return {"mode": mode, "tickets": n, "jobs": jobs, "seconds": seconds, **quality}
 
