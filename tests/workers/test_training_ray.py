@@ -120,12 +120,17 @@ def test_warm_ranks_train_the_same_adapter_as_ray_train_and_stay_up(ray_cluster,
     def spec(name: str):
         return make_spec("npo", out=name, recipe={"lr": 1e-2}, zero_stage=2, num_workers=2)
 
+    shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     try:
         reference = train_unlearning_adapter(spec("ray-train"))
         warm = train_unlearning_adapter(spec("warm-1"), warm=True)
         ranks = list(warm_pool.warm_pool(2).ranks)
         again = train_unlearning_adapter(spec("warm-2"), warm=True)
         assert warm_pool.warm_pool(2).ranks == ranks  # the same actors, no new start-up
+        # DeepSpeed's shared-memory all-reduce buffers (memory, ~67 MB a rank) have no name
+        # left in /dev/shm: one left behind by each pool of ranks would fill the machine's
+        # memory over a service's life.
+        assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) <= shm_before
     finally:
         warm_pool.shutdown_pools()
     assert warm.metrics["warm_ranks"] is True

@@ -11,6 +11,7 @@ import contextlib
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -122,6 +123,8 @@ class DeepSpeedStrategy:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo" if self.device == "cpu" else "nccl")
+        if self.device == "cpu":
+            _unlink_shm_allreduce_buffer()
         self._engine, *_ = deepspeed.initialize(model=model, model_parameters=list(params),
                                                 config=self.config())
         return self._engine.module
@@ -178,3 +181,19 @@ class DeepSpeedStrategy:
                 yield
         else:
             yield
+
+
+def _unlink_shm_allreduce_buffer() -> None:
+    """Remove this rank's name of DeepSpeed's CPU all-reduce buffer (/dev/shm, ~67 MB a
+    rank). DeepSpeed never unlinks it, so ranks started job after job fill /dev/shm, which
+    is memory: Ray's memory monitor then kills workers. init_distributed returns once this
+    rank has mapped every rank's buffer; after a barrier every rank has, so the names can
+    go. The mappings stay valid until the processes exit."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    Path("/dev/shm", name).unlink(missing_ok=True)
