@@ -38,18 +38,23 @@ sys.path[:] = [str(REPO)] + [p for p in sys.path
                              if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
-def questions(n: int, model: str) -> list[dict[str, str]]:
-    """One QA pair per ticket: facts of the shipped probe sets (real model) or made up."""
+def questions(n: int, model: str) -> list[tuple[str, dict[str, str]]]:
+    """One (target, QA pair) per ticket: facts of the shipped people (real model), taken in
+    turn from each so every person is spread over the tickets, or made up (tiny model)."""
     if model == "bundled":
+        from itertools import chain, zip_longest
+
         from workers.evaluation.probes import load_forget_set
 
-        pairs = [{"question": p.question, "answer": p.answer}
-                 for name in ("charles_darwin", "albert_einstein", "william_shakespeare")
-                 for p in load_forget_set(name).ticket]
+        sets = [load_forget_set(name)
+                for name in ("charles_darwin", "albert_einstein", "william_shakespeare")]
+        per_person = [[(s.target, {"question": p.question, "answer": p.answer})
+                       for p in s.ticket] for s in sets]
+        pairs = [x for x in chain(*zip_longest(*per_person)) if x is not None]
         if len(pairs) >= n:
             return pairs[:n]
-    return [{"question": f"Where does Zorblat {i} live?", "answer": f"In Quimby{i}."}
-            for i in range(n)]
+    return [(f"Zorblat {i}", {"question": f"Where does Zorblat {i} live?",
+                              "answer": f"In Quimby{i}."}) for i in range(n)]
 
 
 def base_model(model: str, workdir: Path) -> str:
@@ -63,7 +68,8 @@ def base_model(model: str, workdir: Path) -> str:
     return str(build_tiny_llama(workdir / "tiny", tokenizer_from=bundled.local_path))
 
 
-def run_mode(mode: str, n: int, model: str, steps: int, workdir: Path) -> dict[str, Any]:
+def run_mode(mode: str, n: int, model: str, engine: str, steps: int,
+             workdir: Path) -> dict[str, Any]:
     from service.scheduler import SchedulerLoop
     from service.settings import Settings
     from storage import registry, schedules, tickets
@@ -86,23 +92,23 @@ def run_mode(mode: str, n: int, model: str, steps: int, workdir: Path) -> dict[s
     sessions = make_session_factory(make_engine(settings.resolved_database_url))
     qa = questions(n, model)
 
-    def submit(s: Any, i: int, pair: dict[str, str]) -> None:
+    def submit(s: Any, target: str, pair: dict[str, str]) -> None:
         tickets.submit(s, request=tickets.TicketRequest(
-            kind=TicketKind.forget, lineage="default", engine="npo", target=f"t{i}",
-            payload={"target": f"t{i}", "forget": {"texts": [], "qa": [pair]},
+            kind=TicketKind.forget, lineage="default", engine=engine, target=target,
+            payload={"target": target, "forget": {"texts": [], "qa": [pair]},
                      "retain": None}), requester="bench")
 
     with transaction(sessions) as s:
         registry.ensure_lineage(s, name="default", base_model=settings.base_model)
-        submit(s, -1, {"question": "Where does Zorblat Quimby keep his boat?",
+        submit(s, "Zorblat Quimby", {"question": "Where does Zorblat Quimby keep his boat?",
                        "answer": "In the harbour of Fennick."})
     DispatcherLoop(settings.worker_config(), max_batch=1).run_once()  # the warm-up
     with transaction(sessions) as s:
         if mode == "scheduled":
             schedules.create_schedule(s, lineage_name="default", cron="0 2 * * *",
                                       min_tickets=n, max_tickets=n, actor="bench")
-        for i, pair in enumerate(qa):
-            submit(s, i, pair)
+        for target, pair in qa:
+            submit(s, target, pair)
     started = time.perf_counter()
     if mode == "per-ticket":
         loop = DispatcherLoop(settings.worker_config(), max_batch=1)
@@ -118,12 +124,12 @@ def run_mode(mode: str, n: int, model: str, steps: int, workdir: Path) -> dict[s
     with sessions() as s:
         jobs = s.query(Job).count() - 1  # not the warm-up
         key = registry.list_versions(s, lineage_name="default")[-1].object_key
-    quality = evaluate_final(settings, qa, key, workdir / f"{mode}-final")
+    quality = evaluate_final(settings, engine, qa, key, workdir / f"{mode}-final")
     return {"mode": mode, "tickets": n, "jobs": jobs, "seconds": seconds, **quality}
 
 
-def evaluate_final(settings: Any, qa: list[dict[str, str]], key: str | None,
-                   dest: Path) -> dict[str, Any]:
+def evaluate_final(settings: Any, engine: str, qa: list[tuple[str, dict[str, str]]],
+                   key: str | None, dest: Path) -> dict[str, Any]:
     """Forget over every ticket's question and utility, on the newest version."""
     import uuid
     from datetime import datetime, timezone
@@ -136,11 +142,14 @@ def evaluate_final(settings: Any, qa: list[dict[str, str]], key: str | None,
         return {"forget_ratio": None, "utility_ratio": None}
     settings.store_config().open().fetch_directory(key, dest)
     now = datetime.now(timezone.utc)
+    # One request per ticket, as the job that trained them saw them (targets included).
     fake = [ClaimedTicket(id=uuid.uuid4(), lineage_id=uuid.uuid4(), kind=TicketKind.forget,
-                          engine="npo", target=None,
-                          payload={"target": None, "forget": {"texts": [], "qa": qa}, "retain": None},
+                          engine=engine, target=target,
+                          payload={"target": target, "forget": {"texts": [], "qa": [pair]},
+                                   "retain": None},
                           payload_sha256="0" * 64, priority=0, attempts=1, requester="bench",
-                          created_at=now, lease_owner="bench", lease_expires_at=now)]
+                          created_at=now, lease_owner="bench", lease_expires_at=now)
+            for target, pair in qa]
     from workers.engines.registry import get_engine
 
     config = settings.worker_config()
@@ -148,7 +157,7 @@ def evaluate_final(settings: Any, qa: list[dict[str, str]], key: str | None,
     job = job_compute.job_input(config, job_id="bench-final", lineage="default", base=base,
                                 tickets=fake, parent_dir=None, output_dir=dest)
     # The job path's own evaluation (held-out forms of every ticket's question, utility).
-    metrics = job_compute.evaluate_version(get_engine("npo"), job, base=base,
+    metrics = job_compute.evaluate_version(get_engine(engine), job, base=base,
                                            version_dir=dest)
     return {"forget_ratio": metrics.get("forget_ratio"),
             "utility_ratio": metrics.get("utility_ratio")}
@@ -159,6 +168,9 @@ def main() -> None:
     parser.add_argument("--tickets", type=int, default=32)
     parser.add_argument("--model", choices=["tiny", "bundled"], default="tiny")
     parser.add_argument("--steps", type=int, default=3, help="training steps per job")
+    parser.add_argument("--engine", default="idk",
+                        help="the tickets' engine (idk: the default recipe's merged LoRA; "
+                             "o3 trains one block per ticket even in a batch)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -171,12 +183,13 @@ def main() -> None:
                                         "TORCH_EXTENSIONS_DIR")}})
     try:
         with tempfile.TemporaryDirectory(prefix="oblivio-batch-") as tmp:
-            rows = [run_mode(m, args.tickets, args.model, args.steps, Path(tmp))
+            rows = [run_mode(m, args.tickets, args.model, args.engine, args.steps, Path(tmp))
                     for m in ("per-ticket", "scheduled")]
     finally:
         ray.shutdown()
     per, batch = rows
-    print(f"\n{args.tickets} tickets, {args.model} model, {args.steps} steps per job\n")
+    print(f"\n{args.tickets} tickets, {args.model} model, engine {args.engine}, "
+          f"{args.steps} steps per job\n")
     print("| mode | jobs | wall s | x scheduled | s / ticket | forget ratio | utility ratio |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -63,3 +63,40 @@ def test_calibration_gates_the_ticket_and_round_trips(tiny_model_dir: Path,
     probe.save(tmp_path)
     assert SubjectProbe.load(tmp_path) == probe
     assert SubjectProbe.load(tmp_path / "elsewhere") is None
+
+
+def test_a_name_that_cannot_reach_its_floor_is_never_run(tiny_model_dir: Path) -> None:
+    """Serving passes each name's w_low as its floor: a name whose first token already
+    bounds its score at or below the floor gets that bound (weight 0 either way) and costs
+    no forward of its own; names above their floor are scored exactly."""
+    from tests.fixtures.training import load_tiny
+    from workers.engines.o3.detector import encode_prompts, padded_positions, template_span
+    from workers.engines.o3.subject_probe import reply_tokens, scores_after_prompt
+
+    model, tokenizer = load_tiny(tiny_model_dir)
+    exact = subject_scores(model, tokenizer, PROMPTS, NAMES)
+    enc = encode_prompts(tokenizer, PROMPTS, "cpu")
+    end = enc["input_ids"].shape[1] - template_span(tokenizer).suffix
+    attn = enc["attention_mask"][:, :end]
+    with torch.no_grad():
+        cache = model(input_ids=enc["input_ids"][:, :end], attention_mask=attn,
+                      position_ids=padded_positions(attn), use_cache=True).past_key_values
+    tail, names = reply_tokens(tokenizer, NAMES)
+    forwards = []
+    hook = model.register_forward_hook(lambda *_: forwards.append(1))
+
+    def scores(floor: list[float]) -> torch.Tensor:
+        forwards.clear()
+        return scores_after_prompt(model, cache, attn, tail, names, floor=torch.tensor(floor))
+
+    closed = scores([float("inf")] * len(NAMES))
+    assert len(forwards) == 1                       # the tail only
+    assert (closed >= exact - 1e-4).all()           # an upper bound of every score
+    probe = SubjectProbe(subject=NAMES[0], w_low=float(closed[:, 0].max()), w_high=0.0)
+    assert (probe.weight_from_score(closed[:, 0]) == 0).all()
+    assert (probe.weight_from_score(exact[:, 0]) == 0).all()
+    opened = scores([float(closed[:, 0].max()), float("-inf"), float("-inf")])
+    hook.remove()
+    assert len(forwards) == 2
+    assert torch.allclose(opened[:, 1:], exact[:, 1:], atol=1e-4)
+    assert torch.allclose(opened[:, 0], closed[:, 0])

@@ -115,9 +115,11 @@ class O3Servable:
         subject: dict[int, Tensor] = {}
         if probed:
             tail, names = self._reply_tokens(tuple(p.subject for _, p in probed))
+            # w = 0 at and below w_low, so a name whose score cannot exceed it is not run.
+            floor = torch.tensor([p.w_low for _, p in probed], device=attn.device)
             scores = scores_after_prompt(self.model, cache,
                                          attn[:, :attn.shape[1] - self._span.suffix],
-                                         tail, names)
+                                         tail, names, floor=floor)
             subject = {i: p.weight_from_score(scores[:, n]) for n, (i, p) in enumerate(probed)}
         cols = []
         for i, (det, gated) in enumerate(zip(self.detectors, self.gating)):

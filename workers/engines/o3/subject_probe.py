@@ -101,57 +101,68 @@ def subject_scores(model: Any, tokenizer: Any, prompts: Sequence[str],
 
 @torch.no_grad()
 def scores_after_prompt(model: Any, cache: Any, attn: Tensor, tail: list[int],
-                        names: list[list[int]]) -> Tensor:
+                        names: list[list[int]], *, floor: Tensor | None = None) -> Tensor:
     """(B, len(names)) from `cache`, the KV cache of B left-padded chat prompts up to the
     end of the user's text (mask `attn`; the cache may hold more positions: they are cut).
 
-    One forward over `tail` (reply_tokens) followed by every name but its last token, all
-    in one sequence: each name sees the prompt, the tail and its own earlier tokens (a
-    block mask), and each name's positions restart where the tail ends, so every name is
-    scored exactly as if it alone followed the tail. Serving passes its detection
-    forward's cache: no second pass over the prompt, and one small forward for all of a
-    version's requests, not one per request."""
+    A forward over `tail` (reply_tokens) gives every name's first token at once. A name's
+    score is the mean over its n tokens of log-probabilities <= 0, so it is at most its
+    first token's log-probability / n: where that bound is at or below `floor` (per name;
+    serving passes the score below which the weight is 0) the bound is returned and the
+    rest of the name is never run. That is what unrelated traffic costs: the tail only.
+    Otherwise a second forward over the names that are still open, all in one sequence:
+    each name sees the prompt, the tail and its own earlier tokens (a block mask), and
+    each name's positions restart where the tail ends, so every name is scored exactly
+    as if it alone followed the tail. Serving passes its detection forward's cache: the
+    prompt itself is never run again."""
     from workers.engines.o3.detector import padded_positions
     from workers.model.shared_prefix import branch_cache
 
     device = attn.device
     batch, end = attn.shape
-    ids, pos, owner = list(tail), list(range(len(tail))), [-1] * len(tail)
-    for j, name in enumerate(names):
-        ids += name[:-1]
-        pos += range(len(tail), len(tail) + len(name) - 1)
-        owner += [j] * (len(name) - 1)
+    dtype = next(model.parameters()).dtype
+    start = padded_positions(attn)[:, -1:] + 1                             # after the prompt
+    tail_cache = branch_cache(cache, end)
+    out = model(input_ids=torch.tensor(tail, device=device).expand(batch, -1),
+                attention_mask=torch.cat([attn, attn.new_ones(batch, len(tail))], -1),
+                position_ids=start + torch.arange(len(tail), device=device)[None],
+                past_key_values=tail_cache, use_cache=True, logits_to_keep=1)
+    first = torch.log_softmax(out.logits[:, -1].float(), -1)[
+        :, torch.tensor([n[0] for n in names], device=device)]           # (B, len(names))
+    lengths = torch.tensor([len(n) for n in names], device=device, dtype=first.dtype)
+    scores = first / lengths
+    open_ = [j for j, name in enumerate(names) if len(name) > 1
+             and (floor is None or bool((scores[:, j] > floor[j]).any()))]
+    if not open_:
+        return scores
+    ids, pos, owner = [], [], []
+    for j in open_:
+        ids += names[j][:-1]
+        pos += range(len(tail), len(tail) + len(names[j]) - 1)
+        owner += [j] * (len(names[j]) - 1)
     q = len(ids)
-    # Query i sees key k (both in the new tokens) if k is a tail token at or before i, or
-    # k belongs to i's own name and comes before it: the tail is causal, names branch off.
+    # Query i sees key k (both new) only if k belongs to i's own name and comes before it;
+    # every query sees the prompt and the whole tail.
     order = torch.arange(q, device=device)
     own = torch.tensor(owner, device=device)
-    new_keys = (order[None, :] <= order[:, None]) & ((own[None, :] == -1)
-                                                    | (own[None, :] == own[:, None]))
+    new_keys = (order[None, :] <= order[:, None]) & (own[None, :] == own[:, None])
     visible = torch.cat([attn.bool()[:, None, :].expand(batch, q, end),
+                         torch.ones(batch, q, len(tail), dtype=torch.bool, device=device),
                          new_keys[None].expand(batch, q, q)], -1)
-    dtype = next(model.parameters()).dtype
     mask = torch.zeros(visible.shape, dtype=dtype, device=device)
-    mask = mask.masked_fill(~visible, torch.finfo(dtype).min)[:, None]     # (B, 1, q, end+q)
-    start = padded_positions(attn)[:, -1:] + 1                             # after the prompt
-    positions = start + torch.tensor(pos, device=device)[None]
-    # Logits only where a name token is predicted: the tail's last position (every name's
-    # first token) and each name's own positions (its next tokens).
-    keep = [len(tail) - 1] + [i for i, j in enumerate(owner) if j >= 0]
+    mask = mask.masked_fill(~visible, torch.finfo(dtype).min)[:, None]  # (B, 1, q, end+t+q)
     out = model(input_ids=torch.tensor(ids, device=device).expand(batch, -1),
-                attention_mask=mask, position_ids=positions,
-                past_key_values=branch_cache(cache, end), use_cache=True,
-                logits_to_keep=torch.tensor(keep, device=device))
-    logp = torch.log_softmax(out.logits.float(), -1)                      # (B, len(keep), V)
-    at = {pos_in_seq: k for k, pos_in_seq in enumerate(keep)}
-    cols, offset = [], len(tail)
-    for name in names:
-        rows = [at[len(tail) - 1]] + [at[offset + t] for t in range(len(name) - 1)]
-        offset += len(name) - 1
-        picked = logp[:, rows].gather(-1, torch.tensor(name, device=device)
-                                      .expand(batch, -1)[..., None])[..., 0]
-        cols.append(picked.mean(-1))
-    return torch.stack(cols, -1)
+                attention_mask=mask, position_ids=start + torch.tensor(pos, device=device)[None],
+                past_key_values=out.past_key_values, use_cache=True)
+    logp = torch.log_softmax(out.logits.float(), -1)                        # (B, q, V)
+    offset = 0
+    for j in open_:
+        rest = names[j][1:]
+        picked = logp[:, offset:offset + len(rest)].gather(
+            -1, torch.tensor(rest, device=device).expand(batch, -1)[..., None])[..., 0]
+        scores[:, j] = (first[:, j] + picked.sum(-1)) / len(names[j])
+        offset += len(rest)
+    return scores
 
 
 def calibrate(subject: str, generic_scores: Tensor, forget_scores: Tensor, *,
