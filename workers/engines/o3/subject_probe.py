@@ -14,10 +14,13 @@ adversarial probes; benchmarks/detector_auroc.py): AUROC against the unrelated q
 and 0.36-0.86).
 
 Cost at serving: one forward, on a branch of the detection forward's cache, over the
-question and the reply header (about 20 tokens) followed by every request's name (a block
-mask keeps the names apart); the prompt itself is not run again. Measured on the bundled
+question and the reply header (about 20 tokens); it gives every name's first token, which
+bounds the name's score, so a name that cannot pass its probe's w_low is never run (exact:
+its weight is 0 either way). Only names still open get a second forward, all in one
+sequence under a block mask; the prompt itself is not run again. Measured on the bundled
 SmolLM2 (benchmarks/serve_gating.py, 48 unrelated prompts, CPU): 10 gated requests cost
-1.17-1.22x the ungated serving path, where one forward per name cost 1.43x. Training-free:
+1.10x the O3 path with no blocks (1.22x with every name run, 1.43x with one forward each).
+Training-free:
 fitting it is only its calibration, from the generic prompts' scores (w = 0 up to a high
 quantile of them) and the ticket's own questions' (w = 1 from the middle of the way to
 their median on).
