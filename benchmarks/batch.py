@@ -16,7 +16,7 @@ probes (utility).
 
     .venv/bin/python benchmarks/batch.py                     # 32 tickets, tiny model
     .venv/bin/python benchmarks/batch.py --tickets 4         # a quick one
-    .venv/bin/python benchmarks/batch.py --model bundled --tickets 32 --steps 30
+    .venv/bin/python benchmarks/batch.py --model bundled --tickets 32 --steps 30 --engine idk
 
 On the tiny random model the forget/utility columns only show that both modes evaluate;
 use `--model bundled` (SmolLM2, slow: N full jobs) for meaningful forget/utility numbers.
