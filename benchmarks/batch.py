@@ -9,14 +9,15 @@ evaluation -> object store -> registry -> promotion) in a fresh data dir:
 Cost is wall time from the first claim to the last ticket done, and job count, in steady
 state: each mode first runs one warm-up ticket through the dispatcher (Ray Train workers,
 DeepSpeed and the evaluator started, as in a service that has been up for a while), which
-is not counted; the measured tickets then stack on its version in both modes. Forget and
-utility are measured the same way for both on the newest version (live or held by its
-verdict): every ticket's questions (forget rate after / before) and the shipped unrelated
-probes (utility).
+is not counted; the measured tickets then stack on its version in both modes (an operator
+promotes every version, held ones too, so that each job builds on the one before). Forget
+and utility are measured the same way for both on the newest version: every ticket's
+questions (forget rate after / before) and the shipped unrelated probes (utility).
 
     .venv/bin/python benchmarks/batch.py                     # 32 tickets, tiny model
     .venv/bin/python benchmarks/batch.py --tickets 4         # a quick one
-    .venv/bin/python benchmarks/batch.py --model bundled --tickets 32 --steps 30 --engine idk
+    .venv/bin/python benchmarks/batch.py --model bundled --tickets 32 --steps 20 \
+        --batch-steps 0 --engine idk
 
 On the tiny random model the forget/utility columns only show that both modes evaluate;
 use `--model bundled` (SmolLM2, slow: N full jobs) for meaningful forget/utility numbers.
@@ -85,7 +86,8 @@ def run_mode(mode: str, n: int, model: str, engine: str, steps: int,
         base_model=base_model(model, workdir) if model != "bundled" else
         "bundled:smollm2-135m-instruct",
         num_workers=2, zero_stage=2, batch_window_seconds=0.0, lease_seconds=600,
-        recipe={"max_steps": steps, "min_steps": steps, "eval_every": 0})
+        # 0 steps: the engine's default recipe (its own early stopping on the forget set)
+        recipe={"max_steps": steps, "min_steps": steps, "eval_every": 0} if steps else {})
     if model == "bundled":
         settings = settings.model_copy(update={"data_dir": REPO / ".cache" / "oblivio-data"})
     upgrade(settings.resolved_database_url)
@@ -102,7 +104,17 @@ def run_mode(mode: str, n: int, model: str, engine: str, steps: int,
         registry.ensure_lineage(s, name="default", base_model=settings.base_model)
         submit(s, "Zorblat Quimby", {"question": "Where does Zorblat Quimby keep his boat?",
                        "answer": "In the harbour of Fennick."})
+    def accept_newest() -> None:
+        """An operator promotes each new version even when its evaluation held it: the
+        next job builds on `live`, so a held version would drop out of the chain."""
+        with transaction(sessions) as s:
+            newest = registry.list_versions(s, lineage_name="default")[-1]
+            if newest.object_key:
+                registry.promote(s, lineage_name="default", version=newest.version,
+                                 actor="bench")
+
     DispatcherLoop(settings.worker_config(), max_batch=1).run_once()  # the warm-up
+    accept_newest()
     with transaction(sessions) as s:
         if mode == "scheduled":
             schedules.create_schedule(s, lineage_name="default", cron="0 2 * * *",
@@ -113,7 +125,7 @@ def run_mode(mode: str, n: int, model: str, engine: str, steps: int,
     if mode == "per-ticket":
         loop = DispatcherLoop(settings.worker_config(), max_batch=1)
         while loop.run_once():
-            pass
+            accept_newest()
     else:
         from datetime import timedelta
 
@@ -122,10 +134,13 @@ def run_mode(mode: str, n: int, model: str, engine: str, steps: int,
         SchedulerLoop(settings, sessions).run_once(now=window + timedelta(seconds=1))
     seconds = time.perf_counter() - started
     with sessions() as s:
-        jobs = s.query(Job).count() - 1  # not the warm-up
+        measured = s.query(Job).order_by(Job.created_at).all()[1:]  # not the warm-up
+        jobs = len(measured)
+        trained = sum(int((j.progress or {}).get("step") or 0) for j in measured)
         key = registry.list_versions(s, lineage_name="default")[-1].object_key
     quality = evaluate_final(settings, engine, qa, key, workdir / f"{mode}-final")
-    return {"mode": mode, "tickets": n, "jobs": jobs, "seconds": seconds, **quality}
+    return {"mode": mode, "tickets": n, "jobs": jobs, "seconds": seconds,
+            "steps": trained / max(jobs, 1), **quality}
 
 
 def evaluate_final(settings: Any, engine: str, qa: list[tuple[str, dict[str, str]]],
@@ -167,7 +182,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tickets", type=int, default=32)
     parser.add_argument("--model", choices=["tiny", "bundled"], default="tiny")
-    parser.add_argument("--steps", type=int, default=3, help="training steps per job")
+    parser.add_argument("--steps", type=int, default=3,
+                        help="training steps per job (0: the engine's default recipe, which "
+                             "stops once the job's forget set is forgotten)")
+    parser.add_argument("--batch-steps", type=int, default=None,
+                        help="training steps of the scheduled batch job, which has N times "
+                             "the forget items (default: --steps)")
     parser.add_argument("--engine", default="idk",
                         help="the tickets' engine (idk: the default recipe's merged LoRA; "
                              "o3 trains one block per ticket even in a batch)")
@@ -183,18 +203,19 @@ def main() -> None:
                                         "TORCH_EXTENSIONS_DIR")}})
     try:
         with tempfile.TemporaryDirectory(prefix="oblivio-batch-") as tmp:
-            rows = [run_mode(m, args.tickets, args.model, args.engine, args.steps, Path(tmp))
-                    for m in ("per-ticket", "scheduled")]
+            batch_steps = args.steps if args.batch_steps is None else args.batch_steps
+            rows = [run_mode(m, args.tickets, args.model, args.engine, steps, Path(tmp))
+                    for m, steps in (("per-ticket", args.steps), ("scheduled", batch_steps))]
     finally:
         ray.shutdown()
     per, batch = rows
-    print(f"\n{args.tickets} tickets, {args.model} model, engine {args.engine}, "
-          f"{args.steps} steps per job\n")
-    print("| mode | jobs | wall s | x scheduled | s / ticket | forget ratio | utility ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\n{args.tickets} tickets, {args.model} model, engine {args.engine}\n")
+    print("| mode | jobs | steps / job | wall s | x scheduled | s / ticket | forget ratio "
+          "| utility ratio |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
-        print(f"| {r['mode']} | {r['jobs']} | {r['seconds']:.1f} | "
+        print(f"| {r['mode']} | {r['jobs']} | {r['steps']:.0f} | {r['seconds']:.1f} | "
               f"{r['seconds'] / batch['seconds']:.2f} | {r['seconds'] / r['tickets']:.2f} | "
               f"{fmt(r['forget_ratio'])} | {fmt(r['utility_ratio'])} |")
     print(f"\nscheduled batch is {per['seconds'] / batch['seconds']:.1f}x cheaper in wall time "

@@ -289,7 +289,8 @@ def detector_auroc(version: Path, model: Any, tok: Any, target: Target, neighbou
             return []
         questions = [p.question for p in probes]
         if probe is not None:
-            return subject_scores(model, tok, questions, [probe.subject])[:, 0].tolist()
+            return subject_scores(model, tok, questions, [probe.subject],
+                                  rivals=[probe.rivals])[:, 0].tolist()
         return det.score(prompt_features(model, tok, questions, list(det.layers),
                                          pooling=det.pooling)).tolist()
 

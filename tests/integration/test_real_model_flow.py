@@ -24,8 +24,6 @@ from tests.fixtures.training import person_ticket
 from workers.evaluation.report import ReportConfig, verdict
 
 
-@pytest.mark.known_failing(reason="failed in its first full run (2026-12-02): its "
-                           "expectations predate the held-out-forms verdict")
 def test_real_model_tickets_become_versions_and_the_second_stacks_on_the_first(
         tmp_path: Path, bundled_model, ray_cluster) -> None:
     from workers.dispatcher import DispatcherLoop
@@ -38,8 +36,10 @@ def test_real_model_tickets_become_versions_and_the_second_stacks_on_the_first(
                         recipe={"max_steps": 4, "eval_every": 0, "retain_prompts": 4,
                                 "retain_max_new_tokens": 16},
                         # the version report, kept small: this checks the path, not quality
+                        # (32 new tokens: the probe sets' answers were checked at 32; at 16
+                        # the base model is cut off before it names the answer)
                         evaluation={"max_utility": 12, "max_neighbours": 4, "max_general": 4,
-                                    "max_new_tokens": 16})
+                                    "max_new_tokens": 32})
     app = create_app(settings)
     with TestClient(app) as client:
         with transaction(app.state.sessions) as s:
@@ -64,8 +64,10 @@ def test_real_model_tickets_become_versions_and_the_second_stacks_on_the_first(
         assert v1["metrics"]["training"]["steps"] == 4
 
         metrics = v1["metrics"]
-        # The base model knows what the ticket asks to forget (else nothing is measured),
-        # and the recorded verdict is the one its own figures give.
+        # The base model knows what the ticket asks to forget, in the held-out forms the
+        # verdict is measured on and in the ticket's own questions (else nothing is
+        # measured), and the recorded verdict is the one its own figures give.
+        assert metrics["forget_rate_before"] >= 0.5, metrics
         assert metrics["forget_trained_rate_before"] >= 0.5, metrics
         assert metrics["verdict"] == verdict(metrics["forget_ratio"], metrics["utility_ratio"],
                                              ReportConfig()), metrics

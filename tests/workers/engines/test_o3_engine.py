@@ -74,6 +74,13 @@ def test_two_requests_stack_with_detectors_and_orthogonality(ray_cluster, tiny_m
     assert all((out / b.detector / "detector.safetensors").is_file() for b in blocks)
     assert (out / blocks[0].detector / "detector.safetensors").read_bytes() == \
         (v1.version_dir / blocks[0].detector / "detector.safetensors").read_bytes()
+    # Each subject probe weighs its target against well-known people and the lineage's
+    # earlier targets, and keeps that list: a version's gates never change after the fact.
+    from workers.engines.o3.subject_probe import SubjectProbe
+
+    first, second = (SubjectProbe.load(out / b.detector) for b in blocks)
+    assert "Zorblat" in second.rivals and "Zorblat" not in first.rivals
+    assert "Albert Einstein" in first.rivals and "Quimby" not in second.rivals
     # The stack is exact: block 1's rows are v1's A; block 1's columns are v1's scaled B.
     cfg1, w1 = read_adapter(v1.version_dir)
     cfg2, w2 = read_adapter(out)

@@ -169,19 +169,22 @@ def test_batched_equals_one_by_one_with_mixed_weights(tiny_version) -> None:
     assert batched == alone
 
 
-def test_subject_probes_gate_from_the_detection_forward_as_scored_alone(tiny_version) -> None:
+@pytest.mark.parametrize("weighed", [False, True], ids=["name alone", "against rivals"])
+def test_subject_probes_gate_from_the_detection_forward_as_scored_alone(
+        tiny_version, weighed: bool) -> None:
     """Serving continues the subject probe from its own prefill's cache; the weights equal
-    the probe's calibration applied to subject_scores run on their own, and generation
-    with them is per sample (batched == one by one)."""
+    the probe's calibration applied to subject_scores run on their own (rivals included),
+    and generation with them is per sample (batched == one by one)."""
     from workers.engines.o3.serving import O3Servable
     from workers.engines.o3.subject_probe import SubjectProbe, subject_scores
 
     model, tokenizer, version = tiny_version
     servable = O3Servable.load(version, model=model, tokenizer=tokenizer, device="cpu")
     subjects = ["Zorblat", "Quimby river"][:len(servable.detectors)]
-    scores = subject_scores(model, tokenizer, PROMPTS, subjects)
+    rivals = [["Ada Lovelace", "Quimbyson Hall"] if weighed else [] for _ in subjects]
+    scores = subject_scores(model, tokenizer, PROMPTS, subjects, rivals=rivals)
     servable.probes = [SubjectProbe(subject=s, w_low=float(scores[:, i].min()),
-                                    w_high=float(scores[:, i].max()))
+                                    w_high=float(scores[:, i].max()), rivals=rivals[i])
                        for i, s in enumerate(subjects)]
     expected = torch.stack([p.weight_from_score(scores[:, i])
                             for i, p in enumerate(servable.probes)], -1)

@@ -19,18 +19,22 @@ PROMPTS = ["Where does Zorblat live?", "Tell me, with every date you know, where
 NAMES = ["Zorblat Quimby", "Paris", "Ada"]  # several tokens, and perhaps one
 
 
-def _reference(model, tokenizer, prompt: str, name: str) -> float:
-    """Mean log p of the name's tokens, one full forward of the unpadded sequence."""
+def _token_logps(model, tokenizer, prompt: str, name_ids: list[int]) -> torch.Tensor:
+    """log p of each of the reply's tokens, one full forward of the unpadded sequence."""
     from workers.model import format_chat
 
     ids = tokenizer(format_chat(tokenizer, prompt + SUBJECT_QUESTION),
                     add_special_tokens=False)["input_ids"]
-    name_ids = tokenizer(name, add_special_tokens=False)["input_ids"]
-    seq = torch.tensor([ids + name_ids])
+    seq = torch.tensor([ids + list(name_ids)])
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=seq).logits[0].float(), -1)
-    n = len(name_ids)
-    return float(torch.stack([logp[len(ids) - 1 + k, name_ids[k]] for k in range(n)]).mean())
+    return torch.stack([logp[len(ids) - 1 + k, t] for k, t in enumerate(name_ids)])
+
+
+def _reference(model, tokenizer, prompt: str, name: str) -> float:
+    """Mean log p of the name's tokens."""
+    name_ids = tokenizer(name, add_special_tokens=False)["input_ids"]
+    return float(_token_logps(model, tokenizer, prompt, name_ids).mean())
 
 
 def test_scores_are_the_name_s_log_probability_per_sample(tiny_model_dir: Path) -> None:
@@ -100,3 +104,58 @@ def test_a_name_that_cannot_reach_its_floor_is_never_run(tiny_model_dir: Path) -
     assert len(forwards) == 2
     assert torch.allclose(opened[:, 1:], exact[:, 1:], atol=1e-4)
     assert torch.allclose(opened[:, 0], closed[:, 0])
+
+
+def test_rivals_take_the_target_s_share_of_the_reply(tiny_model_dir: Path,
+                                                      tmp_path: Path) -> None:
+    """Weighed against rivals, a score is the name's mean log p plus log P(target | the
+    target or a rival): the target's mass is its full and last name's probability, a
+    rival's its first token's (its whole name's where it starts like the target), each
+    from a full forward here; it is never above the name alone, and the first-token
+    bound still holds."""
+    from tests.fixtures.training import load_tiny
+    from workers.engines.o3.subject_probe import name_tokens, rivals_for
+
+    model, tokenizer = load_tiny(tiny_model_dir)
+    subject, rivals = "Zorblat Quimby", ["Quimbyson Hall", "Ada Lovelace", "Paris"]
+    names = name_tokens(tokenizer, subject, rivals)
+    assert names.exact_rivals and names.rival_firsts  # both kinds of rival are exercised
+    weighed = subject_scores(model, tokenizer, PROMPTS, [subject], rivals=[rivals])[:, 0]
+    alone = subject_scores(model, tokenizer, PROMPTS, [subject])[:, 0]
+    for row, prompt in enumerate(PROMPTS):
+        def total(ids) -> torch.Tensor:
+            return _token_logps(model, tokenizer, prompt, list(ids)).sum()
+
+        own = torch.logsumexp(torch.stack([total(f) for f in (names.name, *names.forms)]), 0)
+        first_row = _first_token_logps(model, tokenizer, prompt)
+        rival = torch.logsumexp(torch.cat([first_row[list(names.rival_firsts)],
+                                           torch.stack([total(r) for r in names.exact_rivals])]),
+                                0)
+        expected = total(names.name) / len(names.name) + own - torch.logaddexp(own, rival)
+        assert abs(float(weighed[row]) - float(expected)) < 1e-4, prompt
+    assert (weighed <= alone + 1e-6).all()
+    # Rivals are other people: not the target's own name or part of it, not its surname.
+    assert rivals_for("Charles Darwin", ["Charles Dickens", "Erasmus Darwin", "Darwin",
+                                         "Charles", "Gregor Mendel", "Gregor Mendel"]) \
+        == ["Charles Dickens", "Gregor Mendel"]
+    probe = SubjectProbe(subject=subject, w_low=-3.0, w_high=-1.0, rivals=rivals)
+    probe.save(tmp_path)
+    assert SubjectProbe.load(tmp_path) == probe
+
+
+def _first_token_logps(model, tokenizer, prompt: str) -> torch.Tensor:
+    """log p of every token as the reply's first."""
+    from workers.model import format_chat
+
+    ids = tokenizer(format_chat(tokenizer, prompt + SUBJECT_QUESTION),
+                    add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        return torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
+
+
+def test_a_probe_stored_before_rivals_loads_without_them(tmp_path: Path) -> None:
+    import json
+
+    (tmp_path / "subject_probe.json").write_text(json.dumps(
+        {"subject": "Ada", "w_low": -2.0, "w_high": -1.0, "question": SUBJECT_QUESTION}))
+    assert SubjectProbe.load(tmp_path).rivals == []

@@ -77,6 +77,9 @@ class DetectorConfig:
             detector is fitted and measured all the same, and gates tickets without one.
         subject_generic_quantile: the subject probe's w = 0 up to this quantile of the
             generic prompts' scores.
+        subject_rivals: weigh the target against well-known people (data/known_people.json)
+            and the lineage's earlier targets: a prompt the model would sooner name after
+            one of them gates the block less (subject_probe.py, "Rivals").
         skip_below: a block whose weight is at most this for every sample of a batch is not
             applied at all (the batch runs at the base model's cost).
         seed: masking and initialisation.
@@ -102,6 +105,7 @@ class DetectorConfig:
     generic_margin: float = 0.0
     subject_probe: bool = True
     subject_generic_quantile: float = 0.95
+    subject_rivals: bool = True
     skip_below: float = 0.02
     seed: int = 0
 

@@ -184,7 +184,9 @@ class O3Engine:
         progress({"phase": "detector"})
         det_started = time.perf_counter()
         detector_rel = f"{DETECTORS}/{len(earlier)}-{_safe(ticket_id)}"
-        det_metrics = fit_request_detector(job, request, cfg, out / detector_rel)
+        det_metrics = fit_request_detector(job, request, cfg, out / detector_rel,
+                                           other_targets=[b.target for b in earlier
+                                                          if b.target])
         det_seconds = time.perf_counter() - det_started
         # The parent's detectors travel with its blocks.
         if parent is not None:
@@ -283,8 +285,11 @@ class O3Engine:
 
 
 def fit_request_detector(job: JobInput, request: EngineRequest, cfg: O3Config,
-                         dest: Path) -> dict[str, Any]:
-    """Fit, store and measure one request's detector on the base model's hidden states."""
+                         dest: Path, *, other_targets: list[str] | None = None
+                         ) -> dict[str, Any]:
+    """Fit, store and measure one request's detector on the base model's hidden states
+    (and its subject probe, weighed against well-known people and `other_targets`, the
+    lineage's earlier requests' targets)."""
     from workers.engines.o3.detector import auroc, build_detector, prompt_features
     from workers.evaluation.probes import load_retain_prompts, load_unrelated_probes
     from workers.model import BaseModelRef, load_model_and_tokenizer
@@ -324,26 +329,35 @@ def fit_request_detector(job: JobInput, request: EngineRequest, cfg: O3Config,
             float((detector.weight_from_score(nb) > 0).float().mean()), 4)
     detector.save(dest, {"target": request.target, "forget_items": len(prompts)})
     if cfg.detector.subject_probe and (request.target or "").strip():
+        from workers.engines.o3.subject_probe import rivals_for
+
+        rivals = (rivals_for(request.target, known_people() + list(other_targets or []))
+                  if cfg.detector.subject_rivals else [])
         metrics.update(fit_request_subject_probe(model, tokenizer, request.target, prompts,
-                                                 generic, unrelated, neighbours, cfg, dest))
+                                                 generic, unrelated, neighbours, cfg, dest,
+                                                 rivals=rivals))
     return metrics
 
 
 def fit_request_subject_probe(model: Any, tokenizer: Any, target: str, prompts: list[str],
                               generic: list[str], unrelated: list[str],
-                              neighbours: list[str], cfg: O3Config, dest: Path
-                              ) -> dict[str, Any]:
+                              neighbours: list[str], cfg: O3Config, dest: Path, *,
+                              rivals: list[str]) -> dict[str, Any]:
     """Calibrate and store the request's subject probe (it then gates the block), with
     its AUROC: the ticket's questions (never trained on: the probe has no parameters)
     against the utility questions and the held-out questions about other people."""
     from workers.engines.o3.detector import auroc
     from workers.engines.o3.subject_probe import calibrate, subject_scores
 
-    pos = subject_scores(model, tokenizer, prompts, [target])[:, 0]
-    probe, summary = calibrate(target, subject_scores(model, tokenizer, generic, [target])[:, 0],
-                               pos, generic_quantile=cfg.detector.subject_generic_quantile)
+    def scores(questions: list[str]) -> Any:
+        return subject_scores(model, tokenizer, questions, [target], rivals=[rivals])[:, 0]
+
+    pos = scores(prompts)
+    probe, summary = calibrate(target, scores(generic), pos,
+                               generic_quantile=cfg.detector.subject_generic_quantile)
+    probe.rivals = rivals
     probe.save(dest)
-    unrel = subject_scores(model, tokenizer, unrelated, [target])[:, 0]
+    unrel = scores(unrelated)
     metrics: dict[str, Any] = {
         "gate": "subject_probe",
         "subject_auroc_unrelated": round(auroc(pos.tolist(), unrel.tolist()), 4),
@@ -352,7 +366,7 @@ def fit_request_subject_probe(model: Any, tokenizer: Any, target: str, prompts: 
         "subject_calibration": {k: round(v, 4) for k, v in summary.items()},
     }
     if neighbours:
-        nb = subject_scores(model, tokenizer, neighbours, [target])[:, 0]
+        nb = scores(neighbours)
         metrics["subject_auroc_neighbours"] = round(auroc(pos.tolist(), nb.tolist()), 4)
         metrics["subject_neighbours_gated_share"] = round(
             float((probe.weight_from_score(nb) > 0).float().mean()), 4)
@@ -366,6 +380,14 @@ def forget_prompts(request: EngineRequest, cfg: O3Config) -> list[str]:
         prompts.append(text_to_prompt(text, cfg.text_prompt_words)[0])
         prompts.append(text)
     return list(dict.fromkeys(p for p in prompts if p.strip()))
+
+
+def known_people() -> list[str]:
+    """The shipped list of well-known people a subject probe weighs its target against."""
+    from importlib import resources
+
+    return list(json.loads(resources.files("workers.engines.o3").joinpath(
+        "data/known_people.json").read_text(encoding="utf-8"))["names"])
 
 
 def neighbour_questions(target: str | None) -> tuple[list[str], list[str]]:

@@ -34,7 +34,12 @@ from workers.engines.o3.detector import (
     template_span,
 )
 from workers.engines.o3.gating import gate_from_weights, hub_for, stacked_from_peft
-from workers.engines.o3.subject_probe import SubjectProbe, reply_tokens, scores_after_prompt
+from workers.engines.o3.subject_probe import (
+    NameTokens,
+    SubjectProbe,
+    reply_tokens,
+    scores_after_prompt,
+)
 
 
 class O3Servable:
@@ -48,7 +53,7 @@ class O3Servable:
         self.detectors = list(detectors)
         # A block with a subject probe gates on it instead of its contrastive detector.
         self.probes = list(probes) or [None] * len(self.detectors)
-        self._probe_tokens: tuple[tuple[str, ...], Any] | None = None
+        self._probe_tokens: tuple[list[Any], tuple[list[int], list[NameTokens]]] | None = None
         self.ranks = list(ranks)
         self.gating = list(gating)
         self.skip_below = skip_below
@@ -94,10 +99,12 @@ class O3Servable:
     def close(self) -> None:
         self._hub.remove_version(self._key)
 
-    def _reply_tokens(self, subjects: tuple[str, ...]) -> tuple[list[int], list[list[int]]]:
-        """The subject probes' tokens, tokenised on a version's first batch, not on each."""
-        if self._probe_tokens is None or self._probe_tokens[0] != subjects:
-            self._probe_tokens = (subjects, reply_tokens(self.tokenizer, subjects))
+    def _reply_tokens(self, probed: list[SubjectProbe]) -> tuple[list[int], list[NameTokens]]:
+        """The probes' tokens, tokenised on a version's first batch, not on each."""
+        key = [(p.subject, tuple(p.rivals)) for p in probed]
+        if self._probe_tokens is None or self._probe_tokens[0] != key:
+            self._probe_tokens = (key, reply_tokens(self.tokenizer, [p.subject for p in probed],
+                                                    rivals=[p.rivals for p in probed]))
         return self._probe_tokens[1]
 
     # -- detection ------------------------------------------------------------------------
@@ -114,7 +121,7 @@ class O3Servable:
                   if p is not None and g]
         subject: dict[int, Tensor] = {}
         if probed:
-            tail, names = self._reply_tokens(tuple(p.subject for _, p in probed))
+            tail, names = self._reply_tokens([p for _, p in probed])
             # w = 0 at and below w_low, so a name whose score cannot exceed it is not run.
             floor = torch.tensor([p.w_low for _, p in probed], device=attn.device)
             scores = scores_after_prompt(self.model, cache,

@@ -24,13 +24,24 @@ Training-free:
 fitting it is only its calibration, from the generic prompts' scores (w = 0 up to a high
 quantile of them) and the ticket's own questions' (w = 1 from the middle of the way to
 their median on).
+
+Rivals. A small model names its field's best-known person for many questions about the
+field ("Which Danish physicist proposed a model of the atom?" gets some of Einstein's
+probability). A probe with `rivals` (well-known people, the lineage's other targets) adds
+log P(target | the reply names the target or a rival) to its score: the target's mass is
+its name's and its last name's probability as the reply, a rival's is bounded by the
+probability of its first token (exact for the few rivals whose first token starts a form
+of the target's name), all from the same two forwards. Measured on the bundled SmolLM2
+(benchmarks/subject_gate.py, 10 targets, the neighbours' names left out of the rivals):
+another target's probes gated (w > 0) 0.20 -> 0.08 of the time, the target's own held-out
+probes at w >= 0.5 0.88 -> 0.90; neighbours unknown to the rivals list barely move.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +61,7 @@ class SubjectProbe:
     w_low: float      # score at and below which w = 0
     w_high: float     # ... at and above which w = 1
     question: str = SUBJECT_QUESTION
+    rivals: list[str] = field(default_factory=list)  # empty: the name's own score only
 
     def weight_from_score(self, scores: Tensor) -> Tensor:
         return ((scores - self.w_low) / max(self.w_high - self.w_low, 1e-6)).clamp(0.0, 1.0)
@@ -64,33 +76,93 @@ class SubjectProbe:
         return cls(**json.loads(path.read_text())) if path.is_file() else None
 
 
+@dataclass(frozen=True)
+class NameTokens:
+    """One probe's token sequences as replies (see `name_tokens`)."""
+
+    name: tuple[int, ...]
+    forms: tuple[tuple[int, ...], ...] = ()         # other forms of the name (its last word)
+    exact_rivals: tuple[tuple[int, ...], ...] = ()  # rivals starting like a form: run whole
+    rival_firsts: tuple[int, ...] = ()               # other rivals' first tokens (bounds)
+
+    @property
+    def weighed(self) -> bool:
+        return bool(self.exact_rivals or self.rival_firsts)
+
+
+def rivals_for(subject: str, candidates: Sequence[str]) -> list[str]:
+    """The candidates that are other people than `subject`: not its name or part of it
+    ("Darwin", "Charles") and not of its surname (whose last name is the target's form)."""
+    def words(name: str) -> list[str]:
+        return name.lower().replace("-", " ").split()
+
+    own = words(subject)
+
+    def other(candidate: str) -> bool:
+        theirs = words(candidate)
+        return bool(theirs) and theirs[-1] != own[-1] and not (
+            set(theirs) <= set(own) or set(own) <= set(theirs))
+
+    return list(dict.fromkeys(c.strip() for c in candidates if other(c)))
+
+
+def name_tokens(tokenizer: Any, subject: str, rivals: Sequence[str] = ()) -> NameTokens:
+    """The subject's name as the reply's first words (chat models start a reply without a
+    leading space) and, when it is weighed against rivals, its last name alone and the
+    rivals' full and last names."""
+    def ids(text: str) -> tuple[int, ...]:
+        return tuple(tokenizer(text.strip(), add_special_tokens=False)["input_ids"])
+
+    def with_last(name: str) -> list[str]:
+        words = name.split()
+        return [name] + ([words[-1]] if len(words) > 1 and len(words[-1]) > 3 else [])
+
+    name = ids(subject)
+    if not rivals:
+        return NameTokens(name=name)
+    forms = tuple(ids(f) for f in with_last(subject)[1:])
+    starts = {name[0]} | {f[0] for f in forms}
+    exact, firsts = [], []
+    for rival in rivals:
+        for form in map(ids, with_last(rival)):
+            if form and form[0] in starts:
+                exact.append(form)
+            elif form:
+                firsts.append(form[0])
+    return NameTokens(name=name, forms=forms, exact_rivals=tuple(dict.fromkeys(exact)),
+                      rival_firsts=tuple(sorted(set(firsts))))
+
+
 def reply_tokens(tokenizer: Any, subjects: Sequence[str], *,
-                 question: str = SUBJECT_QUESTION) -> tuple[list[int], list[list[int]]]:
+                 question: str = SUBJECT_QUESTION,
+                 rivals: Sequence[Sequence[str]] | None = None
+                 ) -> tuple[list[int], list[NameTokens]]:
     """What follows a prompt's text when it is scored: the question and the template's
-    reply header (`tail`), then each subject's name as the reply's first words (chat
-    models start a reply without a leading space). Tokenised once per servable or call."""
+    reply header (`tail`), then each subject's `name_tokens` (with `rivals[j]`, if given).
+    Tokenised once per servable or call."""
     from workers.engines.o3.detector import template_span
     from workers.model import format_chat
 
     header = tokenizer(format_chat(tokenizer, "x"), add_special_tokens=False)["input_ids"]
     tail = (tokenizer(question, add_special_tokens=False)["input_ids"]
             + header[len(header) - template_span(tokenizer).suffix:])
-    names = [tokenizer(s.strip(), add_special_tokens=False)["input_ids"] for s in subjects]
-    return tail, names
+    rivals = rivals if rivals is not None else [()] * len(subjects)
+    return tail, [name_tokens(tokenizer, s, r) for s, r in zip(subjects, rivals)]
 
 
 @torch.no_grad()
 def subject_scores(model: Any, tokenizer: Any, prompts: Sequence[str],
                    subjects: Sequence[str], *, question: str = SUBJECT_QUESTION,
+                   rivals: Sequence[Sequence[str]] | None = None,
                    batch_size: int = 16) -> Tensor:
-    """(len(prompts), len(subjects)) mean log p of each subject's name as the reply to the
-    prompt with `question` appended: the chat-formatted prompt up to the end of the user's
-    text, then `scores_after_prompt`."""
+    """(len(prompts), len(subjects)) probe scores of each subject (weighed against
+    `rivals[j]` when given): the chat-formatted prompt up to the end of the user's text,
+    then `scores_after_prompt`."""
     from workers.engines.o3.detector import encode_prompts, padded_positions, template_span
 
     device = next(model.parameters()).device
     suffix = template_span(tokenizer).suffix
-    tail, names = reply_tokens(tokenizer, subjects, question=question)
+    tail, names = reply_tokens(tokenizer, subjects, question=question, rivals=rivals)
     rows: list[Tensor] = []
     for start in range(0, len(prompts), batch_size):
         enc = encode_prompts(tokenizer, list(prompts[start:start + batch_size]), device)
@@ -104,23 +176,26 @@ def subject_scores(model: Any, tokenizer: Any, prompts: Sequence[str],
 
 @torch.no_grad()
 def scores_after_prompt(model: Any, cache: Any, attn: Tensor, tail: list[int],
-                        names: list[list[int]], *, floor: Tensor | None = None) -> Tensor:
+                        names: Sequence[NameTokens | Sequence[int]], *,
+                        floor: Tensor | None = None) -> Tensor:
     """(B, len(names)) from `cache`, the KV cache of B left-padded chat prompts up to the
     end of the user's text (mask `attn`; the cache may hold more positions: they are cut).
 
-    A forward over `tail` (reply_tokens) gives every name's first token at once. A name's
-    score is the mean over its n tokens of log-probabilities <= 0, so it is at most its
-    first token's log-probability / n: where that bound is at or below `floor` (per name;
-    serving passes the score below which the weight is 0) the bound is returned and the
-    rest of the name is never run. That is what unrelated traffic costs: the tail only.
-    Otherwise a second forward over the names that are still open, all in one sequence:
-    each name sees the prompt, the tail and its own earlier tokens (a block mask), and
-    each name's positions restart where the tail ends, so every name is scored exactly
-    as if it alone followed the tail. Serving passes its detection forward's cache: the
-    prompt itself is never run again."""
+    A name's score is the mean over its n tokens of their log-probabilities as the reply,
+    plus, for a name weighed against rivals, log P(name | name or a rival); both are
+    <= 0, so the score is at most the first token's log-probability / n. A forward over
+    `tail` (reply_tokens) gives every first token at once; where that bound is at or
+    below `floor` (per name; serving passes the score below which the weight is 0) the
+    bound is returned and the rest is never run. That is what unrelated traffic costs:
+    the tail only. Otherwise a second forward over the sequences of the names still open
+    (names, forms, exact rivals), all in one sequence: each sees the prompt, the tail and
+    its own earlier tokens (a block mask) and its positions restart where the tail ends,
+    so each is scored exactly as if it alone followed the tail. Serving passes its
+    detection forward's cache: the prompt itself is never run again."""
     from workers.engines.o3.detector import padded_positions
     from workers.model.shared_prefix import branch_cache
 
+    names = [n if isinstance(n, NameTokens) else NameTokens(name=tuple(n)) for n in names]
     device = attn.device
     batch, end = attn.shape
     dtype = next(model.parameters()).dtype
@@ -130,41 +205,54 @@ def scores_after_prompt(model: Any, cache: Any, attn: Tensor, tail: list[int],
                 attention_mask=torch.cat([attn, attn.new_ones(batch, len(tail))], -1),
                 position_ids=start + torch.arange(len(tail), device=device)[None],
                 past_key_values=tail_cache, use_cache=True, logits_to_keep=1)
-    first = torch.log_softmax(out.logits[:, -1].float(), -1)[
-        :, torch.tensor([n[0] for n in names], device=device)]           # (B, len(names))
-    lengths = torch.tensor([len(n) for n in names], device=device, dtype=first.dtype)
-    scores = first / lengths
-    open_ = [j for j, name in enumerate(names) if len(name) > 1
+    first = torch.log_softmax(out.logits[:, -1].float(), -1)              # (B, V)
+    scores = torch.stack([first[:, n.name[0]] / len(n.name) for n in names], -1)
+    open_ = [j for j, n in enumerate(names) if (len(n.name) > 1 or n.weighed)
              and (floor is None or bool((scores[:, j] > floor[j]).any()))]
     if not open_:
         return scores
-    ids, pos, owner = [], [], []
+    seqs = list(dict.fromkeys(seq for j in open_ for seq in
+                              (names[j].name, *names[j].forms, *names[j].exact_rivals)))
+    long = [seq for seq in seqs if len(seq) > 1]
+    totals = {seq: first[:, seq[0]] for seq in seqs}
+    if long:
+        ids, pos, owner = [], [], []
+        for k, seq in enumerate(long):
+            ids += seq[:-1]
+            pos += range(len(tail), len(tail) + len(seq) - 1)
+            owner += [k] * (len(seq) - 1)
+        q = len(ids)
+        # Query i sees key k (both new) only if k belongs to i's own sequence and comes
+        # before it; every query sees the prompt and the whole tail.
+        order = torch.arange(q, device=device)
+        own = torch.tensor(owner, device=device)
+        new_keys = (order[None, :] <= order[:, None]) & (own[None, :] == own[:, None])
+        visible = torch.cat([attn.bool()[:, None, :].expand(batch, q, end),
+                             torch.ones(batch, q, len(tail), dtype=torch.bool, device=device),
+                             new_keys[None].expand(batch, q, q)], -1)
+        mask = torch.zeros(visible.shape, dtype=dtype, device=device)
+        mask = mask.masked_fill(~visible, torch.finfo(dtype).min)[:, None]
+        res = model(input_ids=torch.tensor(ids, device=device).expand(batch, -1),
+                    attention_mask=mask,
+                    position_ids=start + torch.tensor(pos, device=device)[None],
+                    past_key_values=out.past_key_values, use_cache=True)
+        logp = torch.log_softmax(res.logits.float(), -1)                    # (B, q, V)
+        offset = 0
+        for seq in long:
+            rest = torch.tensor(seq[1:], device=device)
+            picked = logp[:, offset:offset + len(rest)].gather(
+                -1, rest.expand(batch, -1)[..., None])[..., 0]
+            totals[seq] = totals[seq] + picked.sum(-1)
+            offset += len(rest)
     for j in open_:
-        ids += names[j][:-1]
-        pos += range(len(tail), len(tail) + len(names[j]) - 1)
-        owner += [j] * (len(names[j]) - 1)
-    q = len(ids)
-    # Query i sees key k (both new) only if k belongs to i's own name and comes before it;
-    # every query sees the prompt and the whole tail.
-    order = torch.arange(q, device=device)
-    own = torch.tensor(owner, device=device)
-    new_keys = (order[None, :] <= order[:, None]) & (own[None, :] == own[:, None])
-    visible = torch.cat([attn.bool()[:, None, :].expand(batch, q, end),
-                         torch.ones(batch, q, len(tail), dtype=torch.bool, device=device),
-                         new_keys[None].expand(batch, q, q)], -1)
-    mask = torch.zeros(visible.shape, dtype=dtype, device=device)
-    mask = mask.masked_fill(~visible, torch.finfo(dtype).min)[:, None]  # (B, 1, q, end+t+q)
-    out = model(input_ids=torch.tensor(ids, device=device).expand(batch, -1),
-                attention_mask=mask, position_ids=start + torch.tensor(pos, device=device)[None],
-                past_key_values=out.past_key_values, use_cache=True)
-    logp = torch.log_softmax(out.logits.float(), -1)                        # (B, q, V)
-    offset = 0
-    for j in open_:
-        rest = names[j][1:]
-        picked = logp[:, offset:offset + len(rest)].gather(
-            -1, torch.tensor(rest, device=device).expand(batch, -1)[..., None])[..., 0]
-        scores[:, j] = (first[:, j] + picked.sum(-1)) / len(names[j])
-        offset += len(rest)
+        n = names[j]
+        scores[:, j] = totals[n.name] / len(n.name)
+        if n.weighed:
+            own = torch.logsumexp(torch.stack([totals[f] for f in (n.name, *n.forms)], -1), -1)
+            rival = torch.logsumexp(torch.cat([first[:, list(n.rival_firsts)]]
+                                              + [totals[r][:, None] for r in n.exact_rivals],
+                                              -1), -1)
+            scores[:, j] += own - torch.logaddexp(own, rival)
     return scores
 
 
@@ -186,8 +274,14 @@ def calibrate(subject: str, generic_scores: Tensor, forget_scores: Tensor, *,
 
 def fit_subject_probe(model: Any, tokenizer: Any, *, subject: str,
                       forget_prompts: Sequence[str], generic_prompts: Sequence[str],
-                      generic_quantile: float = 0.95) -> tuple[SubjectProbe, dict[str, float]]:
-    """`calibrate` on the scores of `generic_prompts` and `forget_prompts`."""
-    return calibrate(subject, subject_scores(model, tokenizer, generic_prompts, [subject])[:, 0],
-                     subject_scores(model, tokenizer, forget_prompts, [subject])[:, 0],
-                     generic_quantile=generic_quantile)
+                      rivals: Sequence[str] = (), generic_quantile: float = 0.95
+                      ) -> tuple[SubjectProbe, dict[str, float]]:
+    """`calibrate` on the scores of `generic_prompts` and `forget_prompts` (weighed
+    against `rivals`, which the probe keeps)."""
+    def score(prompts: Sequence[str]) -> Tensor:
+        return subject_scores(model, tokenizer, prompts, [subject], rivals=[rivals])[:, 0]
+
+    probe, summary = calibrate(subject, score(generic_prompts), score(forget_prompts),
+                               generic_quantile=generic_quantile)
+    probe.rivals = list(rivals)
+    return probe, summary
