@@ -9,6 +9,9 @@ questions -> w = 1), once per score (workers/engines/o3/subject_probe.py):
   well-known people (data/known_people.json) and the other targets, as the engine does,
   but with every neighbour's name left out: the neighbours below are people the probe has
   never heard of, so what it gains on them is not from knowing their names.
+- against rivals, hard negatives: the same score, with w = 0 raised to the 0.95 quantile of
+  the engine's questions about other people (people_questions.json, again without any
+  about a neighbour's person), capped halfway to the ticket's median (the engine default).
 
 Then, on probes never in the ticket: the share of the target's held-out / fill-in-the-blank
 / adversarial probes the block applies to fully (w = 1), at least half (w >= 0.5) and at all
@@ -37,6 +40,8 @@ def main() -> None:
     parser.add_argument("--targets", type=int, default=10)
     args = parser.parse_args()
 
+    import json
+
     import torch
 
     from benchmarks.continual import load_targets
@@ -54,7 +59,12 @@ def main() -> None:
     known = [k for k in known_people() if not any(a in k.lower() for a in unheard)]
     generic = list(load_retain_prompts())
     unrelated = [p.question for p in load_unrelated_probes()]
-    groups = {"generic": generic, "unrelated": unrelated}
+    # The engine's hard negatives (questions about other people), without any question
+    # about a neighbour's person.
+    bank = json.loads((REPO / "workers/engines/o3/data/people_questions.json").read_text())
+    hard = [(q["about"], q["question"]) for q in bank["questions"]
+            if not any(a in q["about"].lower() for a in unheard)]
+    groups = {"generic": generic, "unrelated": unrelated, "hard": [q for _, q in hard]}
     for t in targets:
         groups[f"ticket:{t.name}"] = [i["question"] for i in t.ticket]
         groups[f"probes:{t.name}"] = [p.question for p in t.probes]
@@ -83,10 +93,15 @@ def main() -> None:
     for j, t in enumerate(targets):
         pos, neigh = rows_of(f"probes:{t.name}"), rows_of(f"neighbours:{t.name}")
         others = [i for u in targets if u is not t for i in rows_of(f"probes:{u.name}")]
-        for label, (scores, _) in timed.items():
+        own_hard = [i for i, (about, _) in zip(rows_of("hard"), hard)
+                    if rivals_for(t.target, [about])]
+        variants = [(label, scores, None) for label, (scores, _) in timed.items()] + [
+            ("against rivals, hard negatives", timed["against rivals"][0], own_hard)]
+        for label, scores, hard_rows in variants:
             col = scores[:, j]
             probe, _ = calibrate(t.target, col[rows_of("generic")],
-                                 col[rows_of(f"ticket:{t.name}")])
+                                 col[rows_of(f"ticket:{t.name}")],
+                                 hard_scores=col[hard_rows] if hard_rows else None)
             w = probe.weight_from_score(col)
 
             def share(rows: list[int], at: float = 0.0, above: bool = True) -> float:

@@ -58,10 +58,6 @@ def service(tmp_path: Path, bundled_model, ray_cluster):
     serve.shutdown()
 
 
-@pytest.mark.known_failing(reason="its revocation step (2026-12-03): after Darwin's ticket "
-                           "is revoked v3 answers Darwin at 0.50 of base (wants >= 0.8): "
-                           "Einstein's subject probe gates 5 of 10 'which scientist...' "
-                           "Darwin questions; everything before it passed")
 def test_two_o3_tickets_forget_both_people_and_keep_unrelated_answers(service):
     from workers.dispatcher import DispatcherLoop
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from workers.engines.o3.subject_probe import (
@@ -159,3 +160,22 @@ def test_a_probe_stored_before_rivals_loads_without_them(tmp_path: Path) -> None
     (tmp_path / "subject_probe.json").write_text(json.dumps(
         {"subject": "Ada", "w_low": -2.0, "w_high": -1.0, "question": SUBJECT_QUESTION}))
     assert SubjectProbe.load(tmp_path).rivals == []
+
+
+def test_hard_negatives_raise_w_low_but_never_past_halfway_to_the_ticket() -> None:
+    """Questions about other people push w = 0 up to their 0.95 quantile, capped at the
+    old halfway point, so the ticket's own median still gets w = 1."""
+    from workers.engines.o3.subject_probe import calibrate
+
+    generic = torch.linspace(-20.0, -10.0, 101)           # 0.95 quantile: -10.5
+    ticket = torch.tensor([-3.0, -2.0, -1.0])              # median -2
+    plain, _ = calibrate("A", generic, ticket)
+    assert plain.w_low == pytest.approx(-10.5) and plain.w_high == pytest.approx(-6.25)
+    near = torch.linspace(-9.0, -7.0, 101)                 # 0.95 quantile: -7.1
+    probe, _ = calibrate("A", generic, ticket, hard_scores=near)
+    assert probe.w_low == pytest.approx(-7.1) and probe.w_high == pytest.approx(-4.55)
+    assert float(probe.weight_from_score(torch.tensor(-2.0))) == 1.0
+    close = torch.linspace(-4.0, -1.0, 101)                # above halfway: capped there
+    capped, _ = calibrate("A", generic, ticket, hard_scores=close)
+    assert capped.w_low == pytest.approx(-6.25)
+    assert float(capped.weight_from_score(torch.tensor(-2.0))) == 1.0

@@ -80,6 +80,9 @@ class DetectorConfig:
         subject_rivals: weigh the target against well-known people (data/known_people.json)
             and the lineage's earlier targets: a prompt the model would sooner name after
             one of them gates the block less (subject_probe.py, "Rivals").
+        subject_hard_negatives: w = 0 also up to that quantile of the shipped questions
+            about other people (data/people_questions.json), capped halfway to the ticket's
+            median: fewer other people's questions gated, a few of the target's too.
         skip_below: a block whose weight is at most this for every sample of a batch is not
             applied at all (the batch runs at the base model's cost).
         seed: masking and initialisation.
@@ -106,6 +109,7 @@ class DetectorConfig:
     subject_probe: bool = True
     subject_generic_quantile: float = 0.95
     subject_rivals: bool = True
+    subject_hard_negatives: bool = True
     skip_below: float = 0.02
     seed: int = 0
 

@@ -335,14 +335,14 @@ def fit_request_detector(job: JobInput, request: EngineRequest, cfg: O3Config,
                   if cfg.detector.subject_rivals else [])
         metrics.update(fit_request_subject_probe(model, tokenizer, request.target, prompts,
                                                  generic, unrelated, neighbours, cfg, dest,
-                                                 rivals=rivals))
+                                                 rivals=rivals, hard=hard))
     return metrics
 
 
 def fit_request_subject_probe(model: Any, tokenizer: Any, target: str, prompts: list[str],
                               generic: list[str], unrelated: list[str],
                               neighbours: list[str], cfg: O3Config, dest: Path, *,
-                              rivals: list[str]) -> dict[str, Any]:
+                              rivals: list[str], hard: list[str]) -> dict[str, Any]:
     """Calibrate and store the request's subject probe (it then gates the block), with
     its AUROC: the ticket's questions (never trained on: the probe has no parameters)
     against the utility questions and the held-out questions about other people."""
@@ -353,8 +353,9 @@ def fit_request_subject_probe(model: Any, tokenizer: Any, target: str, prompts: 
         return subject_scores(model, tokenizer, questions, [target], rivals=[rivals])[:, 0]
 
     pos = scores(prompts)
-    probe, summary = calibrate(target, scores(generic), pos,
-                               generic_quantile=cfg.detector.subject_generic_quantile)
+    probe, summary = calibrate(
+        target, scores(generic), pos, generic_quantile=cfg.detector.subject_generic_quantile,
+        hard_scores=scores(hard) if hard and cfg.detector.subject_hard_negatives else None)
     probe.rivals = rivals
     probe.save(dest)
     unrel = scores(unrelated)

@@ -33,8 +33,8 @@ its name's and its last name's probability as the reply, a rival's is bounded by
 probability of its first token (exact for the few rivals whose first token starts a form
 of the target's name), all from the same two forwards. Measured on the bundled SmolLM2
 (benchmarks/subject_gate.py, 10 targets, the neighbours' names left out of the rivals):
-another target's probes gated (w > 0) 0.20 -> 0.08 of the time, the target's own held-out
-probes at w >= 0.5 0.88 -> 0.90; neighbours unknown to the rivals list barely move.
+another target's probes gated (w > 0) 0.20 -> 0.15 of the time, the target's own held-out
+probes at w >= 0.5 0.88 -> 0.91; neighbours unknown to the rivals list barely move.
 """
 
 from __future__ import annotations
@@ -91,8 +91,8 @@ class NameTokens:
 
 
 def rivals_for(subject: str, candidates: Sequence[str]) -> list[str]:
-    """The candidates that are other people than `subject`: not its name or part of it
-    ("Darwin", "Charles") and not of its surname (whose last name is the target's form)."""
+    """The candidates that are other people than `subject`: not its name or a part of it
+    ("Darwin", "Charles"), nor anyone of its surname (whose last name is the target's)."""
     def words(name: str) -> list[str]:
         return name.lower().replace("-", " ").split()
 
@@ -257,13 +257,22 @@ def scores_after_prompt(model: Any, cache: Any, attn: Tensor, tail: list[int],
 
 
 def calibrate(subject: str, generic_scores: Tensor, forget_scores: Tensor, *,
-              generic_quantile: float = 0.95) -> tuple[SubjectProbe, dict[str, float]]:
+              generic_quantile: float = 0.95, hard_scores: Tensor | None = None
+              ) -> tuple[SubjectProbe, dict[str, float]]:
     """A probe for `subject` from its scores: w = 0 up to the `generic_quantile` of the
     generic prompts' scores, 1 from halfway between that and the median of the ticket's own
-    questions' scores (these are not trained on: the probe has no parameters)."""
+    questions' scores (these are not trained on: the probe has no parameters).
+
+    With `hard_scores` (questions about other people), w = 0 also up to their
+    `generic_quantile`, but never above that halfway point: w = 1 then starts halfway
+    between the raised w_low and the median."""
     g, f = generic_scores, forget_scores
+    median = float(f.median())
     w_low = float(torch.quantile(g, generic_quantile))
-    w_high = max(w_low + 0.5 * (float(f.median()) - w_low), w_low + 1e-3)
+    if hard_scores is not None and len(hard_scores):
+        w_low = max(w_low, min(float(torch.quantile(hard_scores, generic_quantile)),
+                               w_low + 0.5 * (median - w_low)))
+    w_high = max(w_low + 0.5 * (median - w_low), w_low + 1e-3)
     probe = SubjectProbe(subject=subject, w_low=w_low, w_high=w_high)
     summary = {"generic_score_max": float(g.max()), "forget_score_median": float(f.median()),
                "forget_gated_share": float((probe.weight_from_score(f) > 0).float().mean()),
