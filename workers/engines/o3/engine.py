@@ -355,8 +355,8 @@ def fit_request_subject_probe(model: Any, tokenizer: Any, target: str, prompts: 
     pos = scores(prompts)
     probe, summary = calibrate(
         target, scores(generic), pos, generic_quantile=cfg.detector.subject_generic_quantile,
-        hard_scores=scores(hard) if hard and cfg.detector.subject_hard_negatives else None)
-    probe.rivals = rivals
+        hard_scores=scores(hard) if hard and cfg.detector.subject_hard_negatives else None,
+        rivals=rivals)
     probe.save(dest)
     unrel = scores(unrelated)
     metrics: dict[str, Any] = {

@@ -257,15 +257,16 @@ def scores_after_prompt(model: Any, cache: Any, attn: Tensor, tail: list[int],
 
 
 def calibrate(subject: str, generic_scores: Tensor, forget_scores: Tensor, *,
-              generic_quantile: float = 0.95, hard_scores: Tensor | None = None
-              ) -> tuple[SubjectProbe, dict[str, float]]:
+              generic_quantile: float = 0.95, hard_scores: Tensor | None = None,
+              rivals: Sequence[str] = ()) -> tuple[SubjectProbe, dict[str, float]]:
     """A probe for `subject` from its scores: w = 0 up to the `generic_quantile` of the
     generic prompts' scores, 1 from halfway between that and the median of the ticket's own
     questions' scores (these are not trained on: the probe has no parameters).
 
     With `hard_scores` (questions about other people), w = 0 also up to their
     `generic_quantile`, but never above that halfway point: w = 1 then starts halfway
-    between the raised w_low and the median."""
+    between the raised w_low and the median. `rivals`: what the scores were weighed
+    against (the probe keeps them, to score the same way at serving)."""
     g, f = generic_scores, forget_scores
     median = float(f.median())
     w_low = float(torch.quantile(g, generic_quantile))
@@ -273,8 +274,8 @@ def calibrate(subject: str, generic_scores: Tensor, forget_scores: Tensor, *,
         w_low = max(w_low, min(float(torch.quantile(hard_scores, generic_quantile)),
                                w_low + 0.5 * (median - w_low)))
     w_high = max(w_low + 0.5 * (median - w_low), w_low + 1e-3)
-    probe = SubjectProbe(subject=subject, w_low=w_low, w_high=w_high)
-    summary = {"generic_score_max": float(g.max()), "forget_score_median": float(f.median()),
+    probe = SubjectProbe(subject=subject, w_low=w_low, w_high=w_high, rivals=list(rivals))
+    summary = {"generic_score_max": float(g.max()), "forget_score_median": median,
                "forget_gated_share": float((probe.weight_from_score(f) > 0).float().mean()),
                "generic_gated_share": float((probe.weight_from_score(g) > 0).float().mean()),
                "w_low": w_low, "w_high": w_high}
@@ -290,7 +291,5 @@ def fit_subject_probe(model: Any, tokenizer: Any, *, subject: str,
     def score(prompts: Sequence[str]) -> Tensor:
         return subject_scores(model, tokenizer, prompts, [subject], rivals=[rivals])[:, 0]
 
-    probe, summary = calibrate(subject, score(generic_prompts), score(forget_prompts),
-                               generic_quantile=generic_quantile)
-    probe.rivals = list(rivals)
-    return probe, summary
+    return calibrate(subject, score(generic_prompts), score(forget_prompts),
+                     generic_quantile=generic_quantile, rivals=rivals)
