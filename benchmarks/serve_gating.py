@@ -11,6 +11,9 @@ prompt gates (w = 0), and times, side by side in one run:
     hf generate      the base model through `greedy_answers` (the plain evaluation path)
     o3, 0 blocks     O3Servable with no version: the serving path's own cost
     o3, N gated      N blocks, their probes run, every w = 0 (what unrelated traffic pays)
+    o3, N gated+rivals   the same, each probe weighed against its rivals as the engine
+                     stores them (known people + the earlier targets; the default since
+                     the subject probe learnt rivals)
     o3, N ungated    N blocks applied at w = 1 to every prompt (o3 without gating)
 
     .venv/bin/python benchmarks/serve_gating.py                  # N = 1, 3, 10
@@ -49,13 +52,17 @@ def random_stack(model: Any, blocks: int, rank: int, device: str) -> Any:
     return StackedLoRA(modules=modules, ranks=[rank] * blocks)
 
 
-def servable(model: Any, tok: Any, device: str, names: list[str], *, gated: bool) -> Any:
+def servable(model: Any, tok: Any, device: str, names: list[str], *, gated: bool,
+             rivals: bool = False) -> Any:
+    from workers.engines.o3.engine import known_people
     from workers.engines.o3.serving import O3Servable
-    from workers.engines.o3.subject_probe import SubjectProbe
+    from workers.engines.o3.subject_probe import SubjectProbe, rivals_for
 
     n = len(names)
     # w_low above any log-probability: the probe runs, and its weight is always 0.
-    probes = [SubjectProbe(subject=s, w_low=1e9, w_high=1e9 + 1) for s in names]
+    probes = [SubjectProbe(subject=s, w_low=1e9, w_high=1e9 + 1,
+                           rivals=rivals_for(s, known_people() + names[:i]) if rivals else [])
+              for i, s in enumerate(names)]
     return O3Servable(model=model, tokenizer=tok, device=device, detectors=[None] * n,
                       ranks=[8] * n, stacked=random_stack(model, n, 8, device) if n else None,
                       gating=[gated] * n, probes=probes)
@@ -105,13 +112,14 @@ def main() -> None:
     base.close()
     rows.append(("o3, 0 blocks", zero))
     for n in counts:
-        for gated in (True, False):
-            s = servable(model, tok, args.device, people[:n], gated=gated)
+        for label, gated, rivals in (("gated", True, False), ("gated+rivals", True, True),
+                                     ("ungated", False, False)):
+            s = servable(model, tok, args.device, people[:n], gated=gated, rivals=rivals)
             seconds = timed(lambda ps: s.generate(ps, [32] * len(ps)), prompts, args.repeats)
             if gated:
                 assert s.last_weights is not None and not bool((s.last_weights > 0).any())
             s.close()
-            rows.append((f"o3, {n} {'gated' if gated else 'ungated'}", seconds))
+            rows.append((f"o3, {n} {label}", seconds))
 
     print(f"\n{len(prompts)} unrelated prompts, batches of 16, 32 new tokens, best of "
           f"{args.repeats}, {args.device}\n")

@@ -27,4 +27,4 @@ export RAY_AUTH_MODE=disabled
 export HF_HUB_OFFLINE=1
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-.venv/bin/python scripts/no_leftovers.py -- .venv/bin/python -m pytest -q -ra "$@"
+.venv/bin/python scripts/no_leftovers.py -- .venv/bin/python -m pytest -q -ra --durations=25 "$@"
