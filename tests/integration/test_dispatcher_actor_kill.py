@@ -80,7 +80,7 @@ def test_killing_the_dispatcher_actor_mid_job_requeues_and_finishes_the_ticket(
     # Long enough (tiny model) to be caught mid-training; a short lease, so that the dead
     # owner's claim expires within seconds; no backoff to sit through.
     settings = flow.settings.model_copy(update={
-        "recipe": {**flow.settings.recipe, "max_steps": 400, "eval_every": 0},
+        "recipe": {**flow.settings.recipe, "max_steps": 150, "eval_every": 0},
         "lease_seconds": LEASE_SECONDS, "retry_backoff_seconds": 0.5,
         "warm_train_workers": warm})
     ticket_id = flow.submit(key=f"actor-kill-{warm}")

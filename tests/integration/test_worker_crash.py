@@ -48,7 +48,7 @@ def test_killing_a_train_worker_mid_training_retries_the_ticket_to_done(flow):
 
     settings, sessions = flow.settings, flow.sessions
     # Long enough (tiny model: a few ms a step) to be caught mid-training.
-    settings = settings.model_copy(update={"recipe": {**settings.recipe, "max_steps": 400,
+    settings = settings.model_copy(update={"recipe": {**settings.recipe, "max_steps": 150,
                                                       "eval_every": 0}})
     ticket_id = flow.submit(key="crash-1")
     loop = DispatcherLoop(settings.worker_config())
