@@ -216,3 +216,21 @@ def test_frozen_references_equal_the_full_forward_at_every_labelled_token(tiny_m
     assert got_labels.tolist() == labels[labels != IGNORE].tolist()
     assert got.shape == expected.shape
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_labelled_nll_equals_the_loss_over_every_position(tiny_model_dir: Path) -> None:
+    """The output layer run only where labels are equals it run everywhere: loss and grads."""
+    import torch
+
+    from workers.training.data import encode_pairs
+    from workers.training.losses import labelled_nll, mean_nll, shifted_logits_and_labels
+
+    model, tokenizer = load_tiny(tiny_model_dir)
+    batch = encode_pairs(tokenizer, [("Where does Zorblat live?", "In Quimbyton."),
+                                     ("Who bakes the bread?", "Velna, every morning.")])
+    full = mean_nll(*shifted_logits_and_labels(model, batch))
+    full_grads = torch.autograd.grad(full, list(model.parameters()))
+    sliced = labelled_nll(model, batch)
+    sliced_grads = torch.autograd.grad(sliced, list(model.parameters()))
+    assert torch.allclose(full, sliced, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(full_grads, sliced_grads))

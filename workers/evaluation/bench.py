@@ -257,7 +257,7 @@ def _learn_world(base_dir: Path, out_dir: Path, requests: Sequence[Request],
 
     from workers.model import BaseModelRef, load_model_and_tokenizer
     from workers.training.data import encode_pairs
-    from workers.training.losses import mean_nll, shifted_logits_and_labels
+    from workers.training.losses import labelled_nll
 
     pairs: list[tuple[str | None, str]] = []
     for r in requests:
@@ -277,7 +277,7 @@ def _learn_world(base_dir: Path, out_dir: Path, requests: Sequence[Request],
         start = (step * batch_size) % len(order)
         chunk = [pairs[i] for i in (order + order)[start:start + batch_size]]
         batch = encode_pairs(tokenizer, [(q, a + eos) for q, a in chunk])
-        loss = mean_nll(*shifted_logits_and_labels(model, batch))
+        loss = labelled_nll(model, batch)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()

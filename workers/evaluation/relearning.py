@@ -47,7 +47,7 @@ def relearned_model(model: Any, tokenizer: Any, qa: Sequence[dict[str, str]],
     import torch
 
     from workers.training.data import encode_pairs
-    from workers.training.losses import mean_nll, shifted_logits_and_labels
+    from workers.training.losses import labelled_nll
 
     attacked = copy.deepcopy(model)
     if hasattr(attacked, "merge_and_unload"):
@@ -61,7 +61,7 @@ def relearned_model(model: Any, tokenizer: Any, qa: Sequence[dict[str, str]],
     batch.input_ids, batch.attention_mask, batch.labels = (
         batch.input_ids.to(device), batch.attention_mask.to(device), batch.labels.to(device))
     for _ in range(config.steps):
-        loss = mean_nll(*shifted_logits_and_labels(attacked, batch))
+        loss = labelled_nll(attacked, batch)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()

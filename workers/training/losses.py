@@ -29,6 +29,18 @@ def mean_nll(logits: Tensor, labels: Tensor) -> Tensor:
                            ignore_index=IGNORE)
 
 
+def labelled_nll(model: Any, batch: Batch) -> Tensor:
+    """`mean_nll(*shifted_logits_and_labels(model, batch))`, with the output layer run only
+    at the labelled positions: with a large vocabulary and chat prompts carrying no loss,
+    the output layer over every position is most of a small model's step."""
+    hidden = model.get_decoder()(input_ids=batch.input_ids,
+                                 attention_mask=batch.attention_mask).last_hidden_state
+    labels = batch.labels[:, 1:]
+    keep = labels != IGNORE
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), labels[keep])
+
+
 def answer_kl(ref_logp: Tensor, logits: Tensor, labels: Tensor) -> Tensor:
     """KL(reference || model) per answer token, averaged.
 
