@@ -1,0 +1,74 @@
+"""What an O3 version's real, calibrated gates cost unrelated prompts, and why.
+
+`benchmarks/serve_gating.py` forces every weight to 0; this loads a version an engine
+trained (e.g. the last one `benchmarks/continual.py` leaves in its scratch folder) and
+reports, side by side in one run: how many unrelated prompts and batches get a weight
+above 0 from any block, and the time of O3 serving vs HF generate on the same prompts.
+
+    .venv/bin/python benchmarks/serve_version.py /tmp/oblivio-continual-*/o3/v10
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+# Not the script folder: benchmarks/queue.py would shadow the standard library queue.
+sys.path[0] = str(REPO)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("version_dir", type=Path, help="an O3 version's folder")
+    parser.add_argument("--prompts", type=int, default=48, help="unrelated prompts")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=2, help="best of this many runs")
+    args = parser.parse_args()
+
+    import torch
+
+    from workers.engines.o3.serving import O3Servable
+    from workers.evaluation.generation import greedy_answers
+    from workers.evaluation.probes import load_unrelated_probes
+    from workers.model import load_model_and_tokenizer, resolve_base_model
+
+    torch.set_num_threads(2)
+    ref = resolve_base_model("bundled:smollm2-135m-instruct", REPO / ".cache" / "oblivio-data")
+    model, tok = load_model_and_tokenizer(ref, device="cpu")
+    prompts = [p.question for p in load_unrelated_probes()][:args.prompts]
+    servable = O3Servable.load(args.version_dir, model=model, tokenizer=tok, device="cpu")
+    batches = [prompts[i:i + args.batch] for i in range(0, len(prompts), args.batch)]
+
+    def best(answer: Any) -> float:
+        times = []
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            for batch in batches:
+                answer(batch)
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    hf = best(lambda b: greedy_answers(model, tok, b, max_new_tokens=32, batch_size=args.batch))
+    weights: list[Any] = []
+
+    def o3(batch: list[str]) -> None:
+        servable.generate(batch, [32] * len(batch))
+        weights.append(servable.last_weights)
+
+    o3_seconds = best(o3)
+    w = torch.cat(weights[:len(batches)])
+    print(f"\n{args.version_dir}: {w.shape[1]} blocks, {len(prompts)} unrelated prompts, "
+          f"batches of {args.batch}, best of {args.repeats}\n")
+    print("| prompts with w > 0 | batches with w > 0 | hf generate s | o3 s | o3 x hf |")
+    print("|---|---|---|---|---|")
+    gated_batches = sum(int((x > 0).any()) for x in weights[:len(batches)])
+    print(f"| {int((w > 0).any(1).sum())}/{len(prompts)} | {gated_batches}/{len(batches)} | "
+          f"{hf:.2f} | {o3_seconds:.2f} | {o3_seconds / hf:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
