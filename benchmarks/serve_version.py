@@ -25,12 +25,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("version_dir", type=Path, help="an O3 version's folder")
     parser.add_argument("--prompts", type=int, default=48, help="unrelated prompts")
-    parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2, help="best of this many runs")
     args = parser.parse_args()
 
     import torch
 
+    from benchmarks.serve_gating import timed
     from workers.engines.o3.serving import O3Servable
     from workers.evaluation.generation import greedy_answers
     from workers.evaluation.probes import load_unrelated_probes
@@ -41,31 +41,23 @@ def main() -> None:
     model, tok = load_model_and_tokenizer(ref, device="cpu")
     prompts = [p.question for p in load_unrelated_probes()][:args.prompts]
     servable = O3Servable.load(args.version_dir, model=model, tokenizer=tok, device="cpu")
-    batches = [prompts[i:i + args.batch] for i in range(0, len(prompts), args.batch)]
 
-    def best(answer: Any) -> float:
-        times = []
-        for _ in range(args.repeats):
-            started = time.perf_counter()
-            for batch in batches:
-                answer(batch)
-            times.append(time.perf_counter() - started)
-        return min(times)
-
-    hf = best(lambda b: greedy_answers(model, tok, b, max_new_tokens=32, batch_size=args.batch))
-    weights: list[Any] = []
+    hf = timed(lambda b: greedy_answers(model, tok, b, max_new_tokens=32, batch_size=16),
+               prompts, args.repeats)
+    weights: list[Any] = []  # (batch, blocks) per call, in the order of the batches of 16
 
     def o3(batch: list[str]) -> None:
         servable.generate(batch, [32] * len(batch))
         weights.append(servable.last_weights)
 
-    o3_seconds = best(o3)
-    w = torch.cat(weights[:len(batches)])
+    o3_seconds = timed(o3, prompts, args.repeats)
+    batches = weights[:len(weights) // args.repeats]  # the first run's
+    w = torch.cat(batches)
     print(f"\n{args.version_dir}: {w.shape[1]} blocks, {len(prompts)} unrelated prompts, "
-          f"batches of {args.batch}, best of {args.repeats}\n")
+          f"batches of 16, best of {args.repeats}\n")
     print("| prompts with w > 0 | batches with w > 0 | hf generate s | o3 s | o3 x hf |")
     print("|---|---|---|---|---|")
-    gated_batches = sum(int((x > 0).any()) for x in weights[:len(batches)])
+    gated_batches = sum(int((x > 0).any()) for x in batches)
     print(f"| {int((w > 0).any(1).sum())}/{len(prompts)} | {gated_batches}/{len(batches)} | "
           f"{hf:.2f} | {o3_seconds:.2f} | {o3_seconds / hf:.2f} |")
 

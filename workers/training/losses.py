@@ -29,16 +29,21 @@ def mean_nll(logits: Tensor, labels: Tensor) -> Tensor:
                            ignore_index=IGNORE)
 
 
+def labelled_positions(batch: Batch) -> Tensor:
+    """(B, T) True where a position's logits predict a labelled token (the next one)."""
+    need = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
+    need[:, :-1] = batch.labels[:, 1:] != IGNORE
+    return need
+
+
 def labelled_nll(model: Any, batch: Batch) -> Tensor:
     """`mean_nll(*shifted_logits_and_labels(model, batch))`, with the output layer run only
     at the labelled positions: with a large vocabulary and chat prompts carrying no loss,
     the output layer over every position is most of a small model's step."""
-    hidden = model.get_decoder()(input_ids=batch.input_ids,
-                                 attention_mask=batch.attention_mask).last_hidden_state
-    labels = batch.labels[:, 1:]
-    keep = labels != IGNORE
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), labels[keep])
+    need = labelled_positions(batch)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   logits_to_keep=need).logits
+    return F.cross_entropy(logits.float(), batch.labels[:, 1:][need[:, :-1]])
 
 
 def answer_kl(ref_logp: Tensor, logits: Tensor, labels: Tensor) -> Tensor:
@@ -63,8 +68,7 @@ def frozen_labelled_logits(model: Any, batch: Batch) -> tuple[Tensor, Tensor, Te
     from workers.model.shared_prefix import common_prefix_length, prefix_cache, repeat_cache
 
     ids, mask = batch.input_ids, batch.attention_mask
-    need = torch.zeros_like(mask, dtype=torch.bool)
-    need[:, :-1] = batch.labels[:, 1:] != IGNORE
+    need = labelled_positions(batch)
     # The shared prefix ends before any row's first labelled position (its logits are
     # needed) and within every row's real tokens.
     ends = [int(row.nonzero()[0]) + 1 if row.any() else int(n)
