@@ -38,12 +38,14 @@ def repeat_cache(cache: Any, rows: int) -> Any:
                           layer.values.expand(rows, -1, -1, -1)) for layer in cache.layers])
 
 
-def branch_cache(cache: Any, length: int | None = None) -> Any:
-    """A new cache over the same tensors (its first `length` positions, default all): what
-    a forward appends to it (a concatenation, new tensors) leaves `cache` as it was, so
-    several continuations can share one prefill."""
+def branch_cache(cache: Any, length: int | None = None, rows: Any = None) -> Any:
+    """A new cache over the same tensors (its first `length` positions, default all; the
+    batch `rows`, an index tensor, default all): what a forward appends to it (a
+    concatenation, new tensors) leaves `cache` as it was, so several continuations can
+    share one prefill."""
     from transformers import DynamicCache
 
     cut = slice(None, length)
-    return DynamicCache([(layer.keys[:, :, cut], layer.values[:, :, cut])
+    pick = slice(None) if rows is None else rows
+    return DynamicCache([(layer.keys[pick, :, cut], layer.values[pick, :, cut])
                          for layer in cache.layers])

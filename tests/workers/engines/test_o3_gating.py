@@ -151,18 +151,28 @@ def test_batched_equals_one_by_one_with_mixed_weights(tiny_version) -> None:
 
     model, tokenizer, version = tiny_version
     servable = O3Servable.load(version, model=model, tokenizer=tokenizer, device="cpu")
-    # Spread the calibration over these prompts' own scores so the weights are mixed.
+    # Spread the calibration over these prompts' own scores so the weights are mixed, from
+    # the last prompt's score up: no block applies to that row.
     feats_w = []
     for det in servable.detectors:
         from workers.engines.o3.detector import prompt_features
 
         scores = det.score(prompt_features(model, tokenizer, PROMPTS, list(det.layers),
                                            pooling=det.pooling))
-        det.w_low, det.w_high = float(scores.min()), float(scores.max())
+        det.w_low = float(scores[-1])
+        det.w_high = max(float(scores.max()), det.w_low + 1e-3)
         feats_w.append(scores)
     weights = servable.block_weights(PROMPTS)
     assert ((weights > 0) & (weights < 1)).any() and (weights == 0).any()
+    gated_rows = int((weights > 0).any(1).sum())
+    assert 0 < gated_rows < len(PROMPTS)
+    rows_run: list[int] = []
+    hook = model.register_forward_hook(lambda _m, _a, kw, _o: rows_run.append(
+        kw["input_ids"].shape[0]), with_kwargs=True)
     batched = servable.generate(PROMPTS, [10, 6, 10, 8])
+    hook.remove()
+    # Only the gated rows' prompts run again; the others keep the detection forward's cache.
+    assert rows_run[1] == gated_rows and set(rows_run) == {len(PROMPTS), gated_rows}
     assert torch.allclose(servable.last_weights, weights, atol=1e-5)
     alone = [servable.generate([p], [n])[0] for p, n in zip(PROMPTS, [10, 6, 10, 8])]
     servable.close()

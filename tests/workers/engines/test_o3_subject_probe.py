@@ -144,6 +144,51 @@ def test_rivals_take_the_target_s_share_of_the_reply(tiny_model_dir: Path,
     assert SubjectProbe.load(tmp_path) == probe
 
 
+
+def test_only_rows_still_open_run_the_names_and_then_the_rivals(tiny_model_dir: Path) -> None:
+    """Unrelated traffic must not pay for every name's tokens on every row: each stage
+    (the names and their forms, then the exact rivals) runs only the rows where a bound
+    still passes its floor. Those rows are scored exactly; the rest keep an upper bound."""
+    from tests.fixtures.training import load_tiny
+    from workers.engines.o3.detector import encode_prompts, padded_positions, template_span
+    from workers.engines.o3.subject_probe import reply_tokens, scores_after_prompt
+
+    model, tokenizer = load_tiny(tiny_model_dir)
+    subject, rivals = "Zorblat Quimby", ["Quimbyson Hall", "Ada Lovelace", "Paris"]
+    exact = subject_scores(model, tokenizer, PROMPTS, [subject], rivals=[rivals])[:, 0]
+    enc = encode_prompts(tokenizer, PROMPTS, "cpu")
+    end = enc["input_ids"].shape[1] - template_span(tokenizer).suffix
+    attn = enc["attention_mask"][:, :end]
+    with torch.no_grad():
+        cache = model(input_ids=enc["input_ids"][:, :end], attention_mask=attn,
+                      position_ids=padded_positions(attn), use_cache=True).past_key_values
+    tail, names = reply_tokens(tokenizer, [subject], rivals=[rivals])
+    assert names[0].exact_rivals and len(names[0].name) > 1  # both stages have work
+    rows_run: list[int] = []
+    hook = model.register_forward_hook(lambda _m, _a, kw, _o: rows_run.append(
+        kw["input_ids"].shape[0]), with_kwargs=True)
+
+    def scores(floor: float) -> torch.Tensor:
+        rows_run.clear()
+        return scores_after_prompt(model, cache, attn, tail, names,
+                                   floor=torch.tensor([floor]))[:, 0]
+
+    bounds = scores(float("inf"))                      # the tail's first-token bounds
+    assert rows_run == [len(PROMPTS)] and (bounds >= exact - 1e-4).all()
+    top, second = bounds.topk(2).values.tolist()
+    # Between the best row's bound and the next: only the best row is run any further.
+    opened = scores((top + second) / 2)
+    assert len(rows_run) in (2, 3) and rows_run[1:] == [1] * (len(rows_run) - 1)
+    assert (opened >= exact - 1e-4).all()
+    best = int(bounds.argmax())
+    assert torch.equal(opened[torch.arange(3) != best], bounds[torch.arange(3) != best])
+    assert opened[best] < bounds[best]                 # tightened by the names' tokens
+    everyone = scores(float("-inf"))                   # both stages, every row: exact
+    hook.remove()
+    assert rows_run == [len(PROMPTS)] * 3
+    assert torch.allclose(everyone, exact, atol=1e-4)
+
+
 def _first_token_logps(model, tokenizer, prompt: str) -> torch.Tensor:
     """log p of every token as the reply's first."""
     from workers.model import format_chat

@@ -50,10 +50,15 @@ def gate_from_weights(weights: Tensor, ranks: Sequence[int]) -> Tensor:
 
 def gated_delta(x: Tensor, a: Tensor, b: Tensor, gate: Tensor) -> Tensor:
     """((x A^T) * gate) B^T for x (batch, seq, d_in) or (batch, d_in), gate (batch, R)."""
-    h = x @ a.T.to(x.dtype)
-    g = gate.to(x.dtype)
-    h = h * (g[:, None, :] if x.dim() == 3 else g)
-    return h @ b.T.to(x.dtype)
+    return _gated_delta_t(x, a.T.to(x.dtype), b.T.to(x.dtype), gate.to(x.dtype))
+
+
+def _gated_delta_t(x: Tensor, a_t: Tensor, b_t: Tensor, gate: Tensor) -> Tensor:
+    """`gated_delta` with A^T, B^T and the gate already in x's dtype (the hook's hot path:
+    a decode step runs it once per adapted module)."""
+    h = x @ a_t
+    h *= gate[:, None, :] if x.dim() == 3 else gate
+    return h @ b_t
 
 
 class GatingHub:
@@ -63,8 +68,9 @@ class GatingHub:
         self._model = model
         self._versions: dict[str, StackedLoRA] = {}
         self._hooked: dict[str, Any] = {}
-        self._active: tuple[StackedLoRA, Tensor] | None = None
-        self._active_ranks: Tensor | None = None
+        # While a version is active: module name -> (A^T, B^T) over the used ranks only,
+        # and the gate's columns for those ranks.
+        self._active: tuple[dict[str, tuple[Tensor, Tensor]], Tensor] | None = None
         self.lock = threading.RLock()
 
     def add_version(self, key: str, stacked: StackedLoRA) -> None:
@@ -85,13 +91,11 @@ class GatingHub:
             active = self._active
             if active is None:
                 return None
-            stacked, gate = active
-            pair = stacked.modules.get(name)
-            if pair is None or self._active_ranks is None:
+            modules, gate = active
+            pair = modules.get(name)
+            if pair is None:
                 return None
-            cols = self._active_ranks
-            a, b = pair
-            return output + gated_delta(inputs[0], a[cols], b[:, cols], gate[:, cols])
+            return output + _gated_delta_t(inputs[0], pair[0], pair[1], gate)
         return hook
 
     @contextmanager
@@ -105,12 +109,16 @@ class GatingHub:
         used = (gate != 0).any(0).nonzero().flatten()
         with self.lock:
             if used.numel():
-                self._active = (stacked, gate)
-                self._active_ranks = used
+                # Sliced and transposed once per call, not once per module per step.
+                dtype = next(self._model.parameters()).dtype
+                modules = {name: (a[used].T.to(dtype).contiguous(),
+                                  b[:, used].T.to(dtype).contiguous())
+                           for name, (a, b) in stacked.modules.items()}
+                self._active = (modules, gate[:, used].to(dtype))
             try:
                 yield
             finally:
-                self._active, self._active_ranks = None, None
+                self._active = None
 
 
 def hub_for(model: nn.Module) -> GatingHub:

@@ -7,9 +7,11 @@ Per batch:
    continues from that cache, or else its contrastive detector on the pooled features;
    weights at or below `skip_below` become exactly 0.
 3. No block applies to any sample: generation continues from that cache, so the batch
-   costs what the base model costs (plus the detectors' few small matrix products).
-   Otherwise the blocks are applied per sample (gating.py) and the prompts are prefilled
-   again with the gate on (the cache of step 1 is the base model's, not the gated one's).
+   costs what the base model costs (plus the gates' cost). Otherwise the prompts of the
+   rows some block applies to are run again with their blocks on (the cache of step 1 is
+   the base model's), their rows of the cache are replaced, and the whole batch
+   continues from it with the blocks applied per sample (gating.py): rows with w = 0 get
+   exactly the base model, and only the ranks of blocks some row uses are computed.
 
 Both the Ray Serve deployment and offline evaluation call `generate`, so what is measured
 is what is served.
@@ -148,7 +150,7 @@ class O3Servable:
         attn = enc["attention_mask"]
         out = self.model(input_ids=enc["input_ids"][:, :width], attention_mask=attn[:, :width],
                          position_ids=padded_positions(attn)[:, :width],
-                         output_hidden_states=True, use_cache=True)
+                         output_hidden_states=True, use_cache=True, logits_to_keep=1)
         mask = content_mask(attn, self._span, width=width)
         return self._weights(out.hidden_states, mask, out.cache, attn).cpu()
 
@@ -174,20 +176,30 @@ class O3Servable:
                 pre = self.model(input_ids=ids[:, :width], attention_mask=attn[:, :width],
                                  position_ids=padded_positions(attn)[:, :width],
                                  output_hidden_states=bool(self._layers),
-                                 use_cache=True)
+                                 use_cache=True, logits_to_keep=1)
                 mask = content_mask(attn, self._span, width=width)
                 w = self._weights(pre.hidden_states or (), mask, pre.cache, attn)
                 self.last_weights = w.cpu()
                 kwargs = {"max_new_tokens": max(max_new_tokens), "do_sample": False,
                           "pad_token_id": pad_id}
-                if w.numel() == 0 or not bool((w > 0).any()):
+                gated = (w > 0).any(1).nonzero().flatten().to(ids.device)
+                if not len(gated):
                     out = self.model.generate(input_ids=ids, attention_mask=attn,
                                               past_key_values=pre.past_key_values, **kwargs)
                 else:
-                    del pre
                     gate = gate_from_weights(w, self.ranks).to(ids.device)
+                    # Only the gated rows' prompts are run again (with their blocks on);
+                    # the other rows keep the detection forward's cache, which is theirs.
+                    with self._hub.active(self._key, gate[gated]):
+                        again = self.model(input_ids=ids[gated, :width],
+                                           attention_mask=attn[gated, :width],
+                                           position_ids=padded_positions(attn)[gated, :width],
+                                           use_cache=True, logits_to_keep=1)
+                    for mine, theirs in zip(pre.past_key_values.layers, again.cache.layers):
+                        mine.keys[gated], mine.values[gated] = theirs.keys, theirs.values
                     with self._hub.active(self._key, gate):
-                        out = self.model.generate(input_ids=ids, attention_mask=attn, **kwargs)
+                        out = self.model.generate(input_ids=ids, attention_mask=attn,
+                                                  past_key_values=pre.past_key_values, **kwargs)
             finally:
                 if was_training:
                     self.model.train()

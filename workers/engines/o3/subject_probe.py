@@ -16,10 +16,13 @@ and 0.36-0.86).
 Cost at serving: one forward, on a branch of the detection forward's cache, over the
 question and the reply header (about 20 tokens); it gives every name's first token, which
 bounds the name's score, so a name that cannot pass its probe's w_low is never run (exact:
-its weight is 0 either way). Only names still open get a second forward, all in one
-sequence under a block mask; the prompt itself is not run again. Measured on the bundled
-SmolLM2 (benchmarks/serve_gating.py, 48 unrelated prompts, CPU): 10 gated requests cost
-1.10x the O3 path with no blocks (1.22x with every name run, 1.43x with one forward each).
+its weight is 0 either way). Then, only for the rows where some name is still open, one
+forward over the names' remaining tokens and one over the exact rivals' (each all in one
+sequence under a block mask); the prompt itself is not run again. Measured on the bundled
+SmolLM2 with the 10 probes of a continual run (benchmarks/serve_version.py, a batch of 16
+unrelated prompts, CPU): the tail 0.64 s, the names 1.17 s (every row: a name's first
+token bounds its mean only loosely), the rivals 0.14 s (one row), next to 5.7 s for HF
+generate of 32 tokens.
 Training-free:
 fitting it is only its calibration, from the generic prompts' scores (w = 0 up to a high
 quantile of them) and the ticket's own questions' (w = 1 from the middle of the way to
@@ -40,7 +43,7 @@ probes at w >= 0.5 0.88 -> 0.91; neighbours unknown to the rivals list barely mo
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,6 +177,35 @@ def subject_scores(model: Any, tokenizer: Any, prompts: Sequence[str],
     return torch.cat(rows) if rows else torch.zeros(0, len(subjects))
 
 
+def name_score(name: NameTokens, first: Tensor,
+               totals: Mapping[tuple[int, ...], tuple[Tensor, Tensor]] | None = None
+               ) -> Tensor:
+    """`name`'s score over the rows of `first` (B, V), the reply's first-token
+    log-probabilities, and `totals`: sequence -> ((B,) log-probability, (B,) exact?) of the
+    sequences run so far. Exact once every sequence of the name is; before that an upper
+    bound: a sequence's probability is at most its first token's (so the mean is at most
+    first / n and the name's own mass at most its forms' first tokens'), and a rival not
+    run yet adds no mass (its mass only lowers the score)."""
+    totals = totals or {}
+
+    def own(seq: tuple[int, ...]) -> Tensor:
+        return totals[seq][0] if seq in totals else first[:, seq[0]]
+
+    score = own(name.name) / len(name.name)
+    if name.weighed:
+        mine = torch.logsumexp(torch.stack([own(f) for f in (name.name, *name.forms)], -1), -1)
+        rivals = [first[:, list(name.rival_firsts)]]
+        for rival in name.exact_rivals:
+            if len(rival) == 1:
+                rivals.append(first[:, rival[0], None])
+            elif rival in totals:
+                value, exact = totals[rival]
+                rivals.append(torch.where(exact, value, -torch.inf)[:, None])
+        mass = torch.logsumexp(torch.cat(rivals, -1), -1)  # -inf when there is none
+        score = score + mine - torch.logaddexp(mine, mass)
+    return score
+
+
 @torch.no_grad()
 def scores_after_prompt(model: Any, cache: Any, attn: Tensor, tail: list[int],
                         names: Sequence[NameTokens | Sequence[int]], *,
@@ -182,78 +214,93 @@ def scores_after_prompt(model: Any, cache: Any, attn: Tensor, tail: list[int],
     end of the user's text (mask `attn`; the cache may hold more positions: they are cut).
 
     A name's score is the mean over its n tokens of their log-probabilities as the reply,
-    plus, for a name weighed against rivals, log P(name | name or a rival); both are
-    <= 0, so the score is at most the first token's log-probability / n. A forward over
-    `tail` (reply_tokens) gives every first token at once; where that bound is at or
-    below `floor` (per name; serving passes the score below which the weight is 0) the
-    bound is returned and the rest is never run. That is what unrelated traffic costs:
-    the tail only. Otherwise a second forward over the sequences of the names still open
-    (names, forms, exact rivals), all in one sequence: each sees the prompt, the tail and
-    its own earlier tokens (a block mask) and its positions restart where the tail ends,
-    so each is scored exactly as if it alone followed the tail. Serving passes its
-    detection forward's cache: the prompt itself is never run again."""
+    plus, for a name weighed against rivals, log P(name | name or a rival). A forward over
+    `tail` (reply_tokens) gives every first token at once, and with them an upper bound of
+    every score (`name_score`). Where a bound is at or below `floor` (per name; serving
+    passes the score below which the weight is 0) the bound is returned: the weight is 0
+    either way. That is what unrelated traffic costs: the tail only. The rest runs in two
+    stages, each one forward over the rows where some name's bound still passes: first the
+    names and their other forms (which make the bound tight but for the exact rivals),
+    then the exact rivals of the names still open. Each forward puts its sequences in one:
+    each sees the prompt, the tail and its own earlier tokens (a block mask) and its
+    positions restart where the tail ends, so each is scored exactly as if it alone
+    followed the tail. Serving passes its detection forward's cache: the prompt itself is
+    never run again. With no `floor` every score is exact."""
     from workers.engines.o3.detector import padded_positions
     from workers.model.shared_prefix import branch_cache
 
     names = [n if isinstance(n, NameTokens) else NameTokens(name=tuple(n)) for n in names]
     device = attn.device
     batch, end = attn.shape
-    dtype = next(model.parameters()).dtype
     start = padded_positions(attn)[:, -1:] + 1                             # after the prompt
-    tail_cache = branch_cache(cache, end)
     out = model(input_ids=torch.tensor(tail, device=device).expand(batch, -1),
                 attention_mask=torch.cat([attn, attn.new_ones(batch, len(tail))], -1),
                 position_ids=start + torch.arange(len(tail), device=device)[None],
-                past_key_values=tail_cache, use_cache=True, logits_to_keep=1)
+                past_key_values=branch_cache(cache, end), use_cache=True, logits_to_keep=1)
     first = torch.log_softmax(out.logits[:, -1].float(), -1)              # (B, V)
-    scores = torch.stack([first[:, n.name[0]] / len(n.name) for n in names], -1)
-    open_ = [j for j, n in enumerate(names) if (len(n.name) > 1 or n.weighed)
-             and (floor is None or bool((scores[:, j] > floor[j]).any()))]
-    if not open_:
-        return scores
-    seqs = list(dict.fromkeys(seq for j in open_ for seq in
-                              (names[j].name, *names[j].forms, *names[j].exact_rivals)))
-    long = [seq for seq in seqs if len(seq) > 1]
-    totals = {seq: first[:, seq[0]] for seq in seqs}
-    if long:
-        ids, pos, owner = [], [], []
-        for k, seq in enumerate(long):
-            ids += seq[:-1]
-            pos += range(len(tail), len(tail) + len(seq) - 1)
-            owner += [k] * (len(seq) - 1)
-        q = len(ids)
-        # Query i sees key k (both new) only if k belongs to i's own sequence and comes
-        # before it; every query sees the prompt and the whole tail.
-        order = torch.arange(q, device=device)
-        own = torch.tensor(owner, device=device)
-        new_keys = (order[None, :] <= order[:, None]) & (own[None, :] == own[:, None])
-        visible = torch.cat([attn.bool()[:, None, :].expand(batch, q, end),
-                             torch.ones(batch, q, len(tail), dtype=torch.bool, device=device),
-                             new_keys[None].expand(batch, q, q)], -1)
-        mask = torch.zeros(visible.shape, dtype=dtype, device=device)
-        mask = mask.masked_fill(~visible, torch.finfo(dtype).min)[:, None]
-        res = model(input_ids=torch.tensor(ids, device=device).expand(batch, -1),
-                    attention_mask=mask,
-                    position_ids=start + torch.tensor(pos, device=device)[None],
-                    past_key_values=out.past_key_values, use_cache=True)
-        logp = torch.log_softmax(res.logits.float(), -1)                    # (B, q, V)
-        offset = 0
-        for seq in long:
-            rest = torch.tensor(seq[1:], device=device)
-            picked = logp[:, offset:offset + len(rest)].gather(
-                -1, rest.expand(batch, -1)[..., None])[..., 0]
-            totals[seq] = totals[seq] + picked.sum(-1)
-            offset += len(rest)
-    for j in open_:
-        n = names[j]
-        scores[:, j] = totals[n.name] / len(n.name)
-        if n.weighed:
-            own = torch.logsumexp(torch.stack([totals[f] for f in (n.name, *n.forms)], -1), -1)
-            rival = torch.logsumexp(torch.cat([first[:, list(n.rival_firsts)]]
-                                              + [totals[r][:, None] for r in n.exact_rivals],
-                                              -1), -1)
-            scores[:, j] += own - torch.logaddexp(own, rival)
-    return scores
+    totals: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}
+
+    def scores() -> Tensor:
+        return torch.stack([name_score(n, first, totals) for n in names], -1)
+
+    current = scores()
+    stages = (lambda n: (n.name, *n.forms), lambda n: n.exact_rivals)
+    for sequences_of in stages:
+        todo = {j: [q for q in sequences_of(n) if len(q) > 1 and q not in totals]
+                for j, n in enumerate(names)}
+        open_ = [j for j, qs in todo.items() if qs]
+        if floor is not None:
+            open_ = [j for j in open_ if bool((current[:, j] > floor[j]).any())]
+        if not open_:
+            continue
+        rows = (torch.arange(batch, device=device) if floor is None else
+                (current[:, open_] > floor[open_]).any(1).nonzero().flatten())
+        seqs = list(dict.fromkeys(q for j in open_ for q in todo[j]))
+        rest = _rest_of_sequences(model, out.past_key_values, attn, start, len(tail),
+                                  seqs, rows)
+        for k, seq in enumerate(seqs):
+            value, exact = first[:, seq[0]].clone(), torch.zeros(batch, dtype=torch.bool,
+                                                                 device=device)
+            value[rows] += rest[:, k]
+            exact[rows] = True
+            totals[seq] = (value, exact)
+        current = scores()
+    return current
+
+
+def _rest_of_sequences(model: Any, past: Any, attn: Tensor, start: Tensor, tail_len: int,
+                       seqs: Sequence[tuple[int, ...]], rows: Tensor) -> Tensor:
+    """(len(rows), len(seqs)): each sequence's log-probability after its first token, as
+    the reply after the tail (`past`, the cache over the prompts and the tail), for the
+    batch `rows`; all sequences in one forward under a block mask."""
+    from workers.model.shared_prefix import branch_cache
+
+    device, dtype = attn.device, next(model.parameters()).dtype
+    attn, start, batch, end = attn[rows], start[rows], len(rows), attn.shape[1]
+    ids, pos, owner = [], [], []
+    for k, seq in enumerate(seqs):
+        ids += seq[:-1]
+        pos += range(tail_len, tail_len + len(seq) - 1)
+        owner += [k] * (len(seq) - 1)
+    q = len(ids)
+    # Query i sees key k (both new) only if k belongs to i's own sequence and comes before
+    # it; every query sees the prompt and the whole tail.
+    order = torch.arange(q, device=device)
+    own = torch.tensor(owner, device=device)
+    new_keys = (order[None, :] <= order[:, None]) & (own[None, :] == own[:, None])
+    visible = torch.cat([attn.bool()[:, None, :].expand(batch, q, end),
+                         torch.ones(batch, q, tail_len, dtype=torch.bool, device=device),
+                         new_keys[None].expand(batch, q, q)], -1)
+    mask = torch.zeros(visible.shape, dtype=dtype, device=device)
+    mask = mask.masked_fill(~visible, torch.finfo(dtype).min)[:, None]
+    res = model(input_ids=torch.tensor(ids, device=device).expand(batch, -1),
+                attention_mask=mask, position_ids=start + torch.tensor(pos, device=device)[None],
+                past_key_values=branch_cache(past, rows=rows), use_cache=True)
+    logp = torch.log_softmax(res.logits.float(), -1)                        # (rows, q, V)
+    nxt = torch.tensor([t for seq in seqs for t in seq[1:]], device=device)
+    picked = logp.gather(-1, nxt.expand(batch, -1)[..., None])[..., 0]      # (rows, q)
+    return torch.zeros(batch, len(seqs), device=device).index_add_(
+        1, own, picked)
 
 
 def calibrate(subject: str, generic_scores: Tensor, forget_scores: Tensor, *,
