@@ -26,6 +26,8 @@ def main() -> None:
     parser.add_argument("version_dir", type=Path, help="an O3 version's folder")
     parser.add_argument("--prompts", type=int, default=48, help="unrelated prompts")
     parser.add_argument("--repeats", type=int, default=2, help="best of this many runs")
+    parser.add_argument("--new-tokens", type=int, default=32,
+                        help="tokens generated per prompt (the gates cost the same for any)")
     args = parser.parse_args()
 
     import torch
@@ -42,19 +44,20 @@ def main() -> None:
     prompts = [p.question for p in load_unrelated_probes()][:args.prompts]
     servable = O3Servable.load(args.version_dir, model=model, tokenizer=tok, device="cpu")
 
-    hf = timed(lambda b: greedy_answers(model, tok, b, max_new_tokens=32, batch_size=16),
+    hf = timed(lambda b: greedy_answers(model, tok, b, max_new_tokens=args.new_tokens,
+                                         batch_size=16),
                prompts, args.repeats)
     weights: list[Any] = []  # (batch, blocks) per call, in the order of the batches of 16
 
     def o3(batch: list[str]) -> None:
-        servable.generate(batch, [32] * len(batch))
+        servable.generate(batch, [args.new_tokens] * len(batch))
         weights.append(servable.last_weights)
 
     o3_seconds = timed(o3, prompts, args.repeats)
     batches = weights[:len(weights) // args.repeats]  # the first run's
     w = torch.cat(batches)
     print(f"\n{args.version_dir}: {w.shape[1]} blocks, {len(prompts)} unrelated prompts, "
-          f"batches of 16, best of {args.repeats}\n")
+          f"batches of 16, {args.new_tokens} new tokens, best of {args.repeats}\n")
     print("| prompts with w > 0 | batches with w > 0 | hf generate s | o3 s | o3 x hf |")
     print("|---|---|---|---|---|")
     gated_batches = sum(int((x > 0).any()) for x in batches)

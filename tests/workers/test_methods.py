@@ -15,7 +15,7 @@ from storage.errors import InvalidRequest
 from tests.fixtures.training import FORGET_QA, forget_nll, load_tiny
 from workers.methods import MethodRegistry, get_method, list_methods, register_method
 from workers.training.data import IGNORE, encode_pairs, keyword_token_mask
-from workers.training.losses import answer_kl, sequence_logp
+from workers.training.losses import answer_kl
 
 LOGP = torch.tensor([-12.0, -3.5, -20.0])
 REF = torch.tensor([-10.0, -4.0, -20.0])
@@ -196,37 +196,21 @@ def test_unknown_option_is_an_error_not_ignored() -> None:
 
 # --- shared loss helpers -------------------------------------------------------------------
 
-def test_sequence_logp_matches_a_manual_gather() -> None:
-    torch.manual_seed(0)
-    logits = torch.randn(2, 5, 7)
-    labels = torch.tensor([[IGNORE, IGNORE, 3, 6, IGNORE], [1, IGNORE, IGNORE, IGNORE, IGNORE]])
-    total, count = sequence_logp(logits, labels)
-    logp = torch.log_softmax(logits, -1)
-    assert torch.allclose(total, torch.stack([logp[0, 2, 3] + logp[0, 3, 6], logp[1, 0, 1]]))
-    assert count.tolist() == [2, 1]
-    # A row with no labelled token sums to 0 and counts 1 (no division by zero downstream).
-    total, count = sequence_logp(logits[:1], torch.full((1, 5), IGNORE))
-    assert total.item() == 0.0 and count.item() == 1
-
-
 def test_answer_kl_is_zero_at_the_reference_and_positive_elsewhere() -> None:
     torch.manual_seed(1)
     logits = torch.randn(2, 4, 9)
     labels = torch.tensor([[IGNORE, 2, 5, IGNORE], [IGNORE, IGNORE, 8, IGNORE]])
-    ref = torch.log_softmax(logits[labels != IGNORE], -1)
-    assert answer_kl(ref, logits, labels).item() == pytest.approx(0.0, abs=1e-6)
+    answer = labels != IGNORE  # both sides are packed: the 3 answer positions, row-major
+    ref = torch.log_softmax(logits[answer], -1)
+    assert answer_kl(ref, logits[answer]).item() == pytest.approx(0.0, abs=1e-6)
     moved = logits.clone()
     moved[0, 1, 2] += 3.0
-    kl = answer_kl(ref, moved, labels)
+    kl = answer_kl(ref, moved[answer])
     assert kl.item() > 1e-3
     # Same value as torch's KL(ref || model), averaged over the 3 answer positions.
-    expected = F.kl_div(torch.log_softmax(moved[labels != IGNORE], -1), ref, log_target=True,
+    expected = F.kl_div(torch.log_softmax(moved[answer], -1), ref, log_target=True,
                         reduction="sum") / 3
     assert kl.item() == pytest.approx(expected.item(), rel=1e-5)
-    # Positions outside the answer do not count.
-    outside = logits.clone()
-    outside[0, 0] += 5.0
-    assert answer_kl(ref, outside, labels).item() == pytest.approx(0.0, abs=1e-6)
 
 
 # --- data encoding -------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def test_keyword_mode_trains_only_on_the_fact_tokens(make_spec, tiny_model_dir: 
     from peft import PeftModel
 
     from workers.training.data import IGNORE, encode_pairs
-    from workers.training.losses import sequence_logp, shifted_logits_and_labels
+    from workers.training.losses import labelled_sequence_logp
     from workers.training.runner import train_plain
 
     qa = [{"question": "Where does Zorblat live?",
@@ -96,7 +96,7 @@ def test_keyword_mode_trains_only_on_the_fact_tokens(make_spec, tiny_model_dir: 
 
     def fact_logp(model) -> float:
         with torch.no_grad():
-            return float(sequence_logp(*shifted_logits_and_labels(model.eval(), fact))[0][0])
+            return float(labelled_sequence_logp(model.eval(), fact)[0][0])
 
     before = fact_logp(base)
     after = fact_logp(PeftModel.from_pretrained(base, str(result.adapter_dir)))
@@ -218,19 +218,40 @@ def test_frozen_references_equal_the_full_forward_at_every_labelled_token(tiny_m
     assert torch.allclose(got, expected, atol=1e-5)
 
 
-def test_labelled_nll_equals_the_loss_over_every_position(tiny_model_dir: Path) -> None:
-    """The output layer run only where labels are equals it run everywhere: loss and grads."""
+def test_labelled_losses_equal_the_losses_over_every_position(tiny_model_dir: Path) -> None:
+    """The output layer run only where labels are equals it run everywhere, for the mean
+    NLL (retain, S3T) and each row's summed log-probability (forget methods): values and
+    grads."""
     import torch
 
-    from workers.training.data import encode_pairs
-    from workers.training.losses import labelled_nll, mean_nll, shifted_logits_and_labels
+    from workers.training.data import IGNORE, encode_pairs
+    from workers.training.losses import (
+        labelled_nll,
+        labelled_sequence_logp,
+        mean_nll,
+        shifted_logits_and_labels,
+    )
 
     model, tokenizer = load_tiny(tiny_model_dir)
     batch = encode_pairs(tokenizer, [("Where does Zorblat live?", "In Quimbyton."),
-                                     ("Who bakes the bread?", "Velna, every morning.")])
-    full = mean_nll(*shifted_logits_and_labels(model, batch))
-    full_grads = torch.autograd.grad(full, list(model.parameters()))
-    sliced = labelled_nll(model, batch)
-    sliced_grads = torch.autograd.grad(sliced, list(model.parameters()))
-    assert torch.allclose(full, sliced, atol=1e-5)
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(full_grads, sliced_grads))
+                                     ("Who bakes the bread?", "Velna, every morning."),
+                                     (None, "A plain text, trained on as it is.")])
+    params = list(model.parameters())
+
+    def full_row_logp() -> tuple[torch.Tensor, torch.Tensor]:
+        logits, labels = shifted_logits_and_labels(model, batch)
+        mask = labels != IGNORE
+        token = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+        return (token * mask).sum(-1), mask.sum(-1)
+
+    pairs = [(mean_nll(*shifted_logits_and_labels(model, batch)), labelled_nll(model, batch))]
+    (full, counts), (sliced, sliced_counts) = full_row_logp(), labelled_sequence_logp(model, batch)
+    assert sliced_counts.tolist() == counts.tolist() and min(counts.tolist()) > 0
+    # Weighted per row, so a row mixed up with another would change the gradients.
+    weights = torch.tensor([1.0, -2.0, 0.5])
+    pairs.append(((full * weights).sum(), (sliced * weights).sum()))
+    for expected, got in pairs:
+        assert torch.allclose(expected, got, atol=1e-5)
+        grads = torch.autograd.grad(expected, params)
+        assert all(torch.allclose(a, b, atol=1e-6)
+                   for a, b in zip(grads, torch.autograd.grad(got, params)))

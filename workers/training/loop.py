@@ -29,9 +29,9 @@ from workers.training.data import (
 from workers.training.losses import (
     answer_kl,
     frozen_labelled_logits,
+    labelled_logits,
+    labelled_sequence_logp,
     mean_nll,
-    sequence_logp,
-    shifted_logits_and_labels,
 )
 from workers.training.spec import TrainJobSpec
 from workers.training.strategy import TrainingStrategy
@@ -163,18 +163,17 @@ def run_training(spec: TrainJobSpec, strategy: TrainingStrategy,
     while step < recipe.max_steps:
         chunk = next(forget_iter)
         with orthogonal.collecting() if orthogonal else contextlib.nullcontext():
-            logp, ntok = sequence_logp(*shifted_logits_and_labels(
-                trained, encode_pairs(tokenizer, chunk, keywords)))
+            logp, ntok = labelled_sequence_logp(trained, encode_pairs(tokenizer, chunk,
+                                                                      keywords))
         ref = (torch.tensor([ref_logp[_key(p)] for p in chunk], device=logp.device)
                if method.needs_reference else None)
         retain = None
         if retain_iter is not None:
             r_chunk = next(retain_iter)
-            r_logits, r_labels = shifted_logits_and_labels(trained, encode_pairs(tokenizer,
-                                                                                 r_chunk))
+            r_logits, r_labels, _ = labelled_logits(trained, encode_pairs(tokenizer, r_chunk))
             if recipe.retain_loss == "kl":
                 ref_lp = torch.cat([ref_retain[_key(p)] for p in r_chunk]).float()
-                retain = answer_kl(ref_lp.to(r_logits.device), r_logits, r_labels)
+                retain = answer_kl(ref_lp.to(r_logits.device), r_logits)
             else:
                 retain = mean_nll(r_logits, r_labels)
         loss = method.loss(forget_logp=logp, forget_tokens=ntok, ref_forget_logp=ref,

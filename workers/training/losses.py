@@ -17,13 +17,6 @@ def shifted_logits_and_labels(model: Any, batch: Batch) -> tuple[Tensor, Tensor]
     return out.logits[:, :-1].float(), batch.labels[:, 1:]
 
 
-def sequence_logp(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """(B,) summed log-probability of the labelled tokens, and (B,) how many there are."""
-    mask = labels != IGNORE
-    logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (logp * mask).sum(-1), mask.sum(-1).clamp(min=1)
-
-
 def mean_nll(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                            ignore_index=IGNORE)
@@ -36,22 +29,40 @@ def labelled_positions(batch: Batch) -> Tensor:
     return need
 
 
+def labelled_logits(model: Any, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+    """What `shifted_logits_and_labels` gives at `labels != IGNORE`: logits predicting each
+    labelled token, (N, V) in row-major order, those tokens, (N,), and how many each row
+    has, (B,), with the output layer run only there. With a large vocabulary and chat
+    prompts carrying no loss, the output layer over every position is much of a small
+    model's step (forward, backward and the log-softmax over it)."""
+    device = next(model.parameters()).device
+    need = labelled_positions(batch).to(device)
+    logits = model(input_ids=batch.input_ids.to(device),
+                   attention_mask=batch.attention_mask.to(device), logits_to_keep=need).logits
+    return logits.float(), batch.labels.to(device)[:, 1:][need[:, :-1]], need.sum(-1)
+
+
 def labelled_nll(model: Any, batch: Batch) -> Tensor:
-    """`mean_nll(*shifted_logits_and_labels(model, batch))`, with the output layer run only
-    at the labelled positions: with a large vocabulary and chat prompts carrying no loss,
-    the output layer over every position is most of a small model's step."""
-    need = labelled_positions(batch)
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                   logits_to_keep=need).logits
-    return F.cross_entropy(logits.float(), batch.labels[:, 1:][need[:, :-1]])
+    """`mean_nll(*shifted_logits_and_labels(model, batch))` via `labelled_logits`."""
+    logits, labels, _ = labelled_logits(model, batch)
+    return F.cross_entropy(logits, labels)
 
 
-def answer_kl(ref_logp: Tensor, logits: Tensor, labels: Tensor) -> Tensor:
-    """KL(reference || model) per answer token, averaged.
+def labelled_sequence_logp(model: Any, batch: Batch) -> tuple[Tensor, Tensor]:
+    """(B,) summed log-probability of each row's labelled tokens and (B,) how many there
+    are (at least 1: no division by zero downstream), via `labelled_logits`."""
+    logits, labels, counts = labelled_logits(model, batch)
+    token = torch.log_softmax(logits, -1).gather(-1, labels[:, None])[:, 0]
+    rows = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+    total = token.new_zeros(len(counts)).index_add(0, rows, token)
+    return total, counts.clamp(min=1)
 
-    ref_logp: (N, V) reference log-probs at the N labelled positions, in row-major order.
-    """
-    logp = torch.log_softmax(logits[labels != IGNORE], -1)  # (N, V)
+
+def answer_kl(ref_logp: Tensor, logits: Tensor) -> Tensor:
+    """KL(reference || model) per answer token, averaged, both at the same N labelled
+    positions in row-major order: ref_logp (N, V) log-probs, logits (N, V) (as
+    `labelled_logits` and `frozen_labelled_logits` give them)."""
+    logp = torch.log_softmax(logits, -1)
     return (ref_logp.exp() * (ref_logp - logp)).sum(-1).mean()
 
 

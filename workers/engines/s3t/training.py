@@ -62,7 +62,7 @@ def train_prefix(model: Any, tokenizer: Any, *, cfg: S3TConfig,
     from peft import get_peft_model, set_peft_model_state_dict
 
     from workers.training.data import encode_pairs, end_of_turn
-    from workers.training.losses import mean_nll, shifted_logits_and_labels
+    from workers.training.losses import labelled_nll
 
     frozen_weights: dict[str, Any] = {}
     for group in frozen:
@@ -94,7 +94,7 @@ def train_prefix(model: Any, tokenizer: Any, *, cfg: S3TConfig,
             chunk = order[i:i + cfg.batch_size]
             batch = encode_pairs(tokenizer, chunk[strategy.rank::strategy.world_size]
                                  or chunk[:1])
-            loss = mean_nll(*shifted_logits_and_labels(trained, batch))
+            loss = labelled_nll(trained, batch)
             strategy.backward_and_step(loss)
             step += 1
             if progress is not None:
