@@ -70,22 +70,29 @@ def test_calibration_gates_the_ticket_and_round_trips(tiny_model_dir: Path,
     assert SubjectProbe.load(tmp_path / "elsewhere") is None
 
 
-def test_a_name_that_cannot_reach_its_floor_is_never_run(tiny_model_dir: Path) -> None:
-    """Serving passes each name's w_low as its floor: a name whose first token already
-    bounds its score at or below the floor gets that bound (weight 0 either way) and costs
-    no forward of its own; names above their floor are scored exactly."""
-    from tests.fixtures.training import load_tiny
+def _prompt_cache(model, tokenizer) -> tuple[object, torch.Tensor]:
+    """The cache of PROMPTS up to the end of the user's text and its mask, as serving's
+    detection forward leaves it."""
     from workers.engines.o3.detector import encode_prompts, padded_positions, template_span
-    from workers.engines.o3.subject_probe import reply_tokens, scores_after_prompt
 
-    model, tokenizer = load_tiny(tiny_model_dir)
-    exact = subject_scores(model, tokenizer, PROMPTS, NAMES)
     enc = encode_prompts(tokenizer, PROMPTS, "cpu")
     end = enc["input_ids"].shape[1] - template_span(tokenizer).suffix
     attn = enc["attention_mask"][:, :end]
     with torch.no_grad():
         cache = model(input_ids=enc["input_ids"][:, :end], attention_mask=attn,
                       position_ids=padded_positions(attn), use_cache=True).past_key_values
+    return cache, attn
+
+def test_a_name_that_cannot_reach_its_floor_is_never_run(tiny_model_dir: Path) -> None:
+    """Serving passes each name's w_low as its floor: a name whose first token already
+    bounds its score at or below the floor gets that bound (weight 0 either way) and costs
+    no forward of its own; names above their floor are scored exactly."""
+    from tests.fixtures.training import load_tiny
+    from workers.engines.o3.subject_probe import reply_tokens, scores_after_prompt
+
+    model, tokenizer = load_tiny(tiny_model_dir)
+    exact = subject_scores(model, tokenizer, PROMPTS, NAMES)
+    cache, attn = _prompt_cache(model, tokenizer)
     tail, names = reply_tokens(tokenizer, NAMES)
     forwards = []
     hook = model.register_forward_hook(lambda *_: forwards.append(1))
@@ -150,18 +157,12 @@ def test_only_rows_still_open_run_the_names_and_then_the_rivals(tiny_model_dir: 
     (the names and their forms, then the exact rivals) runs only the rows where a bound
     still passes its floor. Those rows are scored exactly; the rest keep an upper bound."""
     from tests.fixtures.training import load_tiny
-    from workers.engines.o3.detector import encode_prompts, padded_positions, template_span
     from workers.engines.o3.subject_probe import reply_tokens, scores_after_prompt
 
     model, tokenizer = load_tiny(tiny_model_dir)
     subject, rivals = "Zorblat Quimby", ["Quimbyson Hall", "Ada Lovelace", "Paris"]
     exact = subject_scores(model, tokenizer, PROMPTS, [subject], rivals=[rivals])[:, 0]
-    enc = encode_prompts(tokenizer, PROMPTS, "cpu")
-    end = enc["input_ids"].shape[1] - template_span(tokenizer).suffix
-    attn = enc["attention_mask"][:, :end]
-    with torch.no_grad():
-        cache = model(input_ids=enc["input_ids"][:, :end], attention_mask=attn,
-                      position_ids=padded_positions(attn), use_cache=True).past_key_values
+    cache, attn = _prompt_cache(model, tokenizer)
     tail, names = reply_tokens(tokenizer, [subject], rivals=[rivals])
     assert names[0].exact_rivals and len(names[0].name) > 1  # both stages have work
     rows_run: list[int] = []
