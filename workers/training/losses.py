@@ -78,8 +78,9 @@ def frozen_labelled_logits(model: Any, batch: Batch) -> tuple[Tensor, Tensor, Te
     """
     from workers.model.shared_prefix import common_prefix_length, prefix_cache, repeat_cache
 
-    ids, mask = batch.input_ids, batch.attention_mask
-    need = labelled_positions(batch)
+    device = next(model.parameters()).device
+    ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+    need = labelled_positions(batch).to(device)
     # The shared prefix ends before any row's first labelled position (its logits are
     # needed) and within every row's real tokens.
     ends = [int(row.nonzero()[0]) + 1 if row.any() else int(n)
@@ -92,4 +93,4 @@ def frozen_labelled_logits(model: Any, batch: Batch) -> tuple[Tensor, Tensor, Te
         out = model(input_ids=ids[:, shared:], attention_mask=mask, position_ids=positions,
                     cache=cache, use_cache=cache is not None,
                     logits_to_keep=need[:, shared:])
-    return out.logits.float(), batch.labels[:, 1:][need[:, :-1]], need.sum(-1)
+    return out.logits.float(), batch.labels.to(device)[:, 1:][need[:, :-1]], need.sum(-1)
