@@ -32,6 +32,7 @@ from workers.training.losses import (
     labelled_logits,
     labelled_sequence_logp,
     mean_nll,
+    row_logp_sums,
 )
 from workers.training.spec import TrainJobSpec
 from workers.training.strategy import TrainingStrategy
@@ -118,10 +119,9 @@ def run_training(spec: TrainJobSpec, strategy: TrainingStrategy,
         if method.needs_reference:
             for chunk in _chunks(forget_pairs, 8):
                 batch = encode_pairs(tokenizer, chunk, keywords)
-                logits, labels, counts = frozen_labelled_logits(peft_model, batch)
-                token_logp = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1))
-                for pair, row in zip(chunk, token_logp.squeeze(-1).split(counts.tolist())):
-                    ref_logp[_key(pair)] = float(row.sum())
+                totals = row_logp_sums(*frozen_labelled_logits(peft_model, batch))
+                for pair, total in zip(chunk, totals.tolist()):
+                    ref_logp[_key(pair)] = total
         if retain_pairs and recipe.retain_loss == "kl":
             for chunk in _chunks(retain_pairs, 8):
                 logits, _, counts = frozen_labelled_logits(peft_model,

@@ -52,10 +52,16 @@ def labelled_sequence_logp(model: Any, batch: Batch) -> tuple[Tensor, Tensor]:
     """(B,) summed log-probability of each row's labelled tokens and (B,) how many there
     are (at least 1: no division by zero downstream), via `labelled_logits`."""
     logits, labels, counts = labelled_logits(model, batch)
+    return row_logp_sums(logits, labels, counts), counts.clamp(min=1)
+
+
+def row_logp_sums(logits: Tensor, labels: Tensor, counts: Tensor) -> Tensor:
+    """(B,) each row's summed log-probability of its labelled tokens, from the packed
+    (N, V) logits, (N,) labels and (B,) counts that `labelled_logits` and
+    `frozen_labelled_logits` give."""
     token = torch.log_softmax(logits, -1).gather(-1, labels[:, None])[:, 0]
     rows = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
-    total = token.new_zeros(len(counts)).index_add(0, rows, token)
-    return total, counts.clamp(min=1)
+    return token.new_zeros(len(counts)).index_add(0, rows, token)
 
 
 def answer_kl(ref_logp: Tensor, logits: Tensor) -> Tensor:
