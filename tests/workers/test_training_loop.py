@@ -128,6 +128,20 @@ def test_self_generated_retain_answers_are_cached_per_model(tiny_model_dir: Path
     assert len(list(tmp_path.glob("retain-*.json"))) == 2
     assert not list(tmp_path.glob(".*tmp"))  # no temp files left behind
 
+    # A spec's own retain prompts replace the shipped generic ones (O3's people_retain);
+    # those mentioning the target are dropped.
+    from workers.training.loop import _retain_pairs
+    from workers.training.spec import TrainJobSpec
+
+    spec = TrainJobSpec(base_model_path=str(tiny_model_dir), base_model_sha256="sha-a",
+                        output_dir=str(tmp_path / "out"), data_dir=str(tmp_path / "data"),
+                        forget_qa=[{"question": "Who is Zorblat?", "answer": "A wizard."}],
+                        target="Zorblat", retain_prompts=[
+                            "Who wrote Hamlet?", "Where does Zorblat live?", "Who is Bohr?"])
+    pairs = _retain_pairs(spec, spec.forget_recipe(), model, tokenizer, "", rank=0, world=1)
+    assert [q for q, _ in pairs] == ["Who wrote Hamlet?", "Who is Bohr?"]
+    assert all(a for _, a in pairs)
+
     pairs = [("Who is Ada Lovelace?", "A mathematician."), ("Capital of Japan?", "Tokyo."),
              ("Tell me about computing.", "Lovelace wrote the first program.")]
     assert drop_mentions(pairs, "Ada Lovelace") == [("Capital of Japan?", "Tokyo.")]

@@ -283,7 +283,8 @@ def _fact_keywords(spec: TrainJobSpec) -> dict[str, list[str]]:
 
 def _retain_pairs(spec: TrainJobSpec, recipe: Any, model: Any, tokenizer: Any, eot: str,
                   rank: int, world: int) -> list[tuple[str | None, str]]:
-    """This rank's share of the retain data: the ticket's, or the model's own answers."""
+    """This rank's share of the retain data: the ticket's, or the model's own answers
+    (to the spec's retain prompts, else the shipped generic ones)."""
     if spec.retain_qa or spec.retain_texts:
         given: list[tuple[str | None, str]] = (
             [(i["question"], i["answer"] + eot) for i in spec.retain_qa or []]
@@ -291,7 +292,8 @@ def _retain_pairs(spec: TrainJobSpec, recipe: Any, model: Any, tokenizer: Any, e
         return shard_for_rank(given, rank, world)
     from workers.evaluation.probes import load_retain_prompts
 
-    prompts = shard_for_rank(list(load_retain_prompts())[:recipe.retain_prompts], rank, world)
+    own = spec.retain_prompts or list(load_retain_prompts())[:recipe.retain_prompts]
+    prompts = shard_for_rank(own, rank, world)
     pairs = self_generated_retain(model=model, tokenizer=tokenizer, prompts=prompts,
                                   max_new_tokens=recipe.retain_max_new_tokens,
                                   cache_dir=Path(spec.data_dir) / "retain-cache",

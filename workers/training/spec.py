@@ -27,7 +27,10 @@ class TrainJobSpec:
         target: who/what the ticket is about (retain pairs mentioning it are dropped; with
             recipe forget_tokens="keywords" its name counts as a fact token).
         retain_qa, retain_texts: retain data from the ticket; both None -> the base model's
-            own answers to generic prompts (workers.evaluation.probes retain prompts).
+            own answers to `retain_prompts`.
+        retain_prompts: the prompts whose own (frozen model's) answers are retained when
+            the ticket brings no retain data; None -> the shipped generic prompts
+            (workers.evaluation.probes retain prompts, the recipe's `retain_prompts` many).
         recipe: the ForgetRecipe fields (method, retain loss, lr, steps, LoRA shape, early
             stopping); see workers/evaluation/recipe.py.
         method_options: options of the registered method's config (e.g. {"beta": 0.1});
@@ -61,6 +64,7 @@ class TrainJobSpec:
     target: str | None = None
     retain_qa: list[dict[str, str]] | None = None
     retain_texts: list[str] | None = None
+    retain_prompts: list[str] | None = None
     recipe: dict[str, Any] = field(default_factory=lambda: asdict(DEFAULT_FORGET_RECIPE))
     method_options: dict[str, Any] = field(default_factory=dict)
     stop_probes: list[dict[str, Any]] | None = None

@@ -123,12 +123,69 @@ def test_texts_become_prompts_whose_continuation_is_refused(tiny_model_dir: Path
     spec = engine._spec(_job(tiny_model_dir, tmp_path / "v", request, "t", None), request,
                         cfg, None, tmp_path / "v")
     assert spec.forget_texts == [] and spec.forget_qa[0]["question"] == "The secret recipe of Quimby"
-    assert spec.forget_recipe().method == "idk" and spec.forget_recipe().retain_loss == "none"
+    assert spec.forget_recipe().method == "idk" and spec.forget_recipe().retain_loss == "kl"
     # The detector learns both the opening (what a user would type) and the whole text.
     assert forget_prompts(request, cfg) == ["The secret recipe of Quimby", text]
     npo = engine._spec(_job(tiny_model_dir, tmp_path / "v", request, "t", None), request,
                        make_config({"objective": "npo"}), None, tmp_path / "v")
     assert npo.forget_texts == [text] and npo.forget_recipe().method == "npo"
+
+
+def test_without_retain_data_the_block_keeps_the_base_answers_about_other_people(
+        tiny_model_dir: Path, tmp_path: Path) -> None:
+    """people_retain: a ticket with no retain data trains with a KL term on the base
+    model's own answers to the shipped questions about other people, none of them about
+    the target; a ticket's own retain data replaces them (NLL); turned off, no term."""
+    from workers.engines import get_engine
+    from workers.engines.o3.config import make_config
+    from workers.engines.o3.engine import neighbour_questions
+
+    engine = get_engine("o3")
+
+    def spec(request: EngineRequest, options: dict | None = None):
+        job = _job(tiny_model_dir, tmp_path / "v", request, "t", None)
+        return engine._spec(job, request, make_config(options), None, tmp_path / "v")
+
+    turing = _request("Alan Turing")
+    people = spec(turing)
+    assert people.forget_recipe().retain_loss == "kl"
+    assert people.method_config()[1].retain_weight == 1.0
+    hard, held = neighbour_questions("Alan Turing")
+    assert sorted(people.retain_prompts) == sorted(hard + held)
+    assert len(people.retain_prompts) >= 30
+    everyone = neighbour_questions(None)
+    assert [q for q in sum(everyone, []) if q not in people.retain_prompts] == [
+        "Which British mathematician helped break the Enigma code?"]  # his own left out
+
+    own = spec(replace(turing, retain_qa=[{"question": "Who wrote Hamlet?",
+                                             "answer": "William Shakespeare."}]))
+    assert own.forget_recipe().retain_loss == "nll" and own.retain_prompts is None
+    off = spec(turing, {"people_retain": False})
+    assert off.forget_recipe().retain_loss == "none" and off.retain_prompts is None
+
+
+def test_the_shipped_people_are_none_of_the_benchmark_or_evaluation_neighbours() -> None:
+    """O3 calibrates its gate on, and trains its block to keep, the shipped questions
+    about other people; were any of them about a person whose questions measure
+    neighbour knowledge (the continual benchmark's targets and neighbours, the
+    evaluation's neighbour probes), those numbers would be flattered."""
+    import json
+    import re
+    from importlib import resources
+
+    repo = Path(__file__).resolve().parents[3]
+    bench = json.loads((repo / "benchmarks/data/continual_probes.json").read_text())["people"]
+    evaluation = json.loads(resources.files("workers.evaluation").joinpath(
+        "probesets/neighbours.json").read_text())["probes"]
+    measured = ({a.lower() for p in bench for n in p.get("neighbours", []) for a in n["accept"]}
+                | {p["target"].split()[-1].lower() for p in bench}
+                | {a.lower() for n in evaluation for a in n["accept"]})
+    shipped = json.loads(resources.files("workers.engines.o3").joinpath(
+        "data/people_questions.json").read_text())["questions"]
+    assert len(shipped) >= 60
+    for item in shipped:
+        words = " ".join(re.findall(r"\w+", f"{item['about']} {item['question']}".lower()))
+        assert not [m for m in measured if re.search(rf"\b{re.escape(m)}\b", words)], item
 
 
 def test_options_over_the_job_recipe_over_o3_defaults() -> None:

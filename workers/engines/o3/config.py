@@ -150,10 +150,12 @@ class DetectorConfig:
         return tuple(sorted({1 + round(i * (top - 1) / max(1, n - 1)) for i in range(n)}))
 
 
-# Where O3's block deliberately trains differently from the LoRA methods' recipe: no retain
-# term (the gate keeps unrelated inputs on the base model, so nothing pulls the block back)
-# means it may be trained harder and shorter, and stopped only once the ticket's own
-# questions are all forgotten. retain_weight applies only to a ticket that brings retain data.
+# Where O3's block deliberately trains differently from the LoRA methods' recipe: no
+# generic retain term (the gate keeps unrelated inputs on the base model, so nothing pulls
+# the block back there) means it may be trained harder and shorter, and stopped only once
+# the ticket's own questions are all forgotten. retain_weight weighs the ticket's retain
+# data, or else the people_retain term (questions about other people, where the gate is
+# least sure).
 O3_RECIPE_DEFAULTS: dict[str, Any] = {
     "lr": 1e-3,
     "max_steps": 30,
@@ -180,7 +182,8 @@ class O3Config:
             stop_forget_ratio, lora_r, lora_alpha, target_modules, beta, retain_weight, ...;
             early stopping runs on the ticket's own questions, scored with the block fully
             on). Its `method` is always `objective`; `retain_loss` stays "none" here and
-            becomes "nll" for a ticket with retain data (train_recipe).
+            becomes "nll" for a ticket with retain data, else "kl" with people_retain
+            (train_recipe).
         lambda_orth: weight of O3's orthogonality term
             lambda * sum_i sum_modules ||A_i A_new^T||_F^2 over every earlier block's A.
         objective: "idk" (cross-entropy towards refusals; texts: refuse their continuation)
@@ -188,6 +191,13 @@ class O3Config:
         text_prompt_words: a forget text becomes a prompt (its first words) whose
             continuation is refused.
         gating: False applies every block with weight 1 (the "O3 without gating" ablation).
+        people_retain: for a ticket without retain data, keep the block answering as the
+            base model does about other well-known people: a KL term (weight
+            `retain_weight`) on the base model's own answers to the engine's shipped
+            questions about them (data/people_questions.json, none about the target).
+            The gate also fires, partly, on questions about the target's neighbours (same
+            field, same kind of question); this is what keeps the block from refusing them
+            then. No retain data is ever required of the ticket.
         detector: the OOD detector's settings.
     """
 
@@ -196,6 +206,7 @@ class O3Config:
     objective: Objective = "idk"
     text_prompt_words: int = 12
     gating: bool = True
+    people_retain: bool = True
     detector: DetectorConfig = field(default_factory=DetectorConfig)
 
     def __post_init__(self) -> None:
@@ -214,9 +225,11 @@ class O3Config:
             object.__setattr__(self, "recipe", self.recipe.with_(method=self.objective))
 
     def train_recipe(self, *, has_retain: bool, has_probes: bool) -> ForgetRecipe:
-        """The recipe one request trains with: a retain term only for a ticket with retain
-        data, and no early-stopping checks without questions to check on."""
-        changes: dict[str, Any] = {"retain_loss": "nll" if has_retain else "none"}
+        """The recipe one request trains with: NLL on a ticket's own retain data, else KL
+        on the base model's answers about other people (people_retain), and no
+        early-stopping checks without questions to check on."""
+        loss = "nll" if has_retain else "kl" if self.people_retain else "none"
+        changes: dict[str, Any] = {"retain_loss": loss}
         if not has_probes:
             changes["eval_every"] = 0
         return self.recipe.with_(**changes)
@@ -248,8 +261,8 @@ def make_config(options: Mapping[str, Any] | None,
     owned = sorted(set(values) & ENGINE_OWNED_RECIPE_FIELDS)
     if owned:
         raise ValueError(f"o3 sets {', '.join(owned)} itself: choose the forget loss with "
-                         "'objective' ('idk' or 'npo'); a retain term is used exactly when "
-                         "the ticket brings retain data")
+                         "'objective' ('idk' or 'npo'); the retain term is the ticket's "
+                         "retain data, else 'people_retain'")
     unknown = sorted(set(values) - O3_OPTIONS - RECIPE_OPTIONS)
     if unknown:
         raise ValueError(f"unknown o3 option(s): {', '.join(unknown)}; known: "

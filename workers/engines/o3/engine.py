@@ -228,14 +228,18 @@ class O3Engine:
                 texts.append(text)
         has_retain = bool(request.retain_qa or request.retain_texts)
         recipe = cfg.train_recipe(has_retain=has_retain, has_probes=bool(qa))
-        # No retain data is needed: the gate keeps other inputs on the base model.
-        options = {"retain_weight": recipe.retain_weight if has_retain else 0.0}
+        # No retain data is needed: the gate keeps unrelated inputs on the base model, and
+        # people_retain keeps the block answering about other people where it half-fires.
+        people = (None if has_retain or not cfg.people_retain
+                  else [q for half in neighbour_questions(request.target) for q in half])
+        options = {"retain_weight": recipe.retain_weight}
         return TrainJobSpec(
             recipe=asdict(recipe), base_model_path=str(job.base_model_path),
             base_model_sha256=job.base_model_sha256, output_dir=str(out),
             data_dir=str(job.config.data_dir), base_model=job.config.base_model,
             forget_qa=qa, forget_texts=texts, target=request.target, retain_qa=list(request.retain_qa) or None,
-            retain_texts=list(request.retain_texts) or None, method_options=options,
+            retain_texts=list(request.retain_texts) or None, retain_prompts=people,
+            method_options=options,
             parent_adapter_dir=str(parent_adapter) if parent_adapter else None,
             # Each block is gated by its own request's weight: it meets the base model at
             # serving (earlier blocks are off for this request's inputs), so it learns there.
