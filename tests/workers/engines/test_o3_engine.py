@@ -123,7 +123,7 @@ def test_texts_become_prompts_whose_continuation_is_refused(tiny_model_dir: Path
     spec = engine._spec(_job(tiny_model_dir, tmp_path / "v", request, "t", None), request,
                         cfg, None, tmp_path / "v")
     assert spec.forget_texts == [] and spec.forget_qa[0]["question"] == "The secret recipe of Quimby"
-    assert spec.forget_recipe().method == "idk" and spec.forget_recipe().retain_loss == "kl"
+    assert spec.forget_recipe().method == "idk" and spec.forget_recipe().retain_loss == "none"
     # The detector learns both the opening (what a user would type) and the whole text.
     assert forget_prompts(request, cfg) == ["The secret recipe of Quimby", text]
     npo = engine._spec(_job(tiny_model_dir, tmp_path / "v", request, "t", None), request,
@@ -135,7 +135,7 @@ def test_without_retain_data_the_block_keeps_the_base_answers_about_other_people
         tiny_model_dir: Path, tmp_path: Path) -> None:
     """people_retain: a ticket with no retain data trains with a KL term on the base
     model's own answers to the shipped questions about other people, none of them about
-    the target; a ticket's own retain data replaces them (NLL); turned off, no term."""
+    the target; a ticket's own retain data replaces them (NLL); off (the default), no term."""
     from workers.engines import get_engine
     from workers.engines.o3.config import make_config
     from workers.engines.o3.engine import neighbour_questions
@@ -147,7 +147,7 @@ def test_without_retain_data_the_block_keeps_the_base_answers_about_other_people
         return engine._spec(job, request, make_config(options), None, tmp_path / "v")
 
     turing = _request("Alan Turing")
-    people = spec(turing)
+    people = spec(turing, {"people_retain": True})
     assert people.forget_recipe().retain_loss == "kl"
     assert people.method_config()[1].retain_weight == 1.0
     hard, held = neighbour_questions("Alan Turing")
@@ -158,9 +158,10 @@ def test_without_retain_data_the_block_keeps_the_base_answers_about_other_people
         "Which British mathematician helped break the Enigma code?"]  # his own left out
 
     own = spec(replace(turing, retain_qa=[{"question": "Who wrote Hamlet?",
-                                             "answer": "William Shakespeare."}]))
+                                           "answer": "William Shakespeare."}]),
+               {"people_retain": True})
     assert own.forget_recipe().retain_loss == "nll" and own.retain_prompts is None
-    off = spec(turing, {"people_retain": False})
+    off = spec(turing)
     assert off.forget_recipe().retain_loss == "none" and off.retain_prompts is None
 
 

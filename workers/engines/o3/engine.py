@@ -228,8 +228,8 @@ class O3Engine:
                 texts.append(text)
         has_retain = bool(request.retain_qa or request.retain_texts)
         recipe = cfg.train_recipe(has_retain=has_retain, has_probes=bool(qa))
-        # No retain data is needed: the gate keeps unrelated inputs on the base model, and
-        # people_retain keeps the block answering about other people where it half-fires.
+        # No retain data is needed: the gate keeps unrelated inputs on the base model;
+        # people_retain (an option) keeps the block answering about other people.
         people = (None if has_retain or not cfg.people_retain
                   else [q for half in neighbour_questions(request.target) for q in half])
         options = {"retain_weight": recipe.retain_weight}
