@@ -232,14 +232,13 @@ class O3Engine:
         # people_retain (an option) keeps the block answering about other people.
         people = (None if has_retain or not cfg.people_retain
                   else [q for half in neighbour_questions(request.target) for q in half])
-        options = {"retain_weight": recipe.retain_weight}
         return TrainJobSpec(
             recipe=asdict(recipe), base_model_path=str(job.base_model_path),
             base_model_sha256=job.base_model_sha256, output_dir=str(out),
             data_dir=str(job.config.data_dir), base_model=job.config.base_model,
             forget_qa=qa, forget_texts=texts, target=request.target, retain_qa=list(request.retain_qa) or None,
+            # The method's retain_weight (and beta) default to the recipe's.
             retain_texts=list(request.retain_texts) or None, retain_prompts=people,
-            method_options=options,
             parent_adapter_dir=str(parent_adapter) if parent_adapter else None,
             # Each block is gated by its own request's weight: it meets the base model at
             # serving (earlier blocks are off for this request's inputs), so it learns there.
