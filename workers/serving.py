@@ -10,10 +10,12 @@ A fetched version's manifest names its engine; `Engine.load_servable` does the r
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import tempfile
 import threading
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,16 +133,58 @@ class Generator:
 
         return ray.get_runtime_context().get_node_id()
 
-    async def generate(self, prompt: str, max_new_tokens: int = 64) -> dict[str, Any]:
+    async def _acquire(self) -> _LoadedVersion:
+        """The request's version (its multiplexed id), loaded and held for it."""
         key = serve.get_multiplexed_model_id() or BASE_ONLY
         loaded = await self._servable(key)
         while not loaded.acquire():  # evicted before this request could hold it: load again
             loaded = await self._servable(key)
+        return loaded
+
+    async def generate(self, prompt: str, max_new_tokens: int = 64) -> dict[str, Any]:
+        loaded = await self._acquire()
         try:
             text = await self._generate_batched(_Request(loaded, prompt, max_new_tokens))
         finally:
             loaded.release()
         return {"text": text, "engine": loaded.engine}
+
+    async def generate_stream(self, prompt: str,
+                              max_new_tokens: int = 64) -> AsyncIterator[dict[str, Any]]:
+        """The answer as it is decoded: `{"engine"}` once the version is loaded, then
+        `{"delta": text}` pieces whose concatenation is exactly what `generate` returns.
+
+        The request joins the same batches as `generate`'s (one forward per token for all
+        of them); its tokens come back from the decoding thread as they are chosen.
+        """
+        from workers.model.token_stream import TextDeltas
+
+        loaded = await self._acquire()
+        loop = asyncio.get_running_loop()
+        tokens: asyncio.Queue[int | None] = asyncio.Queue()
+
+        def on_token(token: int) -> None:
+            loop.call_soon_threadsafe(tokens.put_nowait, token)
+
+        try:
+            task = asyncio.ensure_future(
+                self._generate_batched(_Request(loaded, prompt, max_new_tokens, on_token)))
+        except BaseException:
+            loaded.release()
+            raise
+
+        def finished(_: Any) -> None:  # released when decoding ends, even if the caller left
+            loaded.release()
+            tokens.put_nowait(None)
+
+        task.add_done_callback(finished)
+        yield {"engine": loaded.engine}
+        deltas = TextDeltas(self._tokenizer)
+        while (token := await tokens.get()) is not None:
+            if piece := deltas.add(token):
+                yield {"delta": piece}
+        if rest := deltas.finish(await task):
+            yield {"delta": rest}
 
     # Concurrent requests are answered together: one batched forward per token serves the
     # whole batch, which on CPU is several times the throughput of one request at a time.
@@ -156,8 +200,12 @@ class Generator:
             by_version.setdefault(id(request.loaded), []).append(i)
         for indices in by_version.values():
             servable = requests[indices[0]].loaded.servable
+            streams = [requests[i].on_token for i in indices]
+            kwargs = {}
+            if any(streams) and "on_token" in inspect.signature(servable.generate).parameters:
+                kwargs["on_token"] = _fan_out(streams)
             texts = servable.generate([requests[i].prompt for i in indices],
-                                      [requests[i].max_new_tokens for i in indices])
+                                      [requests[i].max_new_tokens for i in indices], **kwargs)
             for i, text in zip(indices, texts):
                 answers[i] = text
         return answers
@@ -191,6 +239,15 @@ class _Request:
     loaded: _LoadedVersion
     prompt: str
     max_new_tokens: int
+    on_token: Callable[[int], None] | None = None  # streamed requests: each new token
+
+
+def _fan_out(streams: list[Callable[[int], None] | None]) -> Callable[[int, int], None]:
+    """A servable's (row, token) calls, to the streamed requests among its batch rows."""
+    def on_token(row: int, token: int) -> None:
+        if (stream := streams[row]) is not None:
+            stream(token)
+    return on_token
 
 
 class _LoadedVersion:
@@ -248,3 +305,11 @@ def generate(handle: Any, *, prompt: str, adapter_key: str | None,
     """Blocking call through the Serve handle (the API runs it in a thread)."""
     routed = handle.options(multiplexed_model_id=adapter_key or BASE_ONLY)
     return routed.generate.remote(prompt, max_new_tokens).result()
+
+
+def generate_stream(handle: Any, *, prompt: str, adapter_key: str | None,
+                    max_new_tokens: int) -> Any:
+    """`Generator.generate_stream` through the Serve handle: a response generator, to be
+    iterated (`async for` in the API) and `cancel()`ed when the caller stops reading."""
+    routed = handle.options(multiplexed_model_id=adapter_key or BASE_ONLY, stream=True)
+    return routed.generate_stream.remote(prompt, max_new_tokens)

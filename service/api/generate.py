@@ -1,8 +1,9 @@
 """/v1/generate: answer with the base model plus the lineage's live (or pinned) version.
 
-`answer()` is the one generation path of the API: /v1/generate and the OpenAI-compatible
-/v1/chat/completions (service.api.openai_compat) both call it, so a change to how a version
-is resolved or served applies to both.
+`answer()` (the whole answer) and `answer_stream()` (token by token) are the API's
+generation paths: /v1/generate and the OpenAI-compatible /v1/chat/completions
+(service.api.openai_compat) call them, and both resolve and load a version through
+`_generate_from`, so a change to how a version is resolved or served applies to all.
 
 A stored adapter that fails its sha256 when a replica loads it is taken out of service
 (`registry.mark_corrupt`: failed, live falls back to the previous version) and the request
@@ -13,7 +14,9 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, HTTPException, Request
 from sqlalchemy.orm import Session
@@ -36,6 +39,7 @@ router = APIRouter(prefix="/v1", tags=["generate"])
 _SERVABLE = (VersionStatus.ready, VersionStatus.superseded)
 BASE = "base"  # a version reference meaning the lineage's base model, no adapter
 _CORRUPT_RETRIES = 2
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -73,10 +77,13 @@ def _quarantine(request: Request, version_id: uuid.UUID, reason: str) -> None:
                               reason=f"adapter failed its checksum at load: {reason}")
 
 
-async def answer(request: Request, session: Session, *, lineage: str, ref: str | None,
-                 prompt: str, max_new_tokens: int) -> Answer:
-    """Resolve `ref` (default live; `base` = no adapter) in `lineage`, release the DB,
-    generate through Serve."""
+async def _generate_from(request: Request, session: Session, *, lineage: str,
+                         ref: str | None,
+                         call: Callable[[Any, str | None], Awaitable[T]]
+                         ) -> tuple[T, AdapterVersion | None]:
+    """Resolve `ref` (default live; `base` = no adapter) in `lineage`, release the DB, then
+    `call(generator, adapter_key)`; a version whose adapter fails its checksum on the way is
+    quarantined and (for `live`) the version live falls back to is served instead."""
     # Database work in a thread, never on the event loop: on SQLite it may wait for the
     # write lock, and the request holding that lock needs the loop to finish.
     version = await run_in_threadpool(_servable, session, lineage, ref)
@@ -84,16 +91,10 @@ async def answer(request: Request, session: Session, *, lineage: str, ref: str |
     if backend is None:
         raise HTTPException(status_code=503, detail="generation is not running in this process;"
                             " start the service with `oblivio serve`")
-    from workers.serving import generate as serve_generate  # Ray: only when serving
-
-    metrics = getattr(request.app.state, "metrics", None)
-    timer = metrics.generate_timer(lineage) if metrics is not None else None
     for _ in range(_CORRUPT_RETRIES + 1):
         key = version.object_key if version is not None else None
         try:
-            result = await run_in_threadpool(serve_generate, backend, prompt=prompt,
-                                             adapter_key=key, max_new_tokens=max_new_tokens)
-            break
+            return await call(backend, key), version
         except CorruptObject as exc:  # Ray re-raises it as a subclass of the cause
             if version is None:
                 raise
@@ -105,14 +106,76 @@ async def answer(request: Request, session: Session, *, lineage: str, ref: str |
                 raise Conflict(f"version {lineage}@v{version.version} failed its checksum "
                                "and was taken out of service") from exc
             version = await run_in_threadpool(_servable, session, lineage, ref)
-    else:
-        raise Conflict("the stored adapters of this lineage keep failing their checksum; "
-                       "an operator must look at the object store")
-    if timer is not None:
-        timer()
-    label = f"{lineage}@v{version.version}" if version is not None else None
-    version_id = str(version.id) if version is not None else None
+    raise Conflict("the stored adapters of this lineage keep failing their checksum; "
+                   "an operator must look at the object store")
+
+
+def _timer(request: Request, lineage: str) -> Callable[[], None]:
+    metrics = getattr(request.app.state, "metrics", None)
+    return metrics.generate_timer(lineage) if metrics is not None else (lambda: None)
+
+
+def _labels(lineage: str, version: AdapterVersion | None) -> tuple[str | None, str | None]:
+    if version is None:
+        return None, None
+    return f"{lineage}@v{version.version}", str(version.id)
+
+
+async def answer(request: Request, session: Session, *, lineage: str, ref: str | None,
+                 prompt: str, max_new_tokens: int) -> Answer:
+    """The whole answer of `ref` (default live) in `lineage`, generated through Serve."""
+    from workers.serving import generate as serve_generate  # Ray: only when serving
+
+    async def call(backend: Any, key: str | None) -> dict[str, Any]:
+        return await run_in_threadpool(serve_generate, backend, prompt=prompt,
+                                       adapter_key=key, max_new_tokens=max_new_tokens)
+
+    done = _timer(request, lineage)
+    result, version = await _generate_from(request, session, lineage=lineage, ref=ref,
+                                           call=call)
+    done()
+    label, version_id = _labels(lineage, version)
     return Answer(text=result["text"], lineage=lineage, label=label, version_id=version_id)
+
+
+@dataclass(frozen=True)
+class StreamedAnswer:
+    """An answer being generated: who answers (known before the first token) and its text
+    pieces as they are decoded, whose concatenation is what `answer` would return."""
+
+    lineage: str
+    label: str | None
+    version_id: str | None
+    pieces: AsyncGenerator[str, None]
+
+
+async def answer_stream(request: Request, session: Session, *, lineage: str,
+                        ref: str | None, prompt: str, max_new_tokens: int) -> StreamedAnswer:
+    """As `answer`, token by token. Returns once the version is loaded on a replica (so a
+    corrupt adapter is handled, as in `answer`, before anything is sent)."""
+    from workers.serving import generate_stream
+
+    async def call(backend: Any, key: str | None) -> Any:
+        stream = generate_stream(backend, prompt=prompt, adapter_key=key,
+                                 max_new_tokens=max_new_tokens)
+        await stream.__anext__()  # {"engine"}: loaded, or the load's error
+        return stream
+
+    done = _timer(request, lineage)
+    stream, version = await _generate_from(request, session, lineage=lineage, ref=ref,
+                                           call=call)
+
+    async def pieces() -> AsyncGenerator[str, None]:
+        try:
+            async for chunk in stream:
+                yield chunk["delta"]
+            done()
+        finally:
+            stream.cancel()  # the caller stopped reading: free the replica's slot
+
+    label, version_id = _labels(lineage, version)
+    return StreamedAnswer(lineage=lineage, label=label, version_id=version_id,
+                          pieces=pieces())
 
 
 @router.post("/generate", response_model=GenerateOut)

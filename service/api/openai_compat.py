@@ -10,17 +10,16 @@ deployment), and every error is in OpenAI's shape `{"error": {message, type, par
 The conversation is rendered into one user turn (earlier turns become labelled context
 lines before the last user message), because serving applies the model's chat template to
 one user turn, exactly as training did. Decoding is greedy; sampling options are ignored.
-Streaming sends the answer as server-sent events once it is generated, split into
-word-sized deltas (the Serve deployment answers whole, batched requests).
+Streaming sends server-sent events as the tokens are decoded (the request still shares the
+Serve deployment's batches); the deltas join to exactly the non-streamed answer.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request, Response
@@ -30,7 +29,7 @@ from fastapi.routing import APIRoute
 from sqlalchemy import select
 
 from service.api.errors import status_for
-from service.api.generate import BASE, answer
+from service.api.generate import BASE, answer, answer_stream
 from service.deps import SessionDep, SubmitterDep
 from service.schemas.openai_compat import ChatCompletionIn, ChatMessageIn, ModelListOut, ModelOut
 from storage import registry
@@ -125,21 +124,22 @@ async def chat_completions(body: ChatCompletionIn, request: Request, session: Se
     lineage, ref = parse_model(body.model)
     if ref == "candidate":
         _require_alias(session, lineage, "candidate")
-    result = await answer(request, session, lineage=lineage, ref=ref,
-                          prompt=render_prompt(body.messages),
-                          max_new_tokens=body.max_completion_tokens or body.max_tokens
-                          or DEFAULT_MAX_TOKENS)
-    text, _stopped = apply_stops(result.text, body.stops())
-    model = result.label or f"{lineage}@{BASE}"
+    generation = {"lineage": lineage, "ref": ref, "prompt": render_prompt(body.messages),
+                  "max_new_tokens": body.max_completion_tokens or body.max_tokens
+                  or DEFAULT_MAX_TOKENS}
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    headers = {"X-Oblivio-Version": model}
-    if result.version_id:
-        headers["X-Oblivio-Version-Id"] = result.version_id
     if body.stream:
-        return StreamingResponse(_sse(completion_id, created, model, text),
-                                 media_type="text/event-stream",
-                                 headers={**headers, "Cache-Control": "no-cache"})
+        streamed = await answer_stream(request, session, **generation)
+        model = streamed.label or f"{lineage}@{BASE}"
+        return StreamingResponse(
+            _sse(completion_id, created, model, streamed.pieces, body.stops()),
+            media_type="text/event-stream",
+            headers={**_version_headers(model, streamed.version_id), "Cache-Control": "no-cache"})
+    result = await answer(request, session, **generation)
+    text, _stopped = apply_stops(result.text, body.stops())
+    model = result.label or f"{lineage}@{BASE}"
+    headers = _version_headers(model, result.version_id)
     return JSONResponse({
         "id": completion_id, "object": "chat.completion", "created": created, "model": model,
         "system_fingerprint": result.version_id or "base",
@@ -156,10 +156,54 @@ def _chunk(completion_id: str, created: int, model: str, delta: dict[str, Any],
     return f"data: {json.dumps(payload)}\n\n"
 
 
-async def _sse(completion_id: str, created: int, model: str, text: str) -> AsyncIterator[str]:
+def _version_headers(model: str, version_id: str | None) -> dict[str, str]:
+    headers = {"X-Oblivio-Version": model}
+    if version_id:
+        headers["X-Oblivio-Version-Id"] = version_id
+    return headers
+
+
+class StopScan:
+    """Cuts a streamed answer at its first stop sequence, as `apply_stops` cuts a whole one:
+    text that could be the start of a stop sequence is held back until it is not."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self._stops = [s for s in stops if s]
+        self._held = ""
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        text, self.stopped = apply_stops(self._held + piece, self._stops)
+        if self.stopped:
+            self._held = ""
+            return text
+        hold = next((n for n in range(min(len(text), max(map(len, self._stops), default=1) - 1),
+                                      0, -1)
+                     if any(s.startswith(text[-n:]) for s in self._stops)), 0)
+        self._held = text[len(text) - hold:]
+        return text[:len(text) - hold]
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+
+async def _sse(completion_id: str, created: int, model: str,
+               pieces: AsyncGenerator[str, None], stops: list[str]) -> AsyncIterator[str]:
     yield _chunk(completion_id, created, model, {"role": "assistant", "content": ""})
-    for piece in re.findall(r"\s*\S+", text) or ([text] if text else []):
-        yield _chunk(completion_id, created, model, {"content": piece})
+    scan = StopScan(stops)
+    try:
+        async for piece in pieces:
+            if text := scan.feed(piece):
+                yield _chunk(completion_id, created, model, {"content": text})
+            if scan.stopped:
+                break
+    finally:
+        await pieces.aclose()  # stops decoding when a stop sequence ended the answer
+    if text := scan.flush():
+        yield _chunk(completion_id, created, model, {"content": text})
     yield _chunk(completion_id, created, model, {}, finish="stop")
     yield "data: [DONE]\n\n"
 

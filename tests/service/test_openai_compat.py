@@ -130,6 +130,26 @@ def test_openai_client_chats_with_the_live_version(served: Served, tmp_path: Pat
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == answer
     assert chunks[-1].choices[0].finish_reason == "stop"
 
+    # Token by token: the first pieces arrive while the rest is still being decoded, and
+    # they join to the whole answer, cut at a stop sequence as the whole answer is.
+    story = [{"role": "user", "content": "Tell me a long story about a dragon."}]
+    whole = client.chat.completions.create(model="default", messages=story, max_tokens=300)
+    whole_text = whole.choices[0].message.content
+    started, pieces, arrivals = time.monotonic(), [], []
+    for chunk in client.chat.completions.create(model="default", messages=story,
+                                                max_tokens=300, stream=True):
+        if chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+            arrivals.append(time.monotonic() - started)
+    assert "".join(pieces) == whole_text
+    assert len(pieces) > 30 and arrivals[0] < arrivals[-1] / 2, arrivals
+    stop = whole_text[len(whole_text) // 2:][:3]
+    cut = client.chat.completions.create(model="default", messages=story, max_tokens=300,
+                                         stop=[stop]).choices[0].message.content
+    assert cut == whole_text[:whole_text.index(stop)]
+    assert "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="default", messages=story, max_tokens=300, stop=[stop], stream=True)) == cut
+
     # An operator moves live: the same model name now answers from v2.
     promoted = httpx.post(f"{served.url}/v1/lineages/default/promote", timeout=10,
                           headers={"Authorization": f"Bearer {served.secret}"},
@@ -173,3 +193,26 @@ def test_openai_errors_are_in_openai_shape(tmp_path: Path) -> None:
             body = httpx.get(f"{url}/v1/models/none", headers={
                 "Authorization": f"Bearer {secret}"}).json()
             assert body["error"]["type"] == "not_found_error"
+
+
+@pytest.mark.parametrize("text,stops", [
+    ("Paris is the capital. END of it", ["END"]),
+    ("abcabcabd", ["abd", "cab"]),
+    ("no stop here", ["zz", "q"]),
+    ("stop at the very end!!", ["!!"]),
+    ("ends with a prefix E", ["EN"]),
+    ("", ["x"]),
+])
+def test_a_streamed_answer_is_cut_where_the_whole_answer_is(text: str, stops: list[str]) -> None:
+    import random
+
+    from service.api.openai_compat import StopScan, apply_stops
+
+    rng = random.Random(0)
+    for _ in range(20):
+        cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(0, 6)))) \
+            if len(text) > 1 else []
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        scan = StopScan(stops)
+        sent = "".join(scan.feed(p) for p in pieces) + scan.flush()
+        assert sent == apply_stops(text, stops)[0], pieces

@@ -164,6 +164,10 @@ class Servable(Protocol):
         servable that takes it may end row i once `stop[i](answer so far)` is True; the
         evaluation passes it for probes judged only by correctness, to stop generating
         once the verdict on an answer cannot change.
+
+        Optionally also `on_token: TokenFn` (workers/model/token_stream.py): called with
+        (row, token id) for each token of each answer as it is decoded; serving streams
+        with it. A servable without it streams its whole answer at the end.
         """
         ...
 

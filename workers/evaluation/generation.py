@@ -14,6 +14,8 @@ from workers.evaluation.probes import Probe
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from workers.model.token_stream import TokenFn
+
 DEFAULT_MAX_NEW_TOKENS = 32
 """Probe answers are short facts; 32 tokens fit a sentence and keep 2-core CPU eval fast."""
 EVAL_BATCH_SIZE = 128
@@ -109,13 +111,15 @@ groups of similar length pad less."""
 def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str],
                    max_new_tokens: Sequence[int], *, device: str | None = None,
                    batch_size: int = EVAL_BATCH_SIZE,
-                   stop: Sequence[StopFn | None] | None = None) -> list[str]:
+                   stop: Sequence[StopFn | None] | None = None,
+                   on_token: TokenFn | None = None) -> list[str]:
     """Greedy answers to chat-formatted `prompts`, each cut at its own token budget.
 
     What a `Servable.generate` does for a plain (or PEFT-wrapped) causal LM, `batch_size`
     prompts per `greedy_decode` call. `stop[i]`, when given, ends row i early once it
     returns True for the answer so far (the evaluation's correctness-only probes: see
-    metrics.decided_correct).
+    metrics.decided_correct). `on_token(i, token)` gets row i's tokens as they are decided
+    (workers.model.token_stream).
     """
     from workers.model import format_chat
 
@@ -135,7 +139,8 @@ def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str],
         for at in range(0, len(prompts), batch_size):
             part = slice(at, at + batch_size)
             rows = greedy_decode(model, tokenizer, ids[part], list(max_new_tokens[part]),
-                                 list(stop[part]) if stop is not None else None, device=device)
+                                 list(stop[part]) if stop is not None else None, device=device,
+                                 on_token=_shifted(on_token, at))
             answers += [tokenizer.decode(r, skip_special_tokens=True).strip() for r in rows]
     finally:
         if was_training:
@@ -143,10 +148,16 @@ def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str],
     return answers
 
 
+def _shifted(on_token: TokenFn | None, offset: int) -> TokenFn | None:
+    if on_token is None or not offset:
+        return on_token
+    return lambda row, token: on_token(row + offset, token)
+
+
 def greedy_decode(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]],
                   budgets: Sequence[int], stop: Sequence[StopFn | None] | None = None, *,
-                  device: str = "cpu", prefill_batch: int = PREFILL_BATCH
-                  ) -> list[list[int]]:
+                  device: str = "cpu", prefill_batch: int = PREFILL_BATCH,
+                  on_token: TokenFn | None = None) -> list[list[int]]:
     """Greedy new tokens for each prompt (token ids, unpadded), as `model.generate` would
     give each one alone, at a fraction of its cost on CPU:
 
@@ -161,11 +172,9 @@ def greedy_decode(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]
     from transformers import DynamicCache
 
     from workers.model.shared_prefix import common_prefix_length, prefix_cache, repeat_cache
+    from workers.model.token_stream import eos_ids_of
 
-    eos = model.generation_config.eos_token_id if model.generation_config else None
-    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        eos_ids.add(tokenizer.eos_token_id)
+    eos_ids = eos_ids_of(model, tokenizer)
     rows: list[list[int]] = [[] for _ in budgets]
     todo = [i for i, n in enumerate(budgets) if n > 0]
     if not todo:
@@ -216,6 +225,8 @@ def greedy_decode(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]
                 if token in eos_ids:
                     continue
                 rows[i].append(token)
+                if on_token is not None:
+                    on_token(i, token)
                 if len(rows[i]) >= budgets[i]:
                     continue
                 if stop is not None and stop[i] is not None and stop[i](

@@ -169,8 +169,12 @@ def test_batched_equals_one_by_one_with_mixed_weights(tiny_version) -> None:
     rows_run: list[int] = []
     hook = model.register_forward_hook(lambda _m, _a, kw, _o: rows_run.append(
         kw["input_ids"].shape[0]), with_kwargs=True)
-    batched = servable.generate(PROMPTS, [10, 6, 10, 8])
+    tokens: list[list[int]] = [[] for _ in PROMPTS]
+    batched = servable.generate(PROMPTS, [10, 6, 10, 8],
+                                on_token=lambda row, token: tokens[row].append(token))
     hook.remove()
+    # Streamed, the gated and the ungated rows report exactly their answers' tokens.
+    assert [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens] == batched
     # Only the gated rows' prompts run again; the others keep the detection forward's cache.
     assert rows_run[1] == gated_rows and set(rows_run) == {len(PROMPTS), gated_rows}
     assert torch.allclose(servable.last_weights, weights, atol=1e-5)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from workers.evaluation.metrics import StopFn
+    from workers.model.token_stream import TokenFn
 
 _HOST_ATTR = "_oblivio_peft_host"  # kept on the model object: it lives exactly as long
 _HOSTS_LOCK = threading.Lock()
@@ -61,7 +62,8 @@ class PeftHost:
                 self.peft.delete_adapter(name)
 
     def generate(self, adapter: str | None, prompts: list[str], max_new_tokens: list[int],
-                 stop: list[StopFn | None] | None = None) -> list[str]:
+                 stop: list[StopFn | None] | None = None,
+                 on_token: TokenFn | None = None) -> list[str]:
         from workers.evaluation.generation import generate_texts
 
         with self.lock:
@@ -73,7 +75,7 @@ class PeftHost:
                 model, ctx = self.peft, nullcontext()
             with ctx:
                 return generate_texts(model, self.tokenizer, prompts, max_new_tokens,
-                                      device=self.device, stop=stop)
+                                      device=self.device, stop=stop, on_token=on_token)
 
 
 class LoraServable:
@@ -83,8 +85,10 @@ class LoraServable:
         self._host, self.adapter = host, adapter
 
     def generate(self, prompts: list[str], max_new_tokens: list[int],
-                 stop: list[StopFn | None] | None = None) -> list[str]:
-        return self._host.generate(self.adapter, list(prompts), list(max_new_tokens), stop)
+                 stop: list[StopFn | None] | None = None,
+                 on_token: TokenFn | None = None) -> list[str]:
+        return self._host.generate(self.adapter, list(prompts), list(max_new_tokens), stop,
+                                   on_token)
 
     def close(self) -> None:
         if self.adapter is not None:

@@ -36,6 +36,7 @@ from workers.engines.o3.detector import (
     template_span,
 )
 from workers.engines.o3.gating import gate_from_weights, hub_for, stacked_from_peft
+from workers.model.token_stream import GenerateStreamer, RowTokens, TokenFn, eos_ids_of
 from workers.engines.o3.subject_probe import (
     NameTokens,
     SubjectProbe,
@@ -157,7 +158,8 @@ class O3Servable:
     # -- generation -----------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], max_new_tokens: list[int]) -> list[str]:
+    def generate(self, prompts: list[str], max_new_tokens: list[int],
+                 on_token: TokenFn | None = None) -> list[str]:
         if len(prompts) != len(max_new_tokens):
             raise ValueError("one max_new_tokens per prompt")
         if not prompts:
@@ -182,6 +184,9 @@ class O3Servable:
                 self.last_weights = w.cpu()
                 kwargs = {"max_new_tokens": max(max_new_tokens), "do_sample": False,
                           "pad_token_id": pad_id}
+                if on_token is not None:
+                    rows = RowTokens(on_token, max_new_tokens, eos_ids_of(self.model, tok))
+                    kwargs["streamer"] = GenerateStreamer(rows)
                 gated = (w > 0).any(1).nonzero().flatten().to(ids.device)
                 if not len(gated):
                     out = self.model.generate(input_ids=ids, attention_mask=attn,

@@ -14,9 +14,12 @@ import contextlib
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workers.engines.s3t.training import read_group
+
+if TYPE_CHECKING:
+    from workers.model.token_stream import TokenFn
 
 
 @dataclass
@@ -154,8 +157,11 @@ class S3TServable:
                                            use_cache=False).logits.float())
         return combine(outs, self.aggregate)
 
-    def generate(self, prompts: list[str], max_new_tokens: list[int]) -> list[str]:
+    def generate(self, prompts: list[str], max_new_tokens: list[int],
+                 on_token: TokenFn | None = None) -> list[str]:
         import torch
+
+        from workers.model.token_stream import RowTokens
 
         if not prompts:
             return []
@@ -170,6 +176,7 @@ class S3TServable:
         caches: list[Any] = [None] * len(members)
         done = torch.zeros(len(prompts), dtype=torch.bool, device=mask.device)
         generated: list[Any] = []
+        rows = RowTokens(on_token, max_new_tokens, [eos]) if on_token is not None else None
         with self._lock, torch.no_grad():
             for _ in range(max(max_new_tokens)):
                 outs = []
@@ -183,6 +190,8 @@ class S3TServable:
                 next_ids = combine(outs, self.aggregate).argmax(-1)
                 next_ids = torch.where(done, torch.full_like(next_ids, pad), next_ids)
                 generated.append(next_ids)
+                if rows is not None:
+                    rows.step(next_ids.tolist())
                 done |= next_ids == eos
                 if bool(done.all()):
                     break
