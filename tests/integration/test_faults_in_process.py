@@ -264,8 +264,16 @@ def test_a_corrupted_adapter_is_detected_at_load_marked_failed_and_serving_falls
     with TestClient(app) as client:
         api = Api(client=client, settings=settings, db=db, secrets={})
         secret = api.new_token("submitter", "gen")
-        r = client.post("/v1/generate", json={"prompt": "Hello"},
-                        headers={"Authorization": f"Bearer {secret}"})
+        auth = {"Authorization": f"Bearer {secret}"}
+        # A streamed chat completion meets the corrupt adapter first: nothing is sent
+        # before the version loads, so it is answered by the version live falls back to.
+        r = client.post("/v1/chat/completions", headers=auth, json={
+            "model": "default", "stream": True,
+            "messages": [{"role": "user", "content": "Hello"}]})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-oblivio-version"] == "default@v1"
+        assert r.text.rstrip().endswith("data: [DONE]")
+        r = client.post("/v1/generate", json={"prompt": "Hello"}, headers=auth)
         assert r.status_code == 200, r.text
         assert r.json()["version"] == "default@v1"  # served by the previous version
     with db.sessions() as s:
