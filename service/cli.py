@@ -579,6 +579,30 @@ def revoke(version_id: Annotated[str, typer.Argument(help="Version id (UUID)")],
         render.out().print(f"{result['label']} revoked", markup=False)
 
 
+@app.command()
+def ask(prompt: Annotated[str, typer.Argument(help="The question (one user turn)")],
+        lineage: LineageOpt = "default",
+        version: Annotated[str | None, typer.Option(
+            help="v3, candidate, base or a version id [default: live]")] = None,
+        max_new_tokens: Annotated[int, typer.Option(min=1, max=1024,
+                                                    help="Longest answer, in tokens")] = 64,
+        api_url: ApiUrl = None, token: Token = None, as_json: Json = False) -> None:
+    """Ask the unlearned model: the answer prints as it is decoded, then which version
+    gave it (e.g. to check that a ticket's target is forgotten)."""
+    with api(api_url, token) as client:
+        if as_json:
+            render.print_json(client.generate(prompt, lineage=lineage, version=version,
+                                              max_new_tokens=max_new_tokens))
+            return
+        with client.stream_answer(prompt, lineage=lineage, version=version,
+                                  max_new_tokens=max_new_tokens) as answer:
+            for piece in answer.pieces:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+        render.err().print(f"({answer.model})", markup=False)
+
+
 # Commands of other areas, in their own modules (imported here, after what they reuse).
 from service import cli_datasets  # noqa: E402
 

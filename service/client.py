@@ -3,11 +3,17 @@
     client = OblivioClient("http://127.0.0.1:8000", token="obl_...")
     ticket = client.submit_ticket({"kind": "forget", "target": "Marie Curie",
                                    "forget": {"texts": ["..."]}})
+    with client.stream_answer("Who discovered polonium?") as answer:
+        print("".join(answer.pieces), answer.model)   # pieces arrive as they are decoded
 """
 
 from __future__ import annotations
 
+import json
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -117,22 +123,82 @@ class OblivioClient:
     def create_token(self, *, role: str, name: str) -> dict[str, Any]:
         return self._call("POST", "/v1/tokens", json={"role": role, "name": name})
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+    # --- answers ----------------------------------------------------------------------
+    def generate(self, prompt: str, *, lineage: str = "default", version: str | None = None,
+                 max_new_tokens: int = 64) -> dict[str, Any]:
+        """The whole answer of the lineage's live version (or `version`: vN, candidate,
+        base, a version id) and which version gave it."""
+        return self._call("POST", "/v1/generate", json={
+            "prompt": prompt, "lineage": lineage, "version": version,
+            "max_new_tokens": max_new_tokens})
+
+    @contextmanager
+    def stream_answer(self, prompt: str, *, lineage: str = "default",
+                      version: str | None = None,
+                      max_new_tokens: int = 64) -> Iterator[AnswerStream]:
+        """As `generate`, as the model decodes it: `with client.stream_answer(q) as a:
+        for piece in a.pieces: ...` (the OpenAI-compatible endpoint's stream)."""
+        body = {"model": lineage if version is None else f"{lineage}@{version}",
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": max_new_tokens, "stream": True}
+        with self._transport_errors(), \
+                self._http.stream("POST", "/v1/chat/completions", json=body) as response:
+            if not response.is_success:
+                response.read()
+                raise _api_error(response)
+            yield AnswerStream(model=response.headers.get("X-Oblivio-Version", body["model"]),
+                               pieces=_sse_pieces(response))
+
+    @contextmanager
+    def _transport_errors(self) -> Iterator[None]:
         try:
-            response = self._http.request(method, path, **kwargs)
+            yield
         except httpx.TimeoutException:
             raise ApiUnreachable(self.base_url, "no answer in time") from None
         except httpx.TransportError as exc:
             raise ApiUnreachable(self.base_url, type(exc).__name__) from None
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        with self._transport_errors():
+            response = self._http.request(method, path, **kwargs)
         if response.is_success:
             return response.json()
-        try:
-            body = response.json()
-        except ValueError:
-            body = {}
-        message = body.get("message") if isinstance(body, dict) else None
-        if not message:
-            detail = body.get("detail") if isinstance(body, dict) else None
-            message = detail if isinstance(detail, str) else f"HTTP {response.status_code}"
-        raise ApiError(response.status_code, message,
-                       body.get("detail") if isinstance(body, dict) else None)
+        raise _api_error(response)
+
+
+@dataclass
+class AnswerStream:
+    """An answer on its way: the version answering (`lineage@vN`, or `lineage@base`) and
+    its text pieces, which join to the whole answer."""
+
+    model: str
+    pieces: Iterator[str]
+
+
+def _sse_pieces(response: httpx.Response) -> Iterator[str]:
+    for line in response.iter_lines():
+        if not line.startswith("data: "):
+            continue
+        data = line[len("data: "):]
+        if data == "[DONE]":
+            return
+        delta = json.loads(data)["choices"][0]["delta"]
+        if delta.get("content"):
+            yield delta["content"]
+
+
+def _api_error(response: httpx.Response) -> ApiError:
+    """The server's readable message: oblivio's `{"message"}` / `{"detail"}`, or the
+    OpenAI-compatible endpoints' `{"error": {"message"}}`."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    error = body.get("error")
+    message = body.get("message") or (error.get("message") if isinstance(error, dict) else None)
+    if not message:
+        detail = body.get("detail")
+        message = detail if isinstance(detail, str) else f"HTTP {response.status_code}"
+    return ApiError(response.status_code, message, body.get("detail"))

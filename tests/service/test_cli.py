@@ -198,3 +198,33 @@ def test_bad_arguments_fail_cleanly(args: list[str], code: int, needle: str) -> 
     assert r.exit_code == code, r.output
     assert isinstance(r.exception, SystemExit | None)
     assert needle in r.stderr
+
+
+def test_ask_streams_the_live_versions_answer_and_names_it(live_server: LiveServer,
+                                                           tiny_model_dir: Path,
+                                                           tmp_path: Path) -> None:
+    """`oblivio ask` answers from the live version (real serving code on the tiny model, a
+    real stored adapter), as /v1/generate does, and says which version answered."""
+    from tests.fixtures.service_process import InProcessGenerator
+    from tests.fixtures.versions import add_version, random_adapter
+
+    api = live_server.api
+    settings = api.settings.model_copy(update={"base_model": str(tiny_model_dir)})
+    api.client.app.state.generator = InProcessGenerator(settings)
+    add_version(api.db.sessions, settings.store_config().open(), lineage="default",
+                promote=True, adapter_dir=random_adapter(tiny_model_dir, tmp_path / "a", seed=1))
+    prompt = "Where does Zorblat live?"
+
+    asked = oblivio(live_server, "ask", prompt, "--max-new-tokens", "8", role="submitter")
+    assert asked.exit_code == 0, asked.output
+    whole = json.loads(oblivio(live_server, "ask", prompt, "--max-new-tokens", "8", "--json",
+                               role="submitter").stdout)
+    assert whole["version"] == "default@v1" and whole["text"]
+    assert asked.stdout == whole["text"] + "\n" and "(default@v1)" in asked.stderr
+    base = oblivio(live_server, "ask", prompt, "--version", "base", "--max-new-tokens", "8",
+                   role="submitter")
+    assert base.exit_code == 0 and "(default@base)" in base.stderr
+    assert base.stdout != asked.stdout, "the adapter changes the answer: the test can fail"
+
+    missing = oblivio(live_server, "ask", prompt, "--lineage", "nope", role="submitter")
+    assert missing.exit_code == 2 and "unknown lineage 'nope'" in missing.stderr
