@@ -142,17 +142,34 @@ class Generator:
         return loaded
 
     async def generate(self, prompt: str, max_new_tokens: int = 64) -> dict[str, Any]:
+        """`{"text", "engine", "usage"}`: the answer, the engine of the version that gave
+        it, and its token counts (`prompt_tokens` with the chat template,
+        `completion_tokens`)."""
         loaded = await self._acquire()
+        tokens = 0
+
+        def count(_token: int) -> None:
+            nonlocal tokens
+            tokens += 1
+
         try:
-            text = await self._generate_batched(_Request(loaded, prompt, max_new_tokens))
+            text = await self._generate_batched(_Request(loaded, prompt, max_new_tokens, count))
         finally:
             loaded.release()
-        return {"text": text, "engine": loaded.engine}
+        return {"text": text, "engine": loaded.engine, "usage": self._usage(prompt, tokens)}
+
+    def _usage(self, prompt: str, completion_tokens: int) -> dict[str, int]:
+        from workers.model import format_chat
+
+        ids = self._tokenizer(format_chat(self._tokenizer, prompt),
+                              add_special_tokens=False)["input_ids"]
+        return {"prompt_tokens": len(ids), "completion_tokens": completion_tokens}
 
     async def generate_stream(self, prompt: str,
                               max_new_tokens: int = 64) -> AsyncIterator[dict[str, Any]]:
         """The answer as it is decoded: `{"engine"}` once the version is loaded, then
-        `{"delta": text}` pieces whose concatenation is exactly what `generate` returns.
+        `{"delta": text}` pieces whose concatenation is exactly what `generate` returns,
+        then `{"usage"}` as `generate` gives it.
 
         The request joins the same batches as `generate`'s (one forward per token for all
         of them); its tokens come back from the decoding thread as they are chosen.
@@ -179,12 +196,14 @@ class Generator:
 
         task.add_done_callback(finished)
         yield {"engine": loaded.engine}
-        deltas = TextDeltas(self._tokenizer)
+        deltas, count = TextDeltas(self._tokenizer), 0
         while (token := await tokens.get()) is not None:
+            count += 1
             if piece := deltas.add(token):
                 yield {"delta": piece}
         if rest := deltas.finish(await task):
             yield {"delta": rest}
+        yield {"usage": self._usage(prompt, count)}
 
     # Concurrent requests are answered together: one batched forward per token serves the
     # whole batch, which on CPU is several times the throughput of one request at a time.

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, HTTPException, Request
@@ -50,6 +50,7 @@ class Answer:
     lineage: str
     label: str | None
     version_id: str | None
+    usage: dict[str, int] | None = None  # prompt_tokens, completion_tokens
 
 
 def _servable(session: Session, lineage: str, ref: str | None) -> AdapterVersion | None:
@@ -135,18 +136,21 @@ async def answer(request: Request, session: Session, *, lineage: str, ref: str |
                                            call=call)
     done()
     label, version_id = _labels(lineage, version)
-    return Answer(text=result["text"], lineage=lineage, label=label, version_id=version_id)
+    return Answer(text=result["text"], lineage=lineage, label=label, version_id=version_id,
+                  usage=result.get("usage"))
 
 
 @dataclass(frozen=True)
 class StreamedAnswer:
     """An answer being generated: who answers (known before the first token) and its text
-    pieces as they are decoded, whose concatenation is what `answer` would return."""
+    pieces as they are decoded, whose concatenation is what `answer` would return; `usage`
+    is filled once the last piece has been read."""
 
     lineage: str
     label: str | None
     version_id: str | None
     pieces: AsyncGenerator[str, None]
+    usage: dict[str, int] = field(default_factory=dict)
 
 
 async def answer_stream(request: Request, session: Session, *, lineage: str,
@@ -165,17 +169,21 @@ async def answer_stream(request: Request, session: Session, *, lineage: str,
     stream, version = await _generate_from(request, session, lineage=lineage, ref=ref,
                                            call=call)
 
+    usage: dict[str, int] = {}
+
     async def pieces() -> AsyncGenerator[str, None]:
         try:
             async for chunk in stream:
-                yield chunk["delta"]
+                if "delta" in chunk:
+                    yield chunk["delta"]
+                usage.update(chunk.get("usage") or {})
             done()
         finally:
             stream.cancel()  # the caller stopped reading: free the replica's slot
 
     label, version_id = _labels(lineage, version)
     return StreamedAnswer(lineage=lineage, label=label, version_id=version_id,
-                          pieces=pieces())
+                          pieces=pieces(), usage=usage)
 
 
 @router.post("/generate", response_model=GenerateOut)

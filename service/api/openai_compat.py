@@ -12,6 +12,8 @@ lines before the last user message), because serving applies the model's chat te
 one user turn, exactly as training did. Decoding is greedy; sampling options are ignored.
 Streaming sends server-sent events as the tokens are decoded (the request still shares the
 Serve deployment's batches); the deltas join to exactly the non-streamed answer.
+`finish_reason` is "length" when the answer was cut at `max_tokens`; a non-streamed reply
+carries `usage` (prompt tokens counted with the chat template).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request, Response
@@ -29,7 +31,7 @@ from fastapi.routing import APIRoute
 from sqlalchemy import select
 
 from service.api.errors import status_for
-from service.api.generate import BASE, answer, answer_stream
+from service.api.generate import BASE, StreamedAnswer, answer, answer_stream
 from service.deps import SessionDep, SubmitterDep
 from service.schemas.openai_compat import ChatCompletionIn, ChatMessageIn, ModelListOut, ModelOut
 from storage import registry
@@ -133,19 +135,33 @@ async def chat_completions(body: ChatCompletionIn, request: Request, session: Se
         streamed = await answer_stream(request, session, **generation)
         model = streamed.label or f"{lineage}@{BASE}"
         return StreamingResponse(
-            _sse(completion_id, created, model, streamed.pieces, body.stops()),
+            _sse(completion_id, created, model, streamed, body.stops(),
+                 generation["max_new_tokens"]),
             media_type="text/event-stream",
             headers={**_version_headers(model, streamed.version_id), "Cache-Control": "no-cache"})
     result = await answer(request, session, **generation)
-    text, _stopped = apply_stops(result.text, body.stops())
+    text, stopped = apply_stops(result.text, body.stops())
     model = result.label or f"{lineage}@{BASE}"
     headers = _version_headers(model, result.version_id)
-    return JSONResponse({
+    reply: dict[str, Any] = {
         "id": completion_id, "object": "chat.completion", "created": created, "model": model,
         "system_fingerprint": result.version_id or "base",
-        "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+        "choices": [{"index": 0, "logprobs": None,
+                     "finish_reason": finish_reason(stopped, result.usage,
+                                                    generation["max_new_tokens"]),
                      "message": {"role": "assistant", "content": text}}],
-    }, headers=headers)
+    }
+    if result.usage:
+        reply["usage"] = {**result.usage, "total_tokens": sum(result.usage.values())}
+    return JSONResponse(reply, headers=headers)
+
+
+def finish_reason(stopped: bool, usage: dict[str, int] | None, max_new_tokens: int) -> str:
+    """OpenAI's: "length" when the answer was cut at its token budget, else "stop" (end
+    of turn or a stop sequence)."""
+    if not stopped and usage and usage.get("completion_tokens", 0) >= max_new_tokens:
+        return "length"
+    return "stop"
 
 
 def _chunk(completion_id: str, created: int, model: str, delta: dict[str, Any],
@@ -190,21 +206,22 @@ class StopScan:
         return held
 
 
-async def _sse(completion_id: str, created: int, model: str,
-               pieces: AsyncGenerator[str, None], stops: list[str]) -> AsyncIterator[str]:
+async def _sse(completion_id: str, created: int, model: str, streamed: StreamedAnswer,
+               stops: list[str], max_new_tokens: int) -> AsyncIterator[str]:
     yield _chunk(completion_id, created, model, {"role": "assistant", "content": ""})
     scan = StopScan(stops)
     try:
-        async for piece in pieces:
+        async for piece in streamed.pieces:
             if text := scan.feed(piece):
                 yield _chunk(completion_id, created, model, {"content": text})
             if scan.stopped:
                 break
     finally:
-        await pieces.aclose()  # stops decoding when a stop sequence ended the answer
+        await streamed.pieces.aclose()  # stops decoding when a stop sequence ended it
     if text := scan.flush():
         yield _chunk(completion_id, created, model, {"content": text})
-    yield _chunk(completion_id, created, model, {}, finish="stop")
+    finish = finish_reason(scan.stopped, streamed.usage, max_new_tokens)
+    yield _chunk(completion_id, created, model, {}, finish=finish)
     yield "data: [DONE]\n\n"
 
 

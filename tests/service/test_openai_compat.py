@@ -115,6 +115,10 @@ def test_openai_client_chats_with_the_live_version(served: Served, tmp_path: Pat
     assert reply.model == "default@v1"
     answer = reply.choices[0].message.content
     assert reply.choices[0].message.role == "assistant"
+    # The random tiny model never ends its turn: the answer is cut at its 8 tokens.
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 8 and reply.usage.prompt_tokens > 8
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 8
     # The same answer /v1/generate gives from the live version, and not the base model's.
     assert answer == _generate(served, None, prompt)["text"]
     base = client.chat.completions.create(model="default@base", messages=messages,
@@ -128,7 +132,7 @@ def test_openai_client_chats_with_the_live_version(served: Served, tmp_path: Pat
     chunks = list(stream)
     assert {c.model for c in chunks} == {"default@v1"}
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == answer
-    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices[0].finish_reason == "length"
 
     # Token by token: the first pieces arrive while the rest is still being decoded, and
     # they join to the whole answer, cut at a stop sequence as the whole answer is.
@@ -145,10 +149,13 @@ def test_openai_client_chats_with_the_live_version(served: Served, tmp_path: Pat
     assert len(pieces) > 30 and arrivals[0] < arrivals[-1] / 2, arrivals
     stop = whole_text[len(whole_text) // 2:][:3]
     cut = client.chat.completions.create(model="default", messages=story, max_tokens=300,
-                                         stop=[stop]).choices[0].message.content
-    assert cut == whole_text[:whole_text.index(stop)]
-    assert "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model="default", messages=story, max_tokens=300, stop=[stop], stream=True)) == cut
+                                         stop=[stop]).choices[0]
+    assert cut.message.content == whole_text[:whole_text.index(stop)]
+    assert cut.finish_reason == "stop"
+    cut_chunks = list(client.chat.completions.create(
+        model="default", messages=story, max_tokens=300, stop=[stop], stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in cut_chunks) == cut.message.content
+    assert cut_chunks[-1].choices[0].finish_reason == "stop"
 
     # An operator moves live: the same model name now answers from v2.
     promoted = httpx.post(f"{served.url}/v1/lineages/default/promote", timeout=10,

@@ -36,13 +36,13 @@ from workers.engines.o3.detector import (
     template_span,
 )
 from workers.engines.o3.gating import gate_from_weights, hub_for, stacked_from_peft
-from workers.model.token_stream import GenerateStreamer, RowTokens, TokenFn, eos_ids_of
 from workers.engines.o3.subject_probe import (
     NameTokens,
     SubjectProbe,
     reply_tokens,
     scores_after_prompt,
 )
+from workers.model.token_stream import GenerateStreamer, RowTokens, TokenFn, eos_ids_of
 
 
 class O3Servable:
