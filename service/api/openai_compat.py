@@ -195,8 +195,9 @@ class StopScan:
         if self.stopped:
             self._held = ""
             return text
-        hold = next((n for n in range(min(len(text), max(map(len, self._stops), default=1) - 1),
-                                      0, -1)
+        # The longest tail that a stop sequence starts with (shorter than any whole one).
+        longest = max((len(s) for s in self._stops), default=0)
+        hold = next((n for n in range(min(len(text), longest - 1), 0, -1)
                      if any(s.startswith(text[-n:]) for s in self._stops)), 0)
         self._held = text[len(text) - hold:]
         return text[:len(text) - hold]
