@@ -81,10 +81,13 @@ def _quarantine(request: Request, version_id: uuid.UUID, reason: str) -> None:
 async def _generate_from(request: Request, session: Session, *, lineage: str,
                          ref: str | None,
                          call: Callable[[Any, str | None], Awaitable[T]]
-                         ) -> tuple[T, AdapterVersion | None]:
+                         ) -> tuple[T, AdapterVersion | None, Callable[[], None]]:
     """Resolve `ref` (default live; `base` = no adapter) in `lineage`, release the DB, then
     `call(generator, adapter_key)`; a version whose adapter fails its checksum on the way is
-    quarantined and (for `live`) the version live falls back to is served instead."""
+    quarantined and (for `live`) the version live falls back to is served instead.
+
+    Also returns the generate-latency timer, started once the version was resolved: the
+    caller stops it when the answer is complete."""
     # Database work in a thread, never on the event loop: on SQLite it may wait for the
     # write lock, and the request holding that lock needs the loop to finish.
     version = await run_in_threadpool(_servable, session, lineage, ref)
@@ -92,10 +95,12 @@ async def _generate_from(request: Request, session: Session, *, lineage: str,
     if backend is None:
         raise HTTPException(status_code=503, detail="generation is not running in this process;"
                             " start the service with `oblivio serve`")
+    metrics = getattr(request.app.state, "metrics", None)
+    done = metrics.generate_timer(lineage) if metrics is not None else (lambda: None)
     for _ in range(_CORRUPT_RETRIES + 1):
         key = version.object_key if version is not None else None
         try:
-            return await call(backend, key), version
+            return await call(backend, key), version, done
         except CorruptObject as exc:  # Ray re-raises it as a subclass of the cause
             if version is None:
                 raise
@@ -109,11 +114,6 @@ async def _generate_from(request: Request, session: Session, *, lineage: str,
             version = await run_in_threadpool(_servable, session, lineage, ref)
     raise Conflict("the stored adapters of this lineage keep failing their checksum; "
                    "an operator must look at the object store")
-
-
-def _timer(request: Request, lineage: str) -> Callable[[], None]:
-    metrics = getattr(request.app.state, "metrics", None)
-    return metrics.generate_timer(lineage) if metrics is not None else (lambda: None)
 
 
 def _labels(lineage: str, version: AdapterVersion | None) -> tuple[str | None, str | None]:
@@ -131,9 +131,8 @@ async def answer(request: Request, session: Session, *, lineage: str, ref: str |
         return await run_in_threadpool(serve_generate, backend, prompt=prompt,
                                        adapter_key=key, max_new_tokens=max_new_tokens)
 
-    done = _timer(request, lineage)
-    result, version = await _generate_from(request, session, lineage=lineage, ref=ref,
-                                           call=call)
+    result, version, done = await _generate_from(request, session, lineage=lineage, ref=ref,
+                                                 call=call)
     done()
     label, version_id = _labels(lineage, version)
     return Answer(text=result["text"], lineage=lineage, label=label, version_id=version_id,
@@ -165,9 +164,8 @@ async def answer_stream(request: Request, session: Session, *, lineage: str,
         await stream.__anext__()  # {"engine"}: loaded, or the load's error
         return stream
 
-    done = _timer(request, lineage)
-    stream, version = await _generate_from(request, session, lineage=lineage, ref=ref,
-                                           call=call)
+    stream, version, done = await _generate_from(request, session, lineage=lineage, ref=ref,
+                                                 call=call)
 
     usage: dict[str, int] = {}
 
