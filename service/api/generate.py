@@ -143,7 +143,7 @@ async def answer(request: Request, session: Session, *, lineage: str, ref: str |
 class StreamedAnswer:
     """An answer being generated: who answers (known before the first token) and its text
     pieces as they are decoded, whose concatenation is what `answer` would return; `usage`
-    is filled once the last piece has been read."""
+    counts the prompt's tokens and the answer's tokens decoded up to the last piece read."""
 
     lineage: str
     label: str | None
@@ -158,20 +158,23 @@ async def answer_stream(request: Request, session: Session, *, lineage: str,
     corrupt adapter is handled, as in `answer`, before anything is sent)."""
     from workers.serving import generate_stream
 
+    usage: dict[str, int] = {}
+
     async def call(backend: Any, key: str | None) -> Any:
         stream = generate_stream(backend, prompt=prompt, adapter_key=key,
                                  max_new_tokens=max_new_tokens)
-        await stream.__anext__()  # {"engine"}: loaded, or the load's error
+        first = await stream.__anext__()  # {"engine"}: loaded, or the load's error
+        usage["prompt_tokens"] = first.get("prompt_tokens", 0)
         return stream
 
     stream, version, done = await _generate_from(request, session, lineage=lineage, ref=ref,
                                                  call=call)
 
-    usage: dict[str, int] = {}
-
     async def pieces() -> AsyncGenerator[str, None]:
         try:
             async for chunk in stream:
+                if "completion_tokens" in chunk:
+                    usage["completion_tokens"] = chunk["completion_tokens"]
                 if "delta" in chunk:
                     yield chunk["delta"]
                 usage.update(chunk.get("usage") or {})

@@ -13,7 +13,8 @@ one user turn, exactly as training did. Decoding is greedy; sampling options are
 Streaming sends server-sent events as the tokens are decoded (the request still shares the
 Serve deployment's batches); the deltas join to exactly the non-streamed answer.
 `finish_reason` is "length" when the answer was cut at `max_tokens`; a non-streamed reply
-carries `usage` (prompt tokens counted with the chat template).
+carries `usage` (prompt tokens counted with the chat template), a streamed one ends with a
+usage chunk when asked (`stream_options: {"include_usage": true}`).
 """
 
 from __future__ import annotations
@@ -136,7 +137,8 @@ async def chat_completions(body: ChatCompletionIn, request: Request, session: Se
         model = streamed.label or f"{lineage}@{BASE}"
         return StreamingResponse(
             _sse(completion_id, created, model, streamed, body.stops(),
-                 generation["max_new_tokens"]),
+                 generation["max_new_tokens"],
+                 include_usage=bool(body.stream_options and body.stream_options.include_usage)),
             media_type="text/event-stream",
             headers={**_version_headers(model, streamed.version_id), "Cache-Control": "no-cache"})
     result = await answer(request, session, **generation)
@@ -152,8 +154,14 @@ async def chat_completions(body: ChatCompletionIn, request: Request, session: Se
                      "message": {"role": "assistant", "content": text}}],
     }
     if result.usage:
-        reply["usage"] = {**result.usage, "total_tokens": sum(result.usage.values())}
+        reply["usage"] = _usage(result.usage)
     return JSONResponse(reply, headers=headers)
+
+
+def _usage(counts: dict[str, int]) -> dict[str, int]:
+    prompt, completion = counts.get("prompt_tokens", 0), counts.get("completion_tokens", 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
 
 
 def finish_reason(stopped: bool, usage: dict[str, int] | None, max_new_tokens: int) -> str:
@@ -164,11 +172,15 @@ def finish_reason(stopped: bool, usage: dict[str, int] | None, max_new_tokens: i
     return "stop"
 
 
-def _chunk(completion_id: str, created: int, model: str, delta: dict[str, Any],
-           finish: str | None = None) -> str:
-    payload = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-               "model": model, "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                            "finish_reason": finish}]}
+def _chunk(completion_id: str, created: int, model: str, delta: dict[str, Any] | None,
+           finish: str | None = None, usage: dict[str, int] | None = None) -> str:
+    """One SSE event; `delta` None is the usage chunk (no choices), sent last on request."""
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
+                                         "finish_reason": finish}]
+    payload: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk",
+                               "created": created, "model": model, "choices": choices}
+    if usage is not None:
+        payload["usage"] = usage
     return f"data: {json.dumps(payload)}\n\n"
 
 
@@ -208,7 +220,8 @@ class StopScan:
 
 
 async def _sse(completion_id: str, created: int, model: str, streamed: StreamedAnswer,
-               stops: list[str], max_new_tokens: int) -> AsyncIterator[str]:
+               stops: list[str], max_new_tokens: int,
+               include_usage: bool = False) -> AsyncIterator[str]:
     yield _chunk(completion_id, created, model, {"role": "assistant", "content": ""})
     scan = StopScan(stops)
     try:
@@ -223,6 +236,8 @@ async def _sse(completion_id: str, created: int, model: str, streamed: StreamedA
         yield _chunk(completion_id, created, model, {"content": text})
     finish = finish_reason(scan.stopped, streamed.usage, max_new_tokens)
     yield _chunk(completion_id, created, model, {}, finish=finish)
+    if include_usage:  # tokens decoded, up to the stop sequence where one cut the answer
+        yield _chunk(completion_id, created, model, None, usage=_usage(streamed.usage))
     yield "data: [DONE]\n\n"
 
 

@@ -33,6 +33,13 @@ class ChatMessageIn(BaseModel):
                        if part.get("type") == "text")
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = Field(False, description="End the stream with a chunk holding "
+                                "`usage` (and no choices), as OpenAI does.")
+
+
 class ChatCompletionIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -44,6 +51,7 @@ class ChatCompletionIn(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1, le=1024)
     n: int = Field(1, ge=1, le=1, description="Only one choice (decoding is greedy).")
     stop: str | list[str] | None = None
+    stream_options: StreamOptions | None = None
 
     @field_validator("messages")
     @classmethod

@@ -133,6 +133,12 @@ def test_openai_client_chats_with_the_live_version(served: Served, tmp_path: Pat
     assert {c.model for c in chunks} == {"default@v1"}
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == answer
     assert chunks[-1].choices[0].finish_reason == "length"
+    # Asked for, usage ends the stream in a chunk of its own, as in the whole reply.
+    *counted, last = client.chat.completions.create(
+        model="default", messages=messages, max_tokens=8, stream=True,
+        stream_options={"include_usage": True})
+    assert last.choices == [] and last.usage == reply.usage
+    assert "".join(c.choices[0].delta.content or "" for c in counted) == answer
 
     # Token by token: the first pieces arrive while the rest is still being decoded, and
     # they join to the whole answer, cut at a stop sequence as the whole answer is.
@@ -156,6 +162,12 @@ def test_openai_client_chats_with_the_live_version(served: Served, tmp_path: Pat
         model="default", messages=story, max_tokens=300, stop=[stop], stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in cut_chunks) == cut.message.content
     assert cut_chunks[-1].choices[0].finish_reason == "stop"
+    # Cut by a stop sequence, the stream counts the tokens decoded up to it, not the budget.
+    *_, cut_usage = client.chat.completions.create(
+        model="default", messages=story, max_tokens=300, stop=[stop], stream=True,
+        stream_options={"include_usage": True})
+    assert 0 < cut_usage.usage.completion_tokens < whole.usage.completion_tokens
+    assert cut_usage.usage.prompt_tokens == whole.usage.prompt_tokens
 
     # An operator moves live: the same model name now answers from v2.
     promoted = httpx.post(f"{served.url}/v1/lineages/default/promote", timeout=10,
