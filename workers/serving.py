@@ -169,9 +169,10 @@ class Generator:
                               max_new_tokens: int = 64) -> AsyncIterator[dict[str, Any]]:
         """The answer as it is decoded: `{"engine", "prompt_tokens"}` once the version is
         loaded, then `{"delta": text, "completion_tokens": tokens so far}` pieces whose
-        concatenation is exactly what `generate` returns, then `{"usage"}` as `generate`
-        gives it. The running count lets a caller that stops reading early (a stop
-        sequence) still say how many tokens were decoded.
+        concatenation is exactly what `generate` returns, then `{"completion_tokens"}`
+        with the final count (the last tokens may add no text). The running count lets a
+        caller that stops reading early (a stop sequence) still say how many tokens were
+        decoded.
 
         The request joins the same batches as `generate`'s (one forward per token for all
         of them); its tokens come back from the decoding thread as they are chosen.
@@ -197,8 +198,7 @@ class Generator:
             tokens.put_nowait(None)
 
         task.add_done_callback(finished)
-        usage = self._usage(prompt, 0)
-        yield {"engine": loaded.engine, "prompt_tokens": usage["prompt_tokens"]}
+        yield {"engine": loaded.engine, "prompt_tokens": self._usage(prompt, 0)["prompt_tokens"]}
         deltas, count = TextDeltas(self._tokenizer), 0
         while (token := await tokens.get()) is not None:
             count += 1
@@ -206,7 +206,7 @@ class Generator:
                 yield {"delta": piece, "completion_tokens": count}
         if rest := deltas.finish(await task):
             yield {"delta": rest, "completion_tokens": count}
-        yield {"usage": {**usage, "completion_tokens": count}}
+        yield {"completion_tokens": count}
 
     # Concurrent requests are answered together: one batched forward per token serves the
     # whole batch, which on CPU is several times the throughput of one request at a time.

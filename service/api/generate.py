@@ -177,7 +177,6 @@ async def answer_stream(request: Request, session: Session, *, lineage: str,
                     usage["completion_tokens"] = chunk["completion_tokens"]
                 if "delta" in chunk:
                     yield chunk["delta"]
-                usage.update(chunk.get("usage") or {})
             done()
         finally:
             stream.cancel()  # the caller stopped reading: free the replica's slot
