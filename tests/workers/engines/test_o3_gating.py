@@ -209,3 +209,61 @@ def test_subject_probes_gate_from_the_detection_forward_as_scored_alone(
     alone = [servable.generate([p], [8])[0] for p in PROMPTS]
     servable.close()
     assert batched == alone
+
+
+def test_a_weight_below_one_waits_for_the_answer_to_name_the_target(tiny_version) -> None:
+    """A block's weight below 1 on a prompt that does not name its target applies only if
+    the answer without it names the target: that row is answered again with the block on
+    (and streamed from that pass); the others keep the answer without it. A prompt that
+    names the target, or a weight of 1, applies the block at once."""
+    import re
+
+    from workers.engines.o3.serving import O3Servable
+
+    model, tokenizer, version = tiny_version
+
+    def served(prompts: list[str], weights: torch.Tensor, subject: str | None
+               ) -> tuple[list[str], O3Servable]:
+        servable = O3Servable.load(version, model=model, tokenizer=tokenizer, device="cpu")
+        servable.confirm = [subject, None]
+        servable._weights = lambda *_a, **_k: weights  # type: ignore[method-assign]
+        tokens: list[list[int]] = [[] for _ in prompts]
+        answers = servable.generate(prompts, [10] * len(prompts),
+                                    on_token=lambda row, token: tokens[row].append(token))
+        servable.close()
+        assert [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens] == answers
+        return answers, servable
+
+    # Block 0 waits on rows 0 and 1; block 1 (w = 1 on row 1) makes that row's answer
+    # without block 0, and the target is a word of it (the tiny model's own answers are
+    # empty).
+    weights = torch.tensor([[0.9, 0.0], [0.9, 1.0], [1.0, 0.0], [0.9, 0.0]])
+    first = PROMPTS[:3]
+    without, _ = served(first, weights[:3] * torch.tensor([0.0, 1.0]), None)
+    words = [w for w in re.findall(r"[A-Za-z]{4,}", without[1])
+             if not any(re.search(rf"\b{w}\b", t, re.IGNORECASE) for t in (without[0], *first))]
+    assert words, without
+    subject = words[0]
+    prompts = [*first, f"Tell me about {subject}."]
+
+    unchecked, _ = served(prompts, weights, None)
+    checked, servable = served(prompts, weights, subject)
+    assert unchecked[0] != without[0]  # block 0 changes that answer: the test can fail
+    assert checked[0] == without[0]    # its target named nowhere: the answer without it
+    assert checked[1:] == unchecked[1:]  # named by the answer, w = 1, named by the prompt
+    assert servable.last_applied is not None
+    assert servable.last_applied[:, 0].tolist() == pytest.approx([0.0, 0.9, 1.0, 0.9])
+    alone = [served([p], weights[r:r + 1], subject)[0][0] for r, p in enumerate(prompts)]
+    assert alone == checked
+
+
+def test_mentions_matches_whole_names_and_last_names() -> None:
+    from workers.engines.o3.subject_probe import mentions, name_forms
+
+    assert name_forms("Albert Einstein") == ["Albert Einstein", "Einstein"]
+    assert name_forms("Bill Gates") == ["Bill Gates", "Gates"]
+    assert name_forms("Leonardo da Vinci") == ["Leonardo da Vinci", "Vinci"]
+    assert mentions("It was einstein, in 1905.", "Albert Einstein")
+    assert not mentions("Niels Bohr proposed it.", "Albert Einstein")
+    assert not mentions("Einsteinium is an element.", "Albert Einstein")  # whole words only
+    assert not mentions("Albert Camus wrote it.", "Albert Einstein")      # first name alone

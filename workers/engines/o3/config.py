@@ -83,6 +83,12 @@ class DetectorConfig:
         subject_hard_negatives: w = 0 also up to that quantile of the shipped questions
             about other people (data/people_questions.json), capped halfway to the ticket's
             median: fewer other people's questions gated, a few of the target's too.
+        confirm_by_name: at serving, a weight of the subject probe below 1 on a prompt that
+            does not name the target applies only if the answer the model gives without
+            the block names the target (the row is answered again, with the block on).
+            A question about a neighbour in the same field, which the probe partly
+            confuses with the target, keeps the model's own answer, which names the
+            neighbour; unrelated prompts the probe half-fires on cost no block.
         skip_below: a block whose weight is at most this for every sample of a batch is not
             applied at all (the batch runs at the base model's cost).
         seed: masking and initialisation.
@@ -110,6 +116,7 @@ class DetectorConfig:
     subject_generic_quantile: float = 0.95
     subject_rivals: bool = True
     subject_hard_negatives: bool = True
+    confirm_by_name: bool = True
     skip_below: float = 0.02
     seed: int = 0
 

@@ -12,6 +12,13 @@ Per batch:
    the base model's), their rows of the cache are replaced, and the whole batch
    continues from it with the blocks applied per sample (gating.py): rows with w = 0 get
    exactly the base model, and only the ranks of blocks some row uses are computed.
+4. The answer check (`confirm_by_name`): a subject probe's weight below 1 on a prompt
+   that does not name its target is held back in step 3; if the answer given without it
+   names the target, that row is answered again with it on (its prompt run again with
+   its blocks, as in step 3). The probe partly confuses a question about a neighbour in
+   the target's field with one about the target; the answer the model gives to it names
+   the neighbour, so the row keeps that answer. Streamed rows that wait for the check
+   send their tokens once it is decided.
 
 Both the Ray Serve deployment and offline evaluation call `generate`, so what is measured
 is what is served.
@@ -39,6 +46,7 @@ from workers.engines.o3.gating import gate_from_weights, hub_for, stacked_from_p
 from workers.engines.o3.subject_probe import (
     NameTokens,
     SubjectProbe,
+    mentions,
     reply_tokens,
     scores_after_prompt,
 )
@@ -51,7 +59,8 @@ class O3Servable:
     def __init__(self, *, model: Any, tokenizer: Any, device: str, detectors:
                  Sequence[Detector | None], ranks: Sequence[int], stacked: Any,
                  gating: Sequence[bool], skip_below: float = 0.02,
-                 probes: Sequence[SubjectProbe | None] = ()) -> None:
+                 probes: Sequence[SubjectProbe | None] = (),
+                 confirm: Sequence[bool] = ()) -> None:
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.detectors = list(detectors)
         # A block with a subject probe gates on it instead of its contrastive detector.
@@ -59,13 +68,18 @@ class O3Servable:
         self._probe_tokens: tuple[list[Any], tuple[list[int], list[NameTokens]]] | None = None
         self.ranks = list(ranks)
         self.gating = list(gating)
+        # Per block, the target whose naming confirms a weight below 1 (None: no check).
+        self.confirm = [p.subject if p is not None and g and c else None
+                        for p, g, c in zip(self.probes, self.gating,
+                                           list(confirm) or [True] * len(self.detectors))]
         self.skip_below = skip_below
         self._span = template_span(tokenizer)
         self._layers = sorted({i for d in self.detectors if d is not None for i in d.layers})
         self._hub = hub_for(model)
         self._key = f"o3-{uuid.uuid4().hex[:12]}"
         self._lock = threading.Lock()
-        self.last_weights: Tensor | None = None  # (batch, blocks) of the latest call
+        self.last_weights: Tensor | None = None  # (batch, blocks) the gates gave, latest call
+        self.last_applied: Tensor | None = None  # ... and what was applied after the check
         if stacked is not None:
             self._hub.add_version(self._key, stacked)
 
@@ -95,9 +109,12 @@ class O3Servable:
                 _to(det, device)
         probes = [SubjectProbe.load(Path(version_dir) / b.detector) if b.detector else None
                   for b in blocks]  # type: ignore[operator]
+        # Versions stored before the check existed get it too: it is how they are served.
+        confirm = [bool((b.config or {}).get("detector", {}).get(
+            "confirm_by_name", DetectorConfig.confirm_by_name)) for b in blocks]
         return cls(model=model, tokenizer=tokenizer, device=device, detectors=detectors,
                    ranks=[b.rank for b in blocks], stacked=stacked, gating=gates,
-                   skip_below=skip, probes=probes)
+                   skip_below=skip, probes=probes, confirm=confirm)
 
     def close(self) -> None:
         self._hub.remove_version(self._key)
@@ -157,6 +174,19 @@ class O3Servable:
 
     # -- generation -----------------------------------------------------------------------
 
+    def _unconfirmed(self, prompts: Sequence[str], w: Tensor) -> Tensor:
+        """(batch, blocks): the weights that wait for the answer's check (see module
+        docstring): a confirming block's weight below 1 on a prompt that does not name its
+        target."""
+        out = torch.zeros_like(w, dtype=torch.bool)
+        for i, subject in enumerate(self.confirm):
+            if subject is not None:
+                for row, prompt in enumerate(prompts):
+                    out[row, i] = bool(0 < w[row, i] < 1) and not mentions(prompt, subject)
+        return out
+
+    # -- generation -----------------------------------------------------------------------
+
     @torch.no_grad()
     def generate(self, prompts: list[str], max_new_tokens: list[int],
                  on_token: TokenFn | None = None) -> list[str]:
@@ -164,9 +194,7 @@ class O3Servable:
             raise ValueError("one max_new_tokens per prompt")
         if not prompts:
             return []
-        tok = self.tokenizer
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        enc = encode_prompts(tok, prompts, self.device)
+        enc = encode_prompts(self.tokenizer, prompts, self.device)
         ids, attn = enc["input_ids"], enc["attention_mask"]
         width = ids.shape[1] - 1
         with self._hub.lock, self._lock:
@@ -182,35 +210,99 @@ class O3Servable:
                 mask = content_mask(attn, self._span, width=width)
                 w = self._weights(pre.hidden_states or (), mask, pre.cache, attn)
                 self.last_weights = w.cpu()
-                kwargs = {"max_new_tokens": max(max_new_tokens), "do_sample": False,
-                          "pad_token_id": pad_id}
-                if on_token is not None:
-                    rows = RowTokens(on_token, max_new_tokens, eos_ids_of(self.model, tok))
-                    kwargs["streamer"] = GenerateStreamer(rows)
-                gated = (w > 0).any(1).nonzero().flatten().to(ids.device)
-                if not len(gated):
-                    out = self.model.generate(input_ids=ids, attention_mask=attn,
-                                              past_key_values=pre.past_key_values, **kwargs)
-                else:
-                    gate = gate_from_weights(w, self.ranks).to(ids.device)
-                    # Only the gated rows' prompts are run again (with their blocks on);
-                    # the other rows keep the detection forward's cache, which is theirs.
-                    with self._hub.active(self._key, gate[gated]):
-                        again = self.model(input_ids=ids[gated, :width],
-                                           attention_mask=attn[gated, :width],
-                                           position_ids=padded_positions(attn)[gated, :width],
-                                           use_cache=True, logits_to_keep=1)
-                    for mine, theirs in zip(pre.past_key_values.layers, again.cache.layers):
-                        mine.keys[gated], mine.values[gated] = theirs.keys, theirs.values
-                    with self._hub.active(self._key, gate):
-                        out = self.model.generate(input_ids=ids, attention_mask=attn,
-                                                  past_key_values=pre.past_key_values, **kwargs)
+                waiting = self._unconfirmed(prompts, w)
+                applied = w.masked_fill(waiting, 0.0)
+                held = waiting.any(1).tolist()
+                stream = _HeldStream(on_token, held)
+                texts = self._decode(ids, attn, pre.past_key_values, applied, max_new_tokens,
+                                     stream.first_pass if on_token else None)
+                named = torch.tensor([[bool(waiting[r, i]) and mentions(texts[r], subject)
+                                       for i, subject in enumerate(self.confirm)]
+                                      for r in range(len(prompts))], dtype=torch.bool)
+                again = named.any(1).nonzero().flatten().tolist()
+                if again:
+                    applied[again] = w[again].masked_fill(waiting[again] & ~named[again], 0.0)
+                    redo = self._decode(ids[again], attn[again], None, applied[again],
+                                        [max_new_tokens[r] for r in again],
+                                        stream.second_pass(again) if on_token else None)
+                    for r, text in zip(again, redo):
+                        texts[r] = text
+                stream.release(set(again))
+                self.last_applied = applied.cpu()
             finally:
                 if was_training:
                     self.model.train()
+        return texts
+
+    def _decode(self, ids: Tensor, attn: Tensor, cache: Any, w: Tensor,
+                max_new_tokens: list[int], on_token: TokenFn | None) -> list[str]:
+        """Greedy answers of the rows of `ids` with the blocks applied per sample by `w`,
+        continuing from `cache` (the detection forward's, over all but the last prompt
+        token; None: every row's prompt is run here, with its blocks on)."""
+        tok = self.tokenizer
+        width = ids.shape[1] - 1
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max(max_new_tokens), "do_sample": False,
+            "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id}
+        if on_token is not None:
+            rows = RowTokens(on_token, max_new_tokens, eos_ids_of(self.model, tok))
+            kwargs["streamer"] = GenerateStreamer(rows)
+        gated = (w > 0).any(1).nonzero().flatten().to(ids.device)
+        if not len(gated):
+            out = self.model.generate(input_ids=ids, attention_mask=attn,
+                                      past_key_values=cache, **kwargs)
+        else:
+            gate = gate_from_weights(w, self.ranks).to(ids.device)
+            rerun = gated if cache is not None else torch.arange(len(ids), device=ids.device)
+            # Only the gated rows' prompts are run again (with their blocks on); the other
+            # rows keep the detection forward's cache, which is theirs.
+            with self._hub.active(self._key, gate[rerun]):
+                again = self.model(input_ids=ids[rerun, :width],
+                                   attention_mask=attn[rerun, :width],
+                                   position_ids=padded_positions(attn)[rerun, :width],
+                                   use_cache=True, logits_to_keep=1)
+            if cache is None:
+                cache = again.past_key_values
+            else:
+                for mine, theirs in zip(cache.layers, again.cache.layers):
+                    mine.keys[gated], mine.values[gated] = theirs.keys, theirs.values
+            with self._hub.active(self._key, gate):
+                out = self.model.generate(input_ids=ids, attention_mask=attn,
+                                          past_key_values=cache, **kwargs)
         new = out[:, ids.shape[1]:]
         return [tok.decode(row[:n], skip_special_tokens=True).strip()
                 for row, n in zip(new, max_new_tokens)]
+
+
+class _HeldStream:
+    """`on_token` for a batch whose `held` rows wait for the answer check: their first
+    pass's tokens are kept back, then either sent (`release`) or replaced by the second
+    pass's, streamed as they come; the other rows stream at once."""
+
+    def __init__(self, on_token: TokenFn | None, held: list[bool]) -> None:
+        self._on_token = on_token
+        self._held = held
+        self._kept: dict[int, list[int]] = {r: [] for r, h in enumerate(held) if h}
+
+    def first_pass(self, row: int, token: int) -> None:
+        if row in self._kept:
+            self._kept[row].append(token)
+        elif self._on_token is not None:
+            self._on_token(row, token)
+
+    def second_pass(self, rows: list[int]) -> TokenFn:
+        def emit(index: int, token: int) -> None:
+            if self._on_token is not None:
+                self._on_token(rows[index], token)
+        return emit
+
+    def release(self, replaced: set[int]) -> None:
+        if self._on_token is None:
+            return
+        for row, tokens in self._kept.items():
+            if row not in replaced:
+                for token in tokens:
+                    self._on_token(row, token)
 
 
 def _to(det: Detector, device: Any) -> None:

@@ -79,6 +79,21 @@ class SubjectProbe:
         return cls(**json.loads(path.read_text())) if path.is_file() else None
 
 
+def name_forms(subject: str) -> list[str]:
+    """How a text names `subject`: its full name, and its last word when that is a name of
+    more than three letters ("Einstein", not "da" or "Bill")."""
+    words = subject.split()
+    return [subject] + ([words[-1]] if len(words) > 1 and len(words[-1]) > 3 else [])
+
+
+def mentions(text: str, subject: str) -> bool:
+    """Whether `text` names `subject` (a whole-word, case-insensitive `name_forms` match)."""
+    import re
+
+    return any(re.search(rf"\b{re.escape(form)}\b", text, re.IGNORECASE)
+               for form in name_forms(subject))
+
+
 @dataclass(frozen=True)
 class NameTokens:
     """One probe's token sequences as replies (see `name_tokens`)."""
@@ -116,18 +131,14 @@ def name_tokens(tokenizer: Any, subject: str, rivals: Sequence[str] = ()) -> Nam
     def ids(text: str) -> tuple[int, ...]:
         return tuple(tokenizer(text.strip(), add_special_tokens=False)["input_ids"])
 
-    def with_last(name: str) -> list[str]:
-        words = name.split()
-        return [name] + ([words[-1]] if len(words) > 1 and len(words[-1]) > 3 else [])
-
     name = ids(subject)
     if not rivals:
         return NameTokens(name=name)
-    forms = tuple(ids(f) for f in with_last(subject)[1:])
+    forms = tuple(ids(f) for f in name_forms(subject)[1:])
     starts = {name[0]} | {f[0] for f in forms}
     exact, firsts = [], []
     for rival in rivals:
-        for form in map(ids, with_last(rival)):
+        for form in map(ids, name_forms(rival)):
             if form and form[0] in starts:
                 exact.append(form)
             elif form:
