@@ -19,7 +19,8 @@ method), and after every request the current version is measured against the bas
 Probe sets: workers/evaluation/probesets (3 people) + benchmarks/data/continual_probes.json
 (fill-in-the-blank, adversarial and neighbours for those, and 7 more people); only probes
 the base model answers correctly are kept. Methods: o3, o3-noorth (lambda 0), o3-nogate
-(o3's blocks served ungated: the same versions as o3 when both run), idk, npo, graddiff.
+(o3's blocks served ungated), o3-nocheck (served without the answer check; both reuse
+o3's versions when o3 runs too), idk, npo, graddiff.
 
     flock /tmp/oblivio-heavy.lock .venv/bin/python benchmarks/continual.py \
         --requests 3 --methods o3,idk --steps 30
@@ -40,7 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 # Not the script folder: benchmarks/queue.py would shadow the standard library queue.
 sys.path[0] = str(REPO)
 
-ALL_METHODS = ("o3", "o3-noorth", "o3-nogate", "idk", "npo", "graddiff")
+ALL_METHODS = ("o3", "o3-noorth", "o3-nogate", "o3-nocheck", "idk", "npo", "graddiff")
+REUSE_O3 = ("o3-nogate", "o3-nocheck")  # o3's own versions, served another way
 
 
 @dataclass
@@ -179,13 +181,13 @@ def main() -> None:  # noqa: C901 (a benchmark script reads best top to bottom)
     rows: list[Row] = []
     work = Path(tempfile.mkdtemp(prefix="oblivio-continual-"))
     o3_versions: list[Path] = []
-    order = sorted(methods, key=lambda m: m == "o3-nogate")  # o3-nogate reuses o3's versions
+    order = sorted(methods, key=lambda m: m in REUSE_O3)
     for method in order:
         parent: Path | None = None
         for step, target in enumerate(targets, 1):
             started = time.perf_counter()
             extra: dict[str, Any] = {}
-            if method == "o3-nogate" and len(o3_versions) >= step:
+            if method in REUSE_O3 and len(o3_versions) >= step:
                 version = o3_versions[step - 1]
                 seconds = float("nan")
             else:
@@ -266,7 +268,8 @@ def serve(method: str, version: Path, model: Any, tok: Any, device: str) -> tupl
         from workers.engines.o3.serving import O3Servable
 
         servable = O3Servable.load(version, model=model, tokenizer=tok, device=device,
-                                   gating=False if method == "o3-nogate" else None)
+                                   gating=False if method == "o3-nogate" else None,
+                                   confirm_by_name=False if method == "o3-nocheck" else None)
         return (Answerer(lambda qs: servable.generate(list(qs), [32] * len(qs))),
                 servable.close)
     from peft import PeftModel

@@ -48,21 +48,26 @@ def main() -> None:
                                          batch_size=16),
                prompts, args.repeats)
     weights: list[Any] = []  # (batch, blocks) per call, in the order of the batches of 16
+    applied: list[Any] = []  # ... what was applied after the answer check
 
     def o3(batch: list[str]) -> None:
         servable.generate(batch, [args.new_tokens] * len(batch))
         weights.append(servable.last_weights)
+        applied.append(servable.last_applied)
 
     o3_seconds = timed(o3, prompts, args.repeats)
     batches = weights[:len(weights) // args.repeats]  # the first run's
     w = torch.cat(batches)
+    on = torch.cat(applied[:len(batches)])
     print(f"\n{args.version_dir}: {w.shape[1]} blocks, {len(prompts)} unrelated prompts, "
           f"batches of 16, {args.new_tokens} new tokens, best of {args.repeats}\n")
-    print("| prompts with w > 0 | batches with w > 0 | hf generate s | o3 s | o3 x hf |")
-    print("|---|---|---|---|---|")
+    print("| prompts with w > 0 | ... a block applied (answer check) | batches with w > 0 "
+          "| hf generate s | o3 s | o3 x hf |")
+    print("|---|---|---|---|---|---|")
     gated_batches = sum(int((x > 0).any()) for x in batches)
-    print(f"| {int((w > 0).any(1).sum())}/{len(prompts)} | {gated_batches}/{len(batches)} | "
-          f"{hf:.2f} | {o3_seconds:.2f} | {o3_seconds / hf:.2f} |")
+    print(f"| {int((w > 0).any(1).sum())}/{len(prompts)} | {int((on > 0).any(1).sum())}/"
+          f"{len(prompts)} | {gated_batches}/{len(batches)} | {hf:.2f} | {o3_seconds:.2f} | "
+          f"{o3_seconds / hf:.2f} |")
 
 
 if __name__ == "__main__":

@@ -250,9 +250,11 @@ def test_a_weight_below_one_waits_for_the_answer_to_name_the_target(tiny_version
     checked, servable = served(prompts, weights, subject)
     assert unchecked[0] != without[0]  # block 0 changes that answer: the test can fail
     assert checked[0] == without[0]    # its target named nowhere: the answer without it
-    assert checked[1:] == unchecked[1:]  # named by the answer, w = 1, named by the prompt
+    assert checked[2:] == unchecked[2:]  # w = 1; named by the prompt
+    # Named by the answer: answered again with the block in full.
+    assert checked[1] == served(prompts[1:2], torch.tensor([[1.0, 1.0]]), None)[0][0]
     assert servable.last_applied is not None
-    assert servable.last_applied[:, 0].tolist() == pytest.approx([0.0, 0.9, 1.0, 0.9])
+    assert servable.last_applied[:, 0].tolist() == pytest.approx([0.0, 1.0, 1.0, 0.9])
     alone = [served([p], weights[r:r + 1], subject)[0][0] for r, p in enumerate(prompts)]
     assert alone == checked
 

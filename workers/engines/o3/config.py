@@ -85,7 +85,8 @@ class DetectorConfig:
             median: fewer other people's questions gated, a few of the target's too.
         confirm_by_name: at serving, a weight of the subject probe below 1 on a prompt that
             does not name the target applies only if the answer the model gives without
-            the block names the target (the row is answered again, with the block on).
+            the block names the target (the row is answered again, with the block on at
+            w = 1: the answer settles what the weight left in doubt).
             A question about a neighbour in the same field, which the probe partly
             confuses with the target, keeps the model's own answer, which names the
             neighbour; unrelated prompts the probe half-fires on cost no block.

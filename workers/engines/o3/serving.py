@@ -14,8 +14,8 @@ Per batch:
    exactly the base model, and only the ranks of blocks some row uses are computed.
 4. The answer check (`confirm_by_name`): a subject probe's weight below 1 on a prompt
    that does not name its target is held back in step 3; if the answer given without it
-   names the target, that row is answered again with it on (its prompt run again with
-   its blocks, as in step 3). The probe partly confuses a question about a neighbour in
+   names the target, that row is answered again with it on at w = 1 (its prompt run again
+   with its blocks, as in step 3). The probe partly confuses a question about a neighbour in
    the target's field with one about the target; the answer the model gives to it names
    the neighbour, so the row keeps that answer. Streamed rows that wait for the check
    send their tokens once it is decided.
@@ -85,8 +85,10 @@ class O3Servable:
 
     @classmethod
     def load(cls, version_dir: Path | None, *, model: Any, tokenizer: Any, device: str,
-             gating: bool | None = None) -> O3Servable:
-        """From a version directory (None: the base model). `gating` False forces w = 1."""
+             gating: bool | None = None, confirm_by_name: bool | None = None
+             ) -> O3Servable:
+        """From a version directory (None: the base model). `gating` False forces w = 1;
+        `confirm_by_name` overrides each block's own setting of the answer check."""
         from workers.engines.o3.config import DetectorConfig
         from workers.engines.o3.engine import read_blocks
         from workers.training.lora_stack import read_adapter
@@ -111,7 +113,8 @@ class O3Servable:
                   for b in blocks]  # type: ignore[operator]
         # Versions stored before the check existed get it too: it is how they are served.
         confirm = [bool((b.config or {}).get("detector", {}).get(
-            "confirm_by_name", DetectorConfig.confirm_by_name)) for b in blocks]
+            "confirm_by_name", DetectorConfig.confirm_by_name)) if confirm_by_name is None
+            else confirm_by_name for b in blocks]
         return cls(model=model, tokenizer=tokenizer, device=device, detectors=detectors,
                    ranks=[b.rank for b in blocks], stacked=stacked, gating=gates,
                    skip_below=skip, probes=probes, confirm=confirm)
@@ -221,7 +224,10 @@ class O3Servable:
                                       for r in range(len(prompts))], dtype=torch.bool)
                 again = named.any(1).nonzero().flatten().tolist()
                 if again:
-                    applied[again] = w[again].masked_fill(waiting[again] & ~named[again], 0.0)
+                    # The answer settles the doubt the weight expressed: it is about the
+                    # target, so the block applies in full.
+                    applied[again] = w[again].masked_fill(waiting[again] & ~named[again],
+                                                          0.0).masked_fill(named[again], 1.0)
                     redo = self._decode(ids[again], attn[again], None, applied[again],
                                         [max_new_tokens[r] for r in again],
                                         stream.second_pass(again) if on_token else None)
