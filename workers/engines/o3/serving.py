@@ -175,8 +175,6 @@ class O3Servable:
         mask = content_mask(attn, self._span, width=width)
         return self._weights(out.hidden_states, mask, out.cache, attn).cpu()
 
-    # -- generation -----------------------------------------------------------------------
-
     def _unconfirmed(self, prompts: Sequence[str], w: Tensor) -> Tensor:
         """(batch, blocks): the weights that wait for the answer's check (see module
         docstring): a confirming block's weight below 1 on a prompt that does not name its
@@ -287,7 +285,6 @@ class _HeldStream:
 
     def __init__(self, on_token: TokenFn | None, held: list[bool]) -> None:
         self._on_token = on_token
-        self._held = held
         self._kept: dict[int, list[int]] = {r: [] for r, h in enumerate(held) if h}
 
     def first_pass(self, row: int, token: int) -> None:
