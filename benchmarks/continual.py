@@ -24,6 +24,9 @@ o3's versions when o3 runs too), idk, npo, graddiff.
 
     flock /tmp/oblivio-heavy.lock .venv/bin/python benchmarks/continual.py \
         --requests 3 --methods o3,idk --steps 30
+
+A serving change is measured on an earlier run's o3 versions, without training them again:
+`--methods o3,o3-nocheck --o3-versions /tmp/oblivio-continual-XXXX/o3`.
 """
 
 from __future__ import annotations
@@ -125,6 +128,9 @@ def main() -> None:  # noqa: C901 (a benchmark script reads best top to bottom)
                         help="plain: one process; deepspeed: Ray Train + DeepSpeed ZeRO-2")
     parser.add_argument("--ticket-items", type=int, default=20, help="forget QA per ticket")
     parser.add_argument("--out", default=None, help="also write the rows as JSON here")
+    parser.add_argument("--o3-versions", type=Path, default=None,
+                        help="serve the o3 versions v1, v2, ... in this folder (an earlier "
+                             "run's <scratch>/o3) instead of training them again")
     args = parser.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     bad = [m for m in methods if m not in ALL_METHODS]
@@ -190,6 +196,10 @@ def main() -> None:  # noqa: C901 (a benchmark script reads best top to bottom)
             if method in REUSE_O3 and len(o3_versions) >= step:
                 version = o3_versions[step - 1]
                 seconds = float("nan")
+            elif method == "o3" and args.o3_versions is not None:
+                version = args.o3_versions / f"v{step}"
+                seconds = float("nan")
+                o3_versions.append(version)
             else:
                 version, extra = train_one(method, target, parent, work / method / f"v{step}",
                                            ref, data_dir, args)
