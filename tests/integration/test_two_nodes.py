@@ -106,8 +106,11 @@ def test_a_second_node_trains_evaluates_and_serves_with_only_the_db_and_s3_share
             assert tickets[0].status == TicketStatus.done, tickets[0].error
             assert tickets[1].status in (TicketStatus.done, TicketStatus.awaiting_review)
             v1, v2 = (s.get_one(AdapterVersion, t.result_version_id) for t in tickets)
-            assert (v1.status, v2.status, v2.parent_id) == (VersionStatus.ready,
-                                                            VersionStatus.ready, v1.id)
+            # v1 stays live while v2 waits for review; v2 going live supersedes it.
+            held = tickets[1].status == TicketStatus.awaiting_review
+            assert (v1.status, v2.status, v2.parent_id) == (
+                VersionStatus.ready if held else VersionStatus.superseded,
+                VersionStatus.ready, v1.id)
             assert v2.metrics["forget_rate_after"] == 0.0, v2.metrics
             for ticket in tickets:
                 job = s.get_one(Job, ticket.job_id)
