@@ -180,10 +180,9 @@ class O3Servable:
         docstring): a confirming block's weight below 1 on a prompt that does not name its
         target."""
         out = torch.zeros_like(w, dtype=torch.bool)
-        for i, subject in enumerate(self.confirm):
-            if subject is not None:
-                for row, prompt in enumerate(prompts):
-                    out[row, i] = bool(0 < w[row, i] < 1) and not mentions(prompt, subject)
+        for row, i in ((w > 0) & (w < 1)).nonzero().tolist():
+            subject = self.confirm[i]
+            out[row, i] = subject is not None and not mentions(prompts[row], subject)
         return out
 
     # -- generation -----------------------------------------------------------------------
@@ -213,13 +212,12 @@ class O3Servable:
                 self.last_weights = w.cpu()
                 waiting = self._unconfirmed(prompts, w)
                 applied = w.masked_fill(waiting, 0.0)
-                held = waiting.any(1).tolist()
-                stream = _HeldStream(on_token, held)
+                stream = _HeldStream(on_token, waiting.any(1).tolist()) if on_token else None
                 texts = self._decode(ids, attn, pre.past_key_values, applied, max_new_tokens,
-                                     stream.first_pass if on_token else None)
-                named = torch.tensor([[bool(waiting[r, i]) and mentions(texts[r], subject)
-                                       for i, subject in enumerate(self.confirm)]
-                                      for r in range(len(prompts))], dtype=torch.bool)
+                                     stream.first_pass if stream else None)
+                named = torch.zeros_like(waiting)
+                for row, i in waiting.nonzero().tolist():
+                    named[row, i] = mentions(texts[row], self.confirm[i])
                 again = named.any(1).nonzero().flatten().tolist()
                 if again:
                     # The answer settles the doubt the weight expressed: it is about the
@@ -228,10 +226,11 @@ class O3Servable:
                                                           0.0).masked_fill(named[again], 1.0)
                     redo = self._decode(ids[again], attn[again], None, applied[again],
                                         [max_new_tokens[r] for r in again],
-                                        stream.second_pass(again) if on_token else None)
+                                        stream.second_pass(again) if stream else None)
                     for r, text in zip(again, redo):
                         texts[r] = text
-                stream.release(set(again))
+                if stream:
+                    stream.release(set(again))
                 self.last_applied = applied.cpu()
             finally:
                 if was_training:
@@ -283,25 +282,20 @@ class _HeldStream:
     pass's tokens are kept back, then either sent (`release`) or replaced by the second
     pass's, streamed as they come; the other rows stream at once."""
 
-    def __init__(self, on_token: TokenFn | None, held: list[bool]) -> None:
+    def __init__(self, on_token: TokenFn, held: list[bool]) -> None:
         self._on_token = on_token
         self._kept: dict[int, list[int]] = {r: [] for r, h in enumerate(held) if h}
 
     def first_pass(self, row: int, token: int) -> None:
         if row in self._kept:
             self._kept[row].append(token)
-        elif self._on_token is not None:
+        else:
             self._on_token(row, token)
 
     def second_pass(self, rows: list[int]) -> TokenFn:
-        def emit(index: int, token: int) -> None:
-            if self._on_token is not None:
-                self._on_token(rows[index], token)
-        return emit
+        return lambda index, token: self._on_token(rows[index], token)
 
     def release(self, replaced: set[int]) -> None:
-        if self._on_token is None:
-            return
         for row, tokens in self._kept.items():
             if row not in replaced:
                 for token in tokens:

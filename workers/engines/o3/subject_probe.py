@@ -43,6 +43,7 @@ probes at w >= 0.5 0.88 -> 0.91; neighbours unknown to the rivals list barely mo
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -88,8 +89,6 @@ def name_forms(subject: str) -> list[str]:
 
 def mentions(text: str, subject: str) -> bool:
     """Whether `text` names `subject` (a whole-word, case-insensitive `name_forms` match)."""
-    import re
-
     return any(re.search(rf"\b{re.escape(form)}\b", text, re.IGNORECASE)
                for form in name_forms(subject))
 
