@@ -215,17 +215,18 @@ def test_a_weight_below_one_waits_for_the_answer_to_name_the_target(tiny_version
     """A block's weight below 1 on a prompt that does not name its target applies only if
     the answer without it names the target: that row is answered again with the block on
     (and streamed from that pass); the others keep the answer without it. A prompt that
-    names the target, or a weight of 1, applies the block at once."""
+    names the target applies the block at once; so does a weight of 1 unless
+    `confirm_full`, which makes it wait for the answer too."""
     import re
 
     from workers.engines.o3.serving import O3Servable
 
     model, tokenizer, version = tiny_version
 
-    def served(prompts: list[str], weights: torch.Tensor, subject: str | None
-               ) -> tuple[list[str], O3Servable]:
+    def served(prompts: list[str], weights: torch.Tensor, subject: str | None,
+               full: bool = False) -> tuple[list[str], O3Servable]:
         servable = O3Servable.load(version, model=model, tokenizer=tokenizer, device="cpu")
-        servable.confirm = [subject, None]
+        servable.confirm, servable.confirm_full = [subject, None], [full, full]
         servable._weights = lambda *_a, **_k: weights  # type: ignore[method-assign]
         tokens: list[list[int]] = [[] for _ in prompts]
         answers = servable.generate(prompts, [10] * len(prompts),
@@ -241,7 +242,8 @@ def test_a_weight_below_one_waits_for_the_answer_to_name_the_target(tiny_version
     first = PROMPTS[:3]
     without, _ = served(first, weights[:3] * torch.tensor([0.0, 1.0]), None)
     words = [w for w in re.findall(r"[A-Za-z]{4,}", without[1])
-             if not any(re.search(rf"\b{w}\b", t, re.IGNORECASE) for t in (without[0], *first))]
+             if not any(re.search(rf"\b{w}\b", t, re.IGNORECASE)
+                        for t in (without[0], without[2], *first))]
     assert words, without
     subject = words[0]
     prompts = [*first, f"Tell me about {subject}."]
@@ -257,6 +259,12 @@ def test_a_weight_below_one_waits_for_the_answer_to_name_the_target(tiny_version
     assert servable.last_applied[:, 0].tolist() == pytest.approx([0.0, 1.0, 1.0, 0.9])
     alone = [served([p], weights[r:r + 1], subject)[0][0] for r, p in enumerate(prompts)]
     assert alone == checked
+    # confirm_full: row 2's w = 1 waits as well, and its answer does not name the target.
+    full, servable = served(prompts, weights, subject, full=True)
+    assert unchecked[2] != without[2]  # block 0 changes that answer too
+    assert full[2] == without[2] and full[:2] + full[3:] == checked[:2] + checked[3:]
+    assert servable.last_applied is not None
+    assert servable.last_applied[:, 0].tolist() == pytest.approx([0.0, 1.0, 0.0, 0.9])
 
 
 def test_mentions_matches_whole_names_and_last_names() -> None:

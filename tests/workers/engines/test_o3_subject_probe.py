@@ -190,46 +190,6 @@ def test_only_rows_still_open_run_the_names_and_then_the_rivals(tiny_model_dir: 
     assert torch.allclose(everyone, exact, atol=1e-4)
 
 
-def test_each_row_runs_only_the_names_still_open_on_it(tiny_model_dir: Path) -> None:
-    """With many requests, some name stays open on most unrelated rows; a row must not pay
-    for the tokens of every open name of the batch: each row runs its own open names
-    only, and is scored exactly for those and bounded for the rest."""
-    from tests.fixtures.training import load_tiny
-    from workers.engines.o3.subject_probe import reply_tokens, scores_after_prompt
-
-    model, tokenizer = load_tiny(tiny_model_dir)
-    candidates = ["Zorblat Quimby", "Ada Lovelace", "Marie Curie", "Isaac Newton",
-                  "Leonardo da Vinci"]
-    cache, attn = _prompt_cache(model, tokenizer)
-    tail, every = reply_tokens(tokenizer, candidates)
-    widths: list[int] = []
-    hook = model.register_forward_hook(lambda _m, _a, kw, _o: widths.append(
-        kw["input_ids"].shape[1]), with_kwargs=True)
-    bounds = scores_after_prompt(model, cache, attn, tail, every,
-                                 floor=torch.tensor([float("inf")] * len(every)))
-    # Two names whose highest bounds are on different rows; each is opened on that row only.
-    top = bounds.argmax(0).tolist()
-    pair = next((a, b) for a in range(len(every)) for b in range(a + 1, len(every))
-                if top[a] != top[b])
-    names = [every[j] for j in pair]
-    assert all(len(n.name) > 1 for n in names)
-    exact = subject_scores(model, tokenizer, PROMPTS, [candidates[j] for j in pair])
-    bounds = bounds[:, list(pair)]
-    best = [top[j] for j in pair]
-    floors = [float(bounds[:, j].topk(2).values.mean()) for j in range(2)]
-    widths.clear()
-    opened = scores_after_prompt(model, cache, attn, tail, names, floor=torch.tensor(floors))
-    hook.remove()
-    # The tail, then one forward as wide as the longer of the two names, not both.
-    assert widths[1:] == [max(len(n.name) - 1 for n in names)]
-    for j in range(2):
-        for row in range(len(PROMPTS)):
-            if row == best[j]:
-                assert abs(float(opened[row, j] - exact[row, j])) < 1e-4
-            else:
-                assert float(opened[row, j]) == float(bounds[row, j])
-
-
 def _first_token_logps(model, tokenizer, prompt: str) -> torch.Tensor:
     """log p of every token as the reply's first."""
     from workers.model import format_chat

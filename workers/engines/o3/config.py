@@ -90,6 +90,12 @@ class DetectorConfig:
             A question about a neighbour in the same field, which the probe partly
             confuses with the target, keeps the model's own answer, which names the
             neighbour; unrelated prompts the probe half-fires on cost no block.
+        confirm_full: the answer check also covers a full weight (1): the probe can be
+            sure of the wrong person (the bundled model's probe gives Marie Curie w = 1 on
+            "Which scientist developed pasteurisation?"), and the answer names Pasteur.
+            What it lets through: a prompt that names neither the target nor makes the
+            model name it, yet is answered with the target's facts. Off: w = 1 applies
+            at once, as the probe alone says.
         skip_below: a block whose weight is at most this for every sample of a batch is not
             applied at all (the batch runs at the base model's cost).
         seed: masking and initialisation.
@@ -118,6 +124,7 @@ class DetectorConfig:
     subject_rivals: bool = True
     subject_hard_negatives: bool = True
     confirm_by_name: bool = True
+    confirm_full: bool = True
     skip_below: float = 0.02
     seed: int = 0
 

@@ -12,11 +12,11 @@ Per batch:
    the base model's), their rows of the cache are replaced, and the whole batch
    continues from it with the blocks applied per sample (gating.py): rows with w = 0 get
    exactly the base model, and only the ranks of blocks some row uses are computed.
-4. The answer check (`confirm_by_name`): a subject probe's weight below 1 on a prompt
-   that does not name its target is held back in step 3; if the answer given without it
+4. The answer check (`confirm_by_name`): a subject probe's weight on a prompt that does
+   not name its target (below 1 only, unless `confirm_full`) is held back in step 3; if the answer given without it
    names the target, that row is answered again with it on at w = 1 (its prompt run again
-   with its blocks, as in step 3). The probe partly confuses a question about a neighbour in
-   the target's field with one about the target; the answer the model gives to it names
+   with its blocks, as in step 3). The probe confuses some questions about a neighbour in
+   the target's field with ones about the target; the answer the model gives to them names
    the neighbour, so the row keeps that answer. Streamed rows that wait for the check
    send their tokens once it is decided.
 
@@ -60,7 +60,7 @@ class O3Servable:
                  Sequence[Detector | None], ranks: Sequence[int], stacked: Any,
                  gating: Sequence[bool], skip_below: float = 0.02,
                  probes: Sequence[SubjectProbe | None] = (),
-                 confirm: Sequence[bool] = ()) -> None:
+                 confirm: Sequence[bool] = (), confirm_full: Sequence[bool] = ()) -> None:
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.detectors = list(detectors)
         # A block with a subject probe gates on it instead of its contrastive detector.
@@ -68,10 +68,12 @@ class O3Servable:
         self._probe_tokens: tuple[list[Any], tuple[list[int], list[NameTokens]]] | None = None
         self.ranks = list(ranks)
         self.gating = list(gating)
-        # Per block, the target whose naming confirms a weight below 1 (None: no check).
+        # Per block, the target whose naming confirms its weight (None: no check), and
+        # whether a full weight waits for that too.
         self.confirm = [p.subject if p is not None and g and c else None
                         for p, g, c in zip(self.probes, self.gating,
                                            list(confirm) or [True] * len(self.detectors))]
+        self.confirm_full = list(confirm_full) or [True] * len(self.detectors)
         self.skip_below = skip_below
         self._span = template_span(tokenizer)
         self._layers = sorted({i for d in self.detectors if d is not None for i in d.layers})
@@ -85,10 +87,11 @@ class O3Servable:
 
     @classmethod
     def load(cls, version_dir: Path | None, *, model: Any, tokenizer: Any, device: str,
-             gating: bool | None = None, confirm_by_name: bool | None = None
-             ) -> O3Servable:
+             gating: bool | None = None, confirm_by_name: bool | None = None,
+             confirm_full: bool | None = None) -> O3Servable:
         """From a version directory (None: the base model). `gating` False forces w = 1;
-        `confirm_by_name` overrides each block's own setting of the answer check."""
+        `confirm_by_name` and `confirm_full` override each block's own settings of the
+        answer check."""
         from workers.engines.o3.config import DetectorConfig
         from workers.engines.o3.engine import read_blocks
         from workers.training.lora_stack import read_adapter
@@ -112,12 +115,16 @@ class O3Servable:
         probes = [SubjectProbe.load(Path(version_dir) / b.detector) if b.detector else None
                   for b in blocks]  # type: ignore[operator]
         # Versions stored before the check existed get it too: it is how they are served.
-        confirm = [bool((b.config or {}).get("detector", {}).get(
-            "confirm_by_name", DetectorConfig.confirm_by_name)) if confirm_by_name is None
-            else confirm_by_name for b in blocks]
+        def setting(name: str, override: bool | None) -> list[bool]:
+            return [bool((b.config or {}).get("detector", {}).get(
+                name, getattr(DetectorConfig, name))) if override is None else override
+                for b in blocks]
+
         return cls(model=model, tokenizer=tokenizer, device=device, detectors=detectors,
                    ranks=[b.rank for b in blocks], stacked=stacked, gating=gates,
-                   skip_below=skip, probes=probes, confirm=confirm)
+                   skip_below=skip, probes=probes,
+                   confirm=setting("confirm_by_name", confirm_by_name),
+                   confirm_full=setting("confirm_full", confirm_full))
 
     def close(self) -> None:
         self._hub.remove_version(self._key)
@@ -177,10 +184,11 @@ class O3Servable:
 
     def _unconfirmed(self, prompts: Sequence[str], w: Tensor) -> Tensor:
         """(batch, blocks): the weights that wait for the answer's check (see module
-        docstring): a confirming block's weight below 1 on a prompt that does not name its
-        target."""
+        docstring): a confirming block's weight (below 1 unless `confirm_full`) on a
+        prompt that does not name its target."""
         out = torch.zeros_like(w, dtype=torch.bool)
-        for row, i in ((w > 0) & (w < 1)).nonzero().tolist():
+        full = torch.tensor(self.confirm_full, dtype=torch.bool, device=w.device)
+        for row, i in ((w > 0) & ((w < 1) | full)).nonzero().tolist():
             subject = self.confirm[i]
             out[row, i] = subject is not None and not mentions(prompts[row], subject)
         return out

@@ -16,8 +16,8 @@ and 0.36-0.86).
 Cost at serving: one forward, on a branch of the detection forward's cache, over the
 question and the reply header (about 20 tokens); it gives every name's first token, which
 bounds the name's score, so a name that cannot pass its probe's w_low is never run (exact:
-its weight is 0 either way). Then one forward over the names' remaining tokens and one
-over the exact rivals', each row carrying only the names still open on it (all in one
+its weight is 0 either way). Then, only for the rows where some name is still open, one
+forward over the names' remaining tokens and one over the exact rivals' (each all in one
 sequence under a block mask); the prompt itself is not run again. Measured on the bundled
 SmolLM2 with the 10 probes of a continual run (benchmarks/serve_version.py, a batch of 16
 unrelated prompts, CPU): the tail 0.64 s, the names 1.17 s (every row: a name's first
@@ -229,10 +229,9 @@ def scores_after_prompt(model: Any, cache: Any, attn: Tensor, tail: list[int],
     every score (`name_score`). Where a bound is at or below `floor` (per name; serving
     passes the score below which the weight is 0) the bound is returned: the weight is 0
     either way. That is what unrelated traffic costs: the tail only. The rest runs in two
-    stages, each one forward over the rows where some name's bound still passes, each row
-    carrying only the sequences of its own open names: first the names and their other
-    forms (which make the bound tight but for the exact rivals), then the exact rivals of
-    the names still open. Each forward puts a row's sequences in one:
+    stages, each one forward over the rows where some name's bound still passes: first the
+    names and their other forms (which make the bound tight but for the exact rivals),
+    then the exact rivals of the names still open. Each forward puts its sequences in one:
     each sees the prompt, the tail and its own earlier tokens (a block mask) and its
     positions restart where the tail ends, so each is scored exactly as if it alone
     followed the tail. Serving passes its detection forward's cache: the prompt itself is
@@ -257,80 +256,61 @@ def scores_after_prompt(model: Any, cache: Any, attn: Tensor, tail: list[int],
     current = scores()
     stages = (lambda n: (n.name, *n.forms), lambda n: n.exact_rivals)
     for sequences_of in stages:
-        # Per row, the sequences of the names whose bound still passes their floor there
-        # and that are not exact on that row yet.
-        need = (current > floor[None] if floor is not None
-                else torch.ones_like(current, dtype=torch.bool)).tolist()
-        wanted: dict[int, list[tuple[int, ...]]] = {}
-        for row in range(batch):
-            seqs = dict.fromkeys(q for j, n in enumerate(names) if need[row][j]
-                                 for q in sequences_of(n)
-                                 if len(q) > 1 and not (q in totals and totals[q][1][row]))
-            if seqs:
-                wanted[row] = list(seqs)
-        if not wanted:
+        todo = {j: [q for q in sequences_of(n) if len(q) > 1 and q not in totals]
+                for j, n in enumerate(names)}
+        open_ = [j for j, qs in todo.items() if qs]
+        if floor is not None:
+            open_ = [j for j in open_ if bool((current[:, j] > floor[j]).any())]
+        if not open_:
             continue
-        rows = torch.tensor(list(wanted), device=device)
-        seqs, rest, ran = _rest_of_sequences(model, out.past_key_values, attn, start,
-                                             len(tail), list(wanted.values()), rows)
+        rows = (torch.arange(batch, device=device) if floor is None else
+                (current[:, open_] > floor[open_]).any(1).nonzero().flatten())
+        seqs = list(dict.fromkeys(q for j in open_ for q in todo[j]))
+        rest = _rest_of_sequences(model, out.past_key_values, attn, start, len(tail),
+                                  seqs, rows)
         for k, seq in enumerate(seqs):
-            value, exact = totals.get(seq, (first[:, seq[0]], torch.zeros(
-                batch, dtype=torch.bool, device=device)))
-            value, exact, hit = value.clone(), exact.clone(), rows[ran[:, k]]
-            value[hit] = first[hit, seq[0]] + rest[ran[:, k], k]
-            exact[hit] = True
+            value, exact = first[:, seq[0]].clone(), torch.zeros(batch, dtype=torch.bool,
+                                                                 device=device)
+            value[rows] += rest[:, k]
+            exact[rows] = True
             totals[seq] = (value, exact)
         current = scores()
     return current
 
 
 def _rest_of_sequences(model: Any, past: Any, attn: Tensor, start: Tensor, tail_len: int,
-                       wanted: Sequence[Sequence[tuple[int, ...]]], rows: Tensor
-                       ) -> tuple[list[tuple[int, ...]], Tensor, Tensor]:
-    """Each sequence's log-probability after its first token, as the reply after the tail
-    (`past`, the cache over the prompts and the tail), for row `rows[i]` and the
-    sequences `wanted[i]`: every row's sequences in one forward under a block mask (rows
-    padded to the longest). Returns the sequences (columns), (len(rows), columns) sums and
-    which of them were run."""
+                       seqs: Sequence[tuple[int, ...]], rows: Tensor) -> Tensor:
+    """(len(rows), len(seqs)): each sequence's log-probability after its first token, as
+    the reply after the tail (`past`, the cache over the prompts and the tail), for the
+    batch `rows`; all sequences in one forward under a block mask."""
     from workers.model.shared_prefix import branch_cache
 
     device, dtype = attn.device, next(model.parameters()).dtype
     attn, start, batch, end = attn[rows], start[rows], len(rows), attn.shape[1]
-    seqs = list(dict.fromkeys(q for qs in wanted for q in qs))
-    column = {q: k for k, q in enumerate(seqs)}
-    q = max(sum(len(s) - 1 for s in qs) for qs in wanted)
-    ids = torch.zeros(batch, q, dtype=torch.long)
-    nxt = torch.zeros(batch, q, dtype=torch.long)
-    pos = torch.full((batch, q), tail_len, dtype=torch.long)
-    owner = torch.full((batch, q), -1, dtype=torch.long)  # -1: padding
-    ran = torch.zeros(batch, len(seqs), dtype=torch.bool)
-    for r, qs in enumerate(wanted):
-        at = 0
-        for seq in qs:
-            n = len(seq) - 1
-            ids[r, at:at + n] = torch.tensor(seq[:-1])
-            nxt[r, at:at + n] = torch.tensor(seq[1:])
-            pos[r, at:at + n] = torch.arange(tail_len, tail_len + n)
-            owner[r, at:at + n] = column[seq]
-            ran[r, column[seq]] = True
-            at += n
-    ids, nxt, pos, owner, ran = (t.to(device) for t in (ids, nxt, pos, owner, ran))
+    ids, pos, owner = [], [], []
+    for k, seq in enumerate(seqs):
+        ids += seq[:-1]
+        pos += range(tail_len, tail_len + len(seq) - 1)
+        owner += [k] * (len(seq) - 1)
+    q = len(ids)
     # Query i sees key k (both new) only if k belongs to i's own sequence and comes before
     # it; every query sees the prompt and the whole tail.
     order = torch.arange(q, device=device)
-    new_keys = (order[None, :] <= order[:, None])[None] & (owner[:, None, :] == owner[:, :, None])
+    own = torch.tensor(owner, device=device)
+    new_keys = (order[None, :] <= order[:, None]) & (own[None, :] == own[:, None])
     visible = torch.cat([attn.bool()[:, None, :].expand(batch, q, end),
                          torch.ones(batch, q, tail_len, dtype=torch.bool, device=device),
-                         new_keys], -1)
+                         new_keys[None].expand(batch, q, q)], -1)
     mask = torch.zeros(visible.shape, dtype=dtype, device=device)
     mask = mask.masked_fill(~visible, torch.finfo(dtype).min)[:, None]
-    res = model(input_ids=ids, attention_mask=mask, position_ids=start + pos,
+    res = model(input_ids=torch.tensor(ids, device=device).expand(batch, -1),
+                attention_mask=mask, position_ids=start + torch.tensor(pos, device=device)[None],
                 past_key_values=branch_cache(past, rows=rows), use_cache=True)
     logp = torch.log_softmax(res.logits.float(), -1)                        # (rows, q, V)
-    picked = logp.gather(-1, nxt[..., None])[..., 0] * (owner >= 0)         # (rows, q)
-    sums = torch.zeros(batch, len(seqs), device=device).scatter_add_(
-        1, owner.clamp(min=0), picked)
-    return seqs, sums, ran
+    nxt = torch.tensor([t for seq in seqs for t in seq[1:]], device=device)
+    picked = logp.gather(-1, nxt.expand(batch, -1)[..., None])[..., 0]      # (rows, q)
+    return torch.zeros(batch, len(seqs), device=device).index_add_(
+        1, own, picked)
 
 
 def calibrate(subject: str, generic_scores: Tensor, forget_scores: Tensor, *,
