@@ -122,6 +122,10 @@ class DeepSpeedStrategy:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
+        if self.device == "cpu":
+            from workers.training.op_build import build_cpu_comm_op
+
+            build_cpu_comm_op()
         deepspeed.init_distributed(dist_backend="gloo" if self.device == "cpu" else "nccl")
         if self.device == "cpu":
             _unlink_shm_allreduce_buffer()
