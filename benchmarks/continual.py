@@ -19,14 +19,15 @@ method), and after every request the current version is measured against the bas
 Probe sets: workers/evaluation/probesets (3 people) + benchmarks/data/continual_probes.json
 (fill-in-the-blank, adversarial and neighbours for those, and 7 more people); only probes
 the base model answers correctly are kept. Methods: o3, o3-noorth (lambda 0), o3-nogate
-(o3's blocks served ungated), o3-nocheck (served without the answer check; both reuse
-o3's versions when o3 runs too), idk, npo, graddiff.
+(o3's blocks served ungated), o3-nocheck (served without the answer check),
+o3-partialcheck (the check on weights below 1 only; these three reuse o3's versions when
+o3 runs too), idk, npo, graddiff.
 
     flock /tmp/oblivio-heavy.lock .venv/bin/python benchmarks/continual.py \
         --requests 3 --methods o3,idk --steps 30
 
 A serving change is measured on an earlier run's o3 versions, without training them again:
-`--methods o3,o3-nocheck --o3-versions /tmp/oblivio-continual-XXXX/o3`.
+`--methods o3,o3-partialcheck,o3-nocheck --o3-versions /tmp/oblivio-continual-XXXX/o3`.
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ REPO = Path(__file__).resolve().parents[1]
 # Not the script folder: benchmarks/queue.py would shadow the standard library queue.
 sys.path[0] = str(REPO)
 
-ALL_METHODS = ("o3", "o3-noorth", "o3-nogate", "o3-nocheck", "idk", "npo", "graddiff")
-REUSE_O3 = ("o3-nogate", "o3-nocheck")  # o3's own versions, served another way
+ALL_METHODS = ("o3", "o3-noorth", "o3-nogate", "o3-nocheck", "o3-partialcheck", "idk", "npo",
+               "graddiff")
+# o3's own versions, served another way
+REUSE_O3 = ("o3-nogate", "o3-nocheck", "o3-partialcheck")
 
 
 @dataclass
@@ -279,7 +282,8 @@ def serve(method: str, version: Path, model: Any, tok: Any, device: str) -> tupl
 
         servable = O3Servable.load(version, model=model, tokenizer=tok, device=device,
                                    gating=False if method == "o3-nogate" else None,
-                                   confirm_by_name=False if method == "o3-nocheck" else None)
+                                   confirm_by_name=False if method == "o3-nocheck" else None,
+                                   confirm_full=False if method == "o3-partialcheck" else None)
         return (Answerer(lambda qs: servable.generate(list(qs), [32] * len(qs))),
                 servable.close)
     from peft import PeftModel
