@@ -240,6 +240,7 @@ def rank_train(task: RankTask, sink: Any, progress_enabled: bool, cpus: float | 
     torch.set_num_threads(max(1, int(cpus or os.environ.get("OMP_NUM_THREADS", "1"))))
     strategy = task.rank_strategy()
     progress = None
+    last_put: list[Any] = []
     if strategy.rank == 0:
         group = ray.util.get_current_placement_group()
         if group is not None:
@@ -249,9 +250,13 @@ def rank_train(task: RankTask, sink: Any, progress_enabled: bool, cpus: float | 
         node = ray.get_runtime_context().get_node_id()
 
         def progress(update: dict[str, Any]) -> None:
-            sink.put.remote({**update, "training_node": node})
+            last_put[:] = [sink.put.remote({**update, "training_node": node})]
     try:
         metrics, result = task.run_rank(strategy, progress)
+        if last_put:
+            # The driver drains the sink one last time once the ranks return; this rank's
+            # puts are not ordered with that drain, so the final steps must be in first.
+            ray.get(last_put[0], timeout=30)
         files = None if result is None else read_files(result)
         if result is not None:
             shutil.rmtree(result, ignore_errors=True)
