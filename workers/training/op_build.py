@@ -34,16 +34,13 @@ def extensions_root() -> Path:
 def sole_builder(root: Path, stale_after_s: float = STALE_AFTER_S) -> Iterator[None]:
     """Hold the build lock of `root`, with any stale torch lock file under it removed."""
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".oblivio-build.lock", "a") as handle:
+    with open(root / ".oblivio-build.lock", "a") as handle:  # closing it releases the lock
         fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            for lock in root.glob("**/lock"):
-                while lock.exists() and time.time() - _mtime(lock) < stale_after_s:
-                    time.sleep(0.2)
-                lock.unlink(missing_ok=True)
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        for lock in root.glob("**/lock"):
+            while lock.exists() and time.time() - _mtime(lock) < stale_after_s:
+                time.sleep(0.2)
+            lock.unlink(missing_ok=True)
+        yield
 
 
 def build_cpu_comm_op() -> None:

@@ -253,10 +253,10 @@ def rank_train(task: RankTask, sink: Any, progress_enabled: bool, cpus: float | 
             last_put[:] = [sink.put.remote({**update, "training_node": node})]
     try:
         metrics, result = task.run_rank(strategy, progress)
-        if last_put:
-            # The driver drains the sink one last time once the ranks return; this rank's
-            # puts are not ordered with that drain, so the final steps must be in first.
-            ray.get(last_put[0], timeout=30)
+        # The driver drains the sink one last time once the ranks return; this rank's puts
+        # are not ordered with that drain, so the final steps go in first (best effort, as
+        # all progress: a put that never lands does not fail the job).
+        ray.wait(last_put, timeout=30)
         files = None if result is None else read_files(result)
         if result is not None:
             shutil.rmtree(result, ignore_errors=True)

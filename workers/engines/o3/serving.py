@@ -15,9 +15,9 @@ Per batch:
 4. The answer check (`confirm_by_name`): a subject probe's weight on a prompt that does
    not name its target (below 1 only, unless `confirm_full`) is held back in step 3; if
    the answer given without it names the target, that row is answered again with it on
-   at w = 1 (its prompt run again with its blocks, as in step 3). The probe confuses some questions about a neighbour in
-   the target's field with ones about the target; the answer the model gives to them names
-   the neighbour, so the row keeps that answer. Streamed rows that wait for the check
+   at w = 1 (its prompt run again with its blocks, as in step 3). The probe confuses some
+   questions about a neighbour in the target's field with ones about the target; the
+   answer the model gives to them names the neighbour, so the row keeps that answer. Streamed rows that wait for the check
    send their tokens once it is decided.
 
 Both the Ray Serve deployment and offline evaluation call `generate`, so what is measured
